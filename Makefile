@@ -1,0 +1,33 @@
+# Two commands do all the set-up on a fresh machine: `make train` and `make test`.
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+DATA := data/stdlib
+
+.PHONY: venv data train test lint
+
+# The venv is (re)installed only when missing or when pyproject.toml changed.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+# The default dataset: the Python standard library's own sources, byte-tokenized.
+$(DATA)/train/index.json: | $(STAMP)
+	$(BIN)/python -m prefix.data $(DATA) --overwrite \
+		"$$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_paths()["stdlib"])')"/*.py
+
+data: $(DATA)/train/index.json
+
+train: venv data
+	$(BIN)/composer -m prefix.train yamls/base.yaml
+
+test: venv
+	$(BIN)/python -m pytest -q -ra
+
+lint: venv
+	$(BIN)/ruff check prefix tests

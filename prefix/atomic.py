@@ -1,0 +1,57 @@
+"""Crash-safe file replacement: write a temporary file, fsync it, rename it over the target, fsync the folder.
+
+A reader (or a restart after SIGKILL) sees either the old file or the new one, never a torn one.
+The temporary name is fixed per target, so a leftover from a killed write is simply overwritten.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import BinaryIO
+
+TMP_SUFFIX = '.tmp'
+
+
+def fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
+    """Replace ``path`` with what ``write`` puts into a fresh file; on error the old file is untouched."""
+    tmp = path.with_name(path.name + TMP_SUFFIX)
+    try:
+        with open(tmp, 'wb') as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def atomic_link(src: Path, dst: Path) -> None:
+    """Make ``dst`` name the same bytes as ``src`` (a hard link, or a copy where links are not supported)."""
+    tmp = dst.with_name(dst.name + TMP_SUFFIX)
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(src, tmp)
+    except OSError:
+        with open(src, 'rb') as s, open(tmp, 'wb') as d:
+            while chunk := s.read(1 << 24):
+                d.write(chunk)
+            d.flush()
+            os.fsync(d.fileno())
+    os.replace(tmp, dst)
+    fsync_dir(dst.parent)

@@ -1,0 +1,330 @@
+"""The checkpoint contract, written by a Composer callback and resumed through Composer's autoresume.
+
+Files in ``<run>/checkpoints/`` (schema in the README):
+
+- ``latest.pt`` (rank 0): ``{'schema_version', 'global_step', 'tokens_seen', 'config', 'wall_clock',
+  'state'}`` where ``state`` is Composer's own state dict (model, optimizers, schedulers, timestamp,
+  dataset_state, ...), so Composer's autoresume loads it as it is. Plain data only: it opens with
+  ``torch.load(path, weights_only=True)`` and nothing else installed.
+- ``latest_rank{rank}.pt`` (every rank): ``{'schema_version', 'rank', 'world_size', 'global_step',
+  'rng'}`` where ``rng`` maps a step to that rank's torch/CUDA/NumPy/Python RNG states, for this
+  checkpoint's step and the previous one. Rank files are written before ``latest.pt``; a kill
+  between the two leaves ``latest.pt`` at the previous step, whose RNG the rank files still hold.
+- ``periodic.pt`` / ``periodic_rank{rank}.pt``: at most one older checkpoint, hard links to the
+  latest files at the step they were taken (no second copy of the bytes).
+
+Every file is replaced atomically (``prefix.atomic``). Composer's own saver is left idle.
+"""
+
+from __future__ import annotations
+
+import logging
+import pickle
+import random
+import time
+import zipfile
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from composer.core import Callback, Event, State
+from composer.loggers import Logger
+from composer.utils import dist
+
+from prefix.atomic import atomic_link, atomic_write
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+LATEST = 'latest'
+PERIODIC = 'periodic'
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be used; the message says which file and what to do."""
+
+
+def global_file(folder: Path, kind: str = LATEST) -> Path:
+    return folder / f'{kind}.pt'
+
+
+def rank_file(folder: Path, rank: int, kind: str = LATEST) -> Path:
+    return folder / f'{kind}_rank{rank}.pt'
+
+
+# --- RNG states as plain tensors and numbers (loadable with weights_only=True) -------------------
+
+def capture_rng() -> dict[str, Any]:
+    _, keys, pos, has_gauss, cached = np.random.get_state()
+    version, py_state, gauss_next = random.getstate()
+    return {
+        'torch': torch.get_rng_state(),
+        'cuda': torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        'numpy': {'keys': torch.from_numpy(keys.astype(np.int64)), 'pos': int(pos),
+                  'has_gauss': int(has_gauss), 'cached_gaussian': float(cached)},
+        'python': {'version': version, 'state': torch.tensor(py_state, dtype=torch.int64), 'gauss_next': gauss_next},
+    }
+
+
+def restore_rng(rng: dict[str, Any]) -> None:
+    torch.set_rng_state(rng['torch'])
+    if rng['cuda'] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng['cuda'])
+    n = rng['numpy']
+    np.random.set_state(('MT19937', n['keys'].numpy().astype(np.uint32), n['pos'], n['has_gauss'], n['cached_gaussian']))
+    p = rng['python']
+    random.setstate((p['version'], tuple(int(x) for x in p['state'].tolist()), p['gauss_next']))
+
+
+# --- reading ----------------------------------------------------------------------------------
+
+def safe_load(path: Path, mmap: bool = False) -> dict[str, Any]:
+    """``torch.load`` restricted to plain data; a file that would run code is refused."""
+    try:
+        obj = torch.load(path, map_location='cpu', weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as e:
+        if 'Weights only load failed' in str(e):
+            raise CheckpointError(
+                f'{path} holds objects other than plain data and could run code when loaded: refusing it. '
+                'Move it away if you trust its origin, or delete it to fall back to an older checkpoint',
+            ) from None
+        raise
+    if not isinstance(obj, dict) or obj.get('schema_version') != SCHEMA_VERSION:
+        raise ValueError(f'not a prefix checkpoint of schema version {SCHEMA_VERSION}')
+    return obj
+
+
+@dataclass
+class ResumePoint:
+    """The checkpoint a start resumes from, as agreed by every rank."""
+
+    kind: str
+    global_step: int
+    timestamp: dict[str, int]
+    wall_clock: dict[str, float]
+    config: dict[str, Any]
+    rng: Optional[dict[str, Any]] = field(default=None, repr=False)
+
+    @property
+    def filename(self) -> str:
+        return f'{self.kind}.pt'
+
+
+def _read_header(path: Path) -> dict[str, Any]:
+    ckpt = safe_load(path, mmap=True)
+    return {
+        'global_step': int(ckpt['global_step']),
+        'timestamp': dict(ckpt['state']['timestamp']['Timestamp']),
+        'wall_clock': dict(ckpt.get('wall_clock', {})),
+        'config': ckpt['config'],
+    }
+
+
+def _choose_global(folder: Path) -> Optional[dict[str, Any]]:
+    """Rank 0: the newest readable global checkpoint, falling back loudly from latest to periodic."""
+    problems = []
+    for kind in (LATEST, PERIODIC):
+        path = global_file(folder, kind)
+        if not path.exists():
+            continue
+        try:
+            return {'kind': kind, **_read_header(path)}
+        except CheckpointError:
+            raise
+        except (OSError, RuntimeError, ValueError, KeyError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError) as e:
+            problems.append(f'{path.name}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}')
+            log.warning(f'CHECKPOINT UNUSABLE: {path} cannot be read ({problems[-1]}); trying an older checkpoint')
+    if problems:
+        raise CheckpointError(
+            f'no usable checkpoint in {folder} ({"; ".join(problems)}). Refusing to start from step 0 over them: '
+            'move the folder away to start the run afresh',
+        )
+    return None
+
+
+def find_resume_point(folder: Path) -> Optional[ResumePoint]:
+    """Agree on one checkpoint across ranks and load this rank's RNG states for its step."""
+    chosen: list[Any] = [None]
+    if dist.get_global_rank() == 0:
+        try:
+            chosen[0] = _choose_global(folder)
+        except CheckpointError as e:
+            chosen[0] = e
+    dist.broadcast_object_list(chosen, src=0)
+    if isinstance(chosen[0], CheckpointError):
+        raise chosen[0]
+    if chosen[0] is None:
+        return None
+    point = ResumePoint(**chosen[0])
+    rank = dist.get_global_rank()
+    path = rank_file(folder, rank, point.kind)
+    try:
+        states = safe_load(path)['rng']
+        point.rng = states.get(point.global_step)
+        if point.rng is None:
+            log.warning(f'{path} has no RNG state for step {point.global_step}; continuing with fresh RNG state')
+    except FileNotFoundError:
+        log.warning(f'{path} is missing (the run had fewer ranks before?); rank {rank} continues with fresh RNG state')
+    except CheckpointError:
+        raise
+    except Exception as e:  # a damaged rank file costs only bit-exactness, never the run
+        log.warning(f'{path} cannot be read ({type(e).__name__}); rank {rank} continues with fresh RNG state')
+    return point
+
+
+def is_complete(timestamp: dict[str, int], max_duration: str) -> bool:
+    """Whether a checkpoint's timestamp has reached ``max_duration`` (``200ba``, ``1ep``, ``1000tok``, ``64sp``)."""
+    from composer.core import Time
+
+    duration = Time.from_timestring(max_duration)
+    key = {'ba': 'batch', 'ep': 'epoch', 'tok': 'token', 'sp': 'sample'}[duration.unit.value]
+    return timestamp[key] >= duration.value
+
+
+# --- writing ----------------------------------------------------------------------------------
+
+class Interval:
+    """``200ba`` (every 200 batches) or ``90s`` / ``10min`` / ``1h`` of wall-clock time."""
+
+    SECONDS = {'s': 1, 'min': 60, 'h': 3600}
+
+    def __init__(self, spec: str) -> None:
+        number = int(''.join(c for c in spec if c.isdigit()))
+        unit = spec[len(str(number)):]
+        self.batches = number if unit == 'ba' else None
+        self.seconds = number * self.SECONDS[unit] if unit != 'ba' else None
+        self.last = time.monotonic()
+
+    def due(self, step: int) -> bool:
+        """Decided the same on every rank: batch counts agree; rank 0's clock decides for time."""
+        if self.batches is not None:
+            return step % self.batches == 0
+        elapsed = torch.tensor([time.monotonic() - self.last >= self.seconds], dtype=torch.uint8)
+        dist.broadcast(elapsed, src=0)
+        return bool(elapsed.item())
+
+    def reset(self) -> None:
+        self.last = time.monotonic()
+
+
+def plain(obj: Any, where: str = 'state') -> Any:
+    """``obj`` as the types ``weights_only=True`` loads without an allowlist; anything else is a bug, named."""
+    if isinstance(obj, torch.Tensor) or obj is None or type(obj) in (bool, int, float, str):
+        return obj
+    if isinstance(obj, dict):
+        return {plain(k, where): plain(v, f'{where}/{k}') for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(plain(v, f'{where}/{i}') for i, v in enumerate(obj)) if type(obj) in (list, tuple) \
+            else [plain(v, f'{where}/{i}') for i, v in enumerate(obj)]
+    for base in (str, int, float):  # e.g. torch's TorchVersion, a str subclass
+        if isinstance(obj, base):
+            return base(obj)
+    raise CheckpointError(f'cannot store {where} ({type(obj).__qualname__}) as plain data in a checkpoint')
+
+
+def global_state(state: State, config: dict[str, Any]) -> dict[str, Any]:
+    """The contents of latest.pt: Composer's state dict made plain, plus our header."""
+    composer_state = state.state_dict()
+    ts = composer_state['timestamp']['Timestamp']
+    wall_clock = {k: ts.pop(k).total_seconds() for k in list(ts) if isinstance(ts[k], timedelta)}
+    return {
+        'schema_version': SCHEMA_VERSION,
+        'global_step': int(state.timestamp.batch),
+        'tokens_seen': int(state.timestamp.token),
+        'config': config,
+        'wall_clock': wall_clock,
+        'state': plain(composer_state),
+    }
+
+
+class Checkpointer(Callback):
+    """Writes the documented checkpoint files on an interval and at the end, and restores RNG on resume."""
+
+    def __init__(
+        self,
+        folder: Path,
+        interval: str,
+        periodic_interval: Optional[str],
+        config: dict[str, Any],
+        resume: Optional[ResumePoint],
+    ) -> None:
+        self.folder = folder
+        self.interval = Interval(interval)
+        self.periodic = Interval(periodic_interval) if periodic_interval else None
+        self.config = config
+        self.resume = resume
+        self._pending_rng = resume.rng if resume else None
+        # (step, rng) of the last checkpoint whose global file is on disk: kept in the next rank file.
+        self._committed: Optional[tuple[int, dict[str, Any]]] = (
+            (resume.global_step, resume.rng) if resume and resume.rng is not None else None
+        )
+        self.last_saved_step: Optional[int] = resume.global_step if resume else None
+
+    def after_load(self, state: State, logger: Logger) -> None:
+        if self.resume is None:
+            return
+        step = int(state.timestamp.batch)
+        if step != self.resume.global_step:
+            raise CheckpointError(f'Composer resumed at step {step} but {self.resume.filename} is at {self.resume.global_step}')
+        wall = {k: timedelta(seconds=v) for k, v in self.resume.wall_clock.items()}
+        if wall:
+            state.timestamp = state.timestamp.copy(**wall)
+        log.info('resumed from %s at step %d', self.resume.filename, step)
+
+    def fit_start(self, state: State, logger: Logger) -> None:
+        self.interval.reset()
+        if self.periodic:
+            self.periodic.reset()
+
+    def batch_start(self, state: State, logger: Logger) -> None:
+        # The first batch after a resume draws exactly the random numbers the uninterrupted run drew.
+        if self._pending_rng is not None:
+            restore_rng(self._pending_rng)
+            self._pending_rng = None
+
+    def batch_checkpoint(self, state: State, logger: Logger) -> None:
+        step = int(state.timestamp.batch)
+        periodic = self.periodic is not None and self.periodic.due(step)
+        if periodic or self.interval.due(step):
+            self.save(state, periodic=periodic)
+
+    def fit_end(self, state: State, logger: Logger) -> None:
+        if self.last_saved_step != int(state.timestamp.batch):
+            self.save(state, periodic=False)
+
+    def save(self, state: State, periodic: bool) -> None:
+        step = int(state.timestamp.batch)
+        rank = dist.get_global_rank()
+        rng = capture_rng()
+        history = {step: rng}
+        if self._committed is not None and self._committed[0] != step:
+            history[self._committed[0]] = self._committed[1]
+        rank_payload = {
+            'schema_version': SCHEMA_VERSION, 'rank': rank, 'world_size': dist.get_world_size(),
+            'global_step': step, 'rng': history,
+        }
+        atomic_write(rank_file(self.folder, rank), lambda f: torch.save(rank_payload, f))
+        dist.barrier()
+        payload = global_state(state, self.config)  # every rank: gathering may be collective (FSDP)
+        if rank == 0:
+            atomic_write(global_file(self.folder), lambda f: torch.save(payload, f))
+        dist.barrier()
+        self._committed = (step, rng)
+        self.last_saved_step = step
+        self.interval.reset()
+        if periodic:
+            atomic_link(rank_file(self.folder, rank), rank_file(self.folder, rank, PERIODIC))
+            if rank == 0:
+                atomic_link(global_file(self.folder), global_file(self.folder, PERIODIC))
+            dist.barrier()
+            assert self.periodic is not None
+            self.periodic.reset()
+        log.info('checkpoint saved at step %d%s', step, ' (and periodic)' if periodic else '')
+
+
+def never(state: State, event: Event) -> bool:
+    """Save interval for Composer's own CheckpointSaver: prefix's Checkpointer writes the files."""
+    return False

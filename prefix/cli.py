@@ -1,0 +1,29 @@
+"""The ``prefix`` command: ``prefix prepare`` (``python -m prefix.data``) and ``prefix train`` (``python -m prefix.train``)."""
+
+from __future__ import annotations
+
+import sys
+from typing import Optional
+
+COMMANDS = {
+    'prepare': 'turn text into MDS shards (python -m prefix.data)',
+    'train': 'train or resume a run in one process (python -m prefix.train)',
+}
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] not in COMMANDS:
+        lines = [f'  {name:8} {what}' for name, what in COMMANDS.items()]
+        print('usage: prefix COMMAND [args]', *lines, sep='\n', file=sys.stderr)
+        return 0 if argv[:1] in (['-h'], ['--help']) else 2
+    command, rest = argv[0], argv[1:]
+    if command == 'prepare':
+        from prefix.data import main as prepare_main
+        return prepare_main(rest)
+    from prefix.train import main as train_main
+    return train_main(rest)
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,178 @@
+"""The run's configuration: a typed schema, a YAML file, and dotted command-line overrides.
+
+The schema is the single list of keys (OmegaConf structured config, as llm-foundry does with
+YAML + dotlist). Loading validates everything before anything heavy starts, and every problem
+is raised as one ``ConfigError`` line that names the key or file.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from prefix.model import ModelConfig
+
+
+class ConfigError(ValueError):
+    """A configuration problem the user has to fix; the message is one line."""
+
+
+# A safe path component and a valid Kubernetes name fragment.
+RUN_NAME_PATTERN = re.compile(r'^[a-z0-9][a-z0-9._-]*$')
+RUN_NAME_MAX_LEN = 63
+
+
+@dataclass
+class DataConfig:
+    """Where the MDS shards are: ``local`` alone, or ``remote`` with ``local`` as its cache."""
+
+    local: str = MISSING
+    remote: Optional[str] = None
+    train_split: str = 'train'
+    val_split: str = 'val'
+    shuffle: bool = True
+    num_workers: int = 0
+    # Fixed so that the sample order does not depend on the world size (Streaming elastic resume).
+    num_canonical_nodes: int = 1
+
+
+@dataclass
+class OptimizerConfig:
+    """Decoupled AdamW with linear warmup and cosine decay to ``min_lr_ratio``."""
+
+    lr: float = 1.0e-3
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    warmup: str = '0ba'
+    min_lr_ratio: float = 0.1
+    grad_clip_norm: float = 1.0
+
+
+@dataclass
+class CheckpointConfig:
+    """``interval`` for latest.pt (batches ``200ba`` or wall clock ``10min``); ``periodic_interval`` for the fallback."""
+
+    interval: str = '5min'
+    periodic_interval: Optional[str] = None
+
+
+@dataclass
+class TrainConfig:
+    run_name: str = MISSING
+    runs_root: Optional[str] = None
+    seed: int = 17
+    max_duration: str = MISSING
+    global_batch_size: int = 32
+    device_microbatch_size: Optional[int] = None
+    precision: Optional[str] = None
+    eval_interval: str = '100ba'
+    eval_batches: Optional[int] = None
+    log_interval: str = '10ba'
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    fsdp: Optional[dict[str, Any]] = None
+
+
+def validate_run_name(name: str) -> str:
+    """Refuse anything that is not a safe path component and a k8s-friendly name."""
+    if not name:
+        raise ConfigError('run_name is empty: set run_name=<name> (lowercase letters, digits, -, _, .)')
+    if len(name) > RUN_NAME_MAX_LEN:
+        raise ConfigError(f'run_name {name!r} is {len(name)} characters long; at most {RUN_NAME_MAX_LEN} are allowed')
+    if not RUN_NAME_PATTERN.match(name):
+        raise ConfigError(
+            f'run_name {name!r} is not allowed: use lowercase letters, digits, -, _ and ., starting with a letter or digit',
+        )
+    return name
+
+
+def _one_line(err: OmegaConfBaseException) -> str:
+    key = getattr(err, 'full_key', None)
+    msg = str(err).split('\n')[0].strip()
+    if 'not in' in msg and key:
+        return f'unknown config key {key!r}'
+    if 'missing mandatory value' in msg and key:
+        return f'missing required config key {key!r}'
+    if "Incompatible value 'None'" in msg and key:
+        return f'config key {key!r} is empty'
+    return f'config key {key!r}: {msg}' if key else msg
+
+
+def _parse_time(key: str, value: str, units: tuple[str, ...], allow_zero: bool = False) -> None:
+    match = re.fullmatch(r'(\d+)([a-z]+)', value.strip())
+    if not match or match.group(2) not in units or int(match.group(1)) < (0 if allow_zero else 1):
+        raise ConfigError(f"config key {key!r}: {value!r} is not a duration like {' or '.join('10' + u for u in units)}")
+
+
+def _validate(cfg: TrainConfig) -> None:
+    validate_run_name(cfg.run_name)
+    _parse_time('max_duration', cfg.max_duration, ('ba', 'ep', 'tok', 'sp'))
+    _parse_time('eval_interval', cfg.eval_interval, ('ba', 'ep'))
+    _parse_time('log_interval', cfg.log_interval, ('ba',))
+    _parse_time('optimizer.warmup', cfg.optimizer.warmup, ('ba',), allow_zero=True)
+    _parse_time('checkpoint.interval', cfg.checkpoint.interval, ('ba', 's', 'min', 'h'))
+    if cfg.checkpoint.periodic_interval is not None:
+        _parse_time('checkpoint.periodic_interval', cfg.checkpoint.periodic_interval, ('ba', 's', 'min', 'h'))
+    m = cfg.model
+    for key in ('vocab_size', 'max_seq_len', 'd_model', 'n_heads', 'n_layers'):
+        if getattr(m, key) <= 0:
+            raise ConfigError(f'config key model.{key!r}: must be positive, got {getattr(m, key)}')
+    if m.d_model % m.n_heads:
+        raise ConfigError(f'config key model.d_model: {m.d_model} is not divisible by model.n_heads={m.n_heads}')
+    if not 0.0 <= m.dropout < 1.0:
+        raise ConfigError(f'config key model.dropout: {m.dropout} is not in [0, 1)')
+    if cfg.global_batch_size <= 0:
+        raise ConfigError(f'config key global_batch_size: must be positive, got {cfg.global_batch_size}')
+    if cfg.precision not in (None, 'fp32', 'amp_bf16', 'amp_fp16'):
+        raise ConfigError(f'config key precision: {cfg.precision!r} is not one of null, fp32, amp_bf16, amp_fp16')
+
+
+def load_config(path: str, overrides: list[str]) -> TrainConfig:
+    """Merge ``path`` and ``key=value`` overrides onto the schema; raise ConfigError on any problem."""
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f'config file {path} does not exist')
+    try:
+        raw = yaml.safe_load(file.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, 'problem_mark', None)
+        where = f':{mark.line + 1}:{mark.column + 1}' if mark else ''
+        raise ConfigError(f'config file {path}{where} is not valid YAML: {getattr(e, "problem", e)}') from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f'config file {path} must hold a mapping of keys, not {type(raw).__name__}')
+    for item in overrides:
+        if '=' not in item:
+            raise ConfigError(f'override {item!r} is not of the form key=value')
+    try:
+        schema = OmegaConf.structured(TrainConfig)
+        merged = OmegaConf.merge(schema, OmegaConf.create(raw), OmegaConf.from_dotlist(overrides))
+        cfg: TrainConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    except OmegaConfBaseException as e:
+        raise ConfigError(_one_line(e)) from None
+    if cfg.runs_root is None:
+        cfg.runs_root = os.environ.get('PREFIX_RUNS_ROOT') or './runs'
+    _validate(cfg)
+    return cfg
+
+
+def to_dict(cfg: TrainConfig) -> dict[str, Any]:
+    """The resolved config as plain data (for meta/ and the checkpoint)."""
+    return OmegaConf.to_container(OmegaConf.structured(cfg))  # type: ignore[return-value]
+
+
+def to_yaml(cfg: TrainConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+__all__ = ['ConfigError', 'DictConfig', 'TrainConfig', 'load_config', 'to_dict', 'to_yaml', 'validate_run_name']

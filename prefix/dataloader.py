@@ -1,0 +1,73 @@
+"""Streaming dataloaders over the MDS shards written by ``prefix.data``.
+
+Each loader has its own torch generator so that creating an iterator never draws from the
+global RNG: the global RNG then belongs to the model alone (dropout), which is what lets a
+resumed run replay the exact random numbers of an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from streaming import StreamingDataLoader, StreamingDataset
+
+from prefix.config import DataConfig
+from prefix.data import DataError
+
+
+def count_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """Tokens trained on: every position but the last predicts one (what ``tokens_seen`` counts)."""
+    return batch['input_ids'][:, 1:].numel()
+
+
+def collate(samples: list[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
+    return {'input_ids': torch.from_numpy(np.stack([s['input_ids'] for s in samples]).astype(np.int64))}
+
+
+def build_dataloader(
+    cfg: DataConfig,
+    split: str,
+    *,
+    batch_size: int,
+    seed: int,
+    train: bool,
+    max_seq_len: int,
+) -> StreamingDataLoader:
+    """A loader of ``{'input_ids': (batch_size, L+1)}`` batches for this rank."""
+    if cfg.remote is None and not (Path(cfg.local) / split / 'index.json').is_file():
+        raise DataError(
+            f'dataset split not found: {Path(cfg.local) / split / "index.json"} is missing '
+            f'(prepare it with python -m prefix.data {cfg.local} <text files>)',
+        )
+    try:
+        dataset = StreamingDataset(
+            remote=cfg.remote,
+            local=cfg.local,
+            split=split,
+            shuffle=cfg.shuffle and train,
+            shuffle_seed=seed,
+            batch_size=batch_size,
+            num_canonical_nodes=cfg.num_canonical_nodes,
+        )
+        sample_len = len(dataset[0]['input_ids'])
+    except DataError:
+        raise
+    except Exception as e:  # Streaming raises many kinds for an unreachable or broken remote
+        where = cfg.remote or cfg.local
+        raise DataError(f'cannot read the {split} split of {where}: {type(e).__name__}: {e}'.split('\n')[0]) from None
+    if sample_len - 1 > max_seq_len:
+        raise DataError(
+            f'samples in {cfg.remote or cfg.local} have {sample_len - 1} input tokens but model.max_seq_len is '
+            f'{max_seq_len}: set model.max_seq_len={sample_len - 1} or prepare the data with --seq-len {max_seq_len}',
+        )
+    return StreamingDataLoader(
+        dataset,
+        batch_size=batch_size,
+        collate_fn=collate,
+        num_workers=cfg.num_workers,
+        drop_last=train,
+        generator=torch.Generator().manual_seed(seed),
+        persistent_workers=False,
+    )

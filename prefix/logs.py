@@ -1,0 +1,84 @@
+"""What a run writes to ``logs/``: each rank's console output and the per-step metrics as JSON lines."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+from composer.core import State
+from composer.loggers import Logger, LoggerDestination
+
+METRICS_FILE = 'metrics.jsonl'
+
+
+def _ignore_signals() -> None:
+    # The tee must outlive a SIGTERM/SIGINT to the process group so the final save can still print.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def tee_output(log_dir: Path, rank: int) -> Path:
+    """Copy this process's stdout and stderr into ``log_dir/rank{rank}.log`` as well.
+
+    The ``composer`` launcher discards the output of ranks other than 0, so each rank keeps its
+    own copy. A ``tee`` child (not a thread) flushes what it was given even if we are SIGKILLed.
+    """
+    path = log_dir / f'rank{rank}.log'
+    sys.stdout.flush()
+    sys.stderr.flush()
+    for fd in (1, 2):
+        tee = subprocess.Popen(
+            ['tee', '-a', str(path)],
+            stdin=subprocess.PIPE,
+            stdout=os.dup(fd),
+            preexec_fn=_ignore_signals,
+            close_fds=True,
+        )
+        assert tee.stdin is not None
+        os.dup2(tee.stdin.fileno(), fd)
+        tee.stdin.close()
+    sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
+    sys.stderr.reconfigure(line_buffering=True)  # type: ignore[union-attr]
+    return path
+
+
+def _plain(value: Any) -> Any:
+    if hasattr(value, 'item'):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
+
+
+class MetricsLogger(LoggerDestination):
+    """Append every metric Composer logs, with its step, to ``logs/metrics.jsonl`` (rank 0 only)."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__()
+        self.path = path
+        self._file: Optional[Any] = None
+
+    def init(self, state: State, logger: Logger) -> None:
+        from composer.utils import dist
+
+        if dist.get_global_rank() == 0:
+            self._file = self.path.open('a', buffering=1)
+
+    def log_metrics(self, metrics: dict[str, Any], step: Optional[int] = None) -> None:
+        if self._file is None or not metrics:
+            return
+        record = {'step': step, 'time': round(time.time(), 3)}
+        record.update({k: _plain(v) for k, v in metrics.items()})
+        self._file.write(json.dumps(record) + '\n')
+
+    def close(self, state: State, logger: Logger) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None

@@ -1,0 +1,34 @@
+"""The run directory contract: ``<runs_root>/<run_name>/{checkpoints,logs,meta}``, stable for a run name."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from prefix.config import validate_run_name
+
+
+@dataclass(frozen=True)
+class RunDir:
+    root: Path
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / 'checkpoints'
+
+    @property
+    def logs(self) -> Path:
+        return self.root / 'logs'
+
+    @property
+    def meta(self) -> Path:
+        return self.root / 'meta'
+
+    @classmethod
+    def for_run(cls, runs_root: str, run_name: str) -> RunDir:
+        return cls(Path(runs_root).expanduser().resolve() / validate_run_name(run_name))
+
+    def create(self) -> RunDir:
+        for folder in (self.checkpoints, self.logs, self.meta):
+            folder.mkdir(parents=True, exist_ok=True)
+        return self

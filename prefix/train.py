@@ -1,0 +1,139 @@
+"""Train a run: ``composer [-n N] -m prefix.train CONFIG.yaml [key=value ...]`` or ``python -m prefix.train ...``.
+
+Reads top to bottom: configuration, run directory, resume point, model, data, Composer trainer.
+A run resumes by default from its run directory; a finished run reports so and exits 0.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import Optional
+
+# Every torch.load in this process, Composer's included, is restricted to plain data.
+os.environ['TORCH_FORCE_WEIGHTS_ONLY_LOAD'] = '1'
+
+import torch  # noqa: E402
+from composer import Trainer  # noqa: E402
+from composer.algorithms import GradientClipping  # noqa: E402
+from composer.core import DataSpec, Evaluator  # noqa: E402
+from composer.devices import DeviceCPU, DeviceGPU  # noqa: E402
+from composer.optim import CosineAnnealingWithWarmupScheduler, DecoupledAdamW  # noqa: E402
+from composer.utils import dist, reproducibility  # noqa: E402
+
+from prefix import config as config_lib  # noqa: E402
+from prefix.checkpoint import Checkpointer, CheckpointError, find_resume_point, is_complete, never  # noqa: E402
+from prefix.config import ConfigError, TrainConfig  # noqa: E402
+from prefix.data import DataError  # noqa: E402
+from prefix.dataloader import build_dataloader, count_tokens  # noqa: E402
+from prefix.logs import METRICS_FILE, MetricsLogger, tee_output  # noqa: E402
+from prefix.meta import StartRecorder, write_snapshots  # noqa: E402
+from prefix.model import ComposerGPT  # noqa: E402
+from prefix.rundir import RunDir  # noqa: E402
+
+log = logging.getLogger('prefix.train')
+USAGE = 'usage: composer [-n N] -m prefix.train CONFIG.yaml [key=value ...]'
+
+
+def train(cfg: TrainConfig) -> int:
+    # The run directory and this rank's console copy come first, so everything after is logged.
+    run = RunDir.for_run(cfg.runs_root, cfg.run_name).create()
+    rank = dist.get_global_rank()
+    tee_output(run.logs, rank)
+    logging.basicConfig(level=logging.INFO, format=f'%(asctime)s [rank{rank}] %(name)s: %(message)s')
+
+    device = DeviceGPU() if torch.cuda.is_available() else DeviceCPU()
+    dist.initialize_dist(device)
+    world_size = dist.get_world_size()
+    if cfg.global_batch_size % world_size:
+        raise ConfigError(f'global_batch_size={cfg.global_batch_size} is not divisible by the world size {world_size}')
+    device_batch_size = cfg.global_batch_size // world_size
+
+    # Resume point: agreed by every rank before anything else is built.
+    resume = find_resume_point(run.checkpoints)
+    if resume is not None and is_complete(resume.timestamp, cfg.max_duration):
+        if rank == 0:
+            print(f'run {cfg.run_name} is already complete: step {resume.global_step} reached '
+                  f'max_duration={cfg.max_duration} ({run.root}); nothing to do', flush=True)
+        return 0
+
+    config_dict = config_lib.to_dict(cfg)
+    git = write_snapshots(run.meta, config_lib.to_yaml(cfg)) if rank == 0 else {}
+
+    # Model: seeded before construction so that the initial weights depend on the seed alone.
+    reproducibility.seed_all(cfg.seed)
+    model = ComposerGPT(cfg.model)
+
+    train_loader = build_dataloader(
+        cfg.data, cfg.data.train_split, batch_size=device_batch_size, seed=cfg.seed, train=True,
+        max_seq_len=cfg.model.max_seq_len,
+    )
+    val_loader = build_dataloader(
+        cfg.data, cfg.data.val_split, batch_size=device_batch_size, seed=cfg.seed, train=False,
+        max_seq_len=cfg.model.max_seq_len,
+    )
+
+    opt = cfg.optimizer
+    optimizer = DecoupledAdamW(model.parameters(), lr=opt.lr, betas=tuple(opt.betas), weight_decay=opt.weight_decay)
+    scheduler = CosineAnnealingWithWarmupScheduler(t_warmup=opt.warmup, alpha_f=opt.min_lr_ratio)
+    on_terminal = sys.stderr.isatty()
+
+    trainer = Trainer(
+        run_name=cfg.run_name,
+        model=model,
+        train_dataloader=DataSpec(train_loader, get_num_tokens_in_batch=count_tokens),
+        eval_dataloader=Evaluator(label='val', dataloader=val_loader, metric_names=list(model.val_metrics)),
+        eval_interval=cfg.eval_interval,
+        eval_subset_num_batches=cfg.eval_batches if cfg.eval_batches is not None else -1,
+        max_duration=cfg.max_duration,
+        optimizers=optimizer,
+        schedulers=scheduler,
+        step_schedulers_every_batch=True,
+        algorithms=[GradientClipping('norm', opt.grad_clip_norm)] if opt.grad_clip_norm > 0 else [],
+        device=device,
+        precision=cfg.precision or ('amp_bf16' if isinstance(device, DeviceGPU) else 'fp32'),
+        device_train_microbatch_size=cfg.device_microbatch_size or device_batch_size,
+        parallelism_config={'fsdp': cfg.fsdp} if cfg.fsdp else None,
+        seed=cfg.seed,
+        # Resume goes through Composer's autoresume; our Checkpointer writes the files it reads.
+        autoresume=True,
+        save_folder=str(run.checkpoints),
+        save_latest_filename=resume.filename if resume else 'latest.pt',
+        save_interval=never,
+        callbacks=[
+            Checkpointer(run.checkpoints, cfg.checkpoint.interval, cfg.checkpoint.periodic_interval, config_dict, resume),
+            StartRecorder(run.meta, resume.filename if resume else None, git.get('commit')),
+        ],
+        loggers=[MetricsLogger(run.logs / METRICS_FILE)],
+        progress_bar=on_terminal,
+        log_to_console=not on_terminal,
+        console_log_interval=cfg.log_interval,
+        console_stream='stdout',
+        algorithm_passes=None,
+    )
+    trainer.fit()
+    trainer.close()
+    if rank == 0:
+        print(f'run {cfg.run_name} complete at step {int(trainer.state.timestamp.batch)} ({run.root})', flush=True)
+    return 0
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ('-h', '--help'):
+        print(USAGE, file=sys.stderr)
+        return 2
+    try:
+        cfg = config_lib.load_config(argv[0], argv[1:])
+        return train(cfg)
+    except ConfigError as e:
+        print(f'prefix: config error: {e}', file=sys.stderr)
+        return 2
+    except (DataError, CheckpointError) as e:
+        print(f'prefix: error: {e}', file=sys.stderr)
+        return 1
+
+
+if __name__ == '__main__':
+    sys.exit(main())

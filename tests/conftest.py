@@ -1,0 +1,70 @@
+"""Shared fixtures: a small real dataset, and helpers that run the real trainer in subprocesses."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import pytest
+
+from prefix.data import prepare
+from prefix.tokenizer import ByteTokenizer
+
+REPO = Path(__file__).resolve().parent.parent
+STDLIB = Path(sysconfig.get_paths()['stdlib'])
+# ~30 KB of train text (about 29 batches of 8 per epoch) and ~7 KB of val text.
+DATA_FILES = ['bisect.py', 'colorsys.py', 'abc.py', 'fnmatch.py', 'genericpath.py', 'stat.py', 'keyword.py', 'sched.py']
+SMOKE = REPO / 'yamls' / 'smoke.yaml'
+
+
+@pytest.fixture(scope='session')
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp('data') / 'small'
+    prepare(out, [str(STDLIB / f) for f in DATA_FILES], tokenizer=ByteTokenizer(), seq_len=128, val_fraction=0.25)
+    return out
+
+
+def train_cmd(*args: str, nproc: int = 0) -> list[str]:
+    """``python -m prefix.train`` (nproc=0) or the ``composer`` launcher with ``-n nproc``."""
+    if nproc:
+        launcher = str(Path(sys.executable).parent / 'composer')
+        return [launcher, '-n', str(nproc), '--master_port', str(free_port()), '-m', 'prefix.train', *args]
+    return [sys.executable, '-m', 'prefix.train', *args]
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def run_env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.pop('PREFIX_RUNS_ROOT', None)
+    env.update(extra)
+    return env
+
+
+def run_train(*args: str, nproc: int = 0, timeout: float = 300, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(train_cmd(*args, nproc=nproc), env=run_env(**env), capture_output=True, text=True,
+                          timeout=timeout, cwd=REPO)
+
+
+def smoke_args(runs_root: Path, dataset: Path, *overrides: str) -> list[str]:
+    return [str(SMOKE), f'runs_root={runs_root}', f'data.local={dataset}', *overrides]
+
+
+def step_losses(run_dir: Path) -> dict[int, float]:
+    """The training loss of each step, the last logged one winning (a replayed step after a resume)."""
+    losses: dict[int, float] = {}
+    for line in (run_dir / 'logs' / 'metrics.jsonl').read_text().splitlines():
+        record = json.loads(line)
+        if 'loss/train/total' in record:
+            losses[record['step']] = record['loss/train/total']
+    return losses
