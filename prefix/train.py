@@ -1,6 +1,6 @@
 """Train a run: ``composer [-n N] -m prefix.train CONFIG.yaml [key=value ...]`` or ``python -m prefix.train ...``.
 
-Reads top to bottom: configuration, run directory, resume point, model, data, Composer trainer.
+Reads top to bottom: configuration, resume point, data, run directory, model, Composer trainer.
 A run resumes by default from its run directory; a finished run reports so and exits 0.
 """
 
@@ -37,34 +37,22 @@ USAGE = 'usage: composer [-n N] -m prefix.train CONFIG.yaml [key=value ...]'
 
 
 def train(cfg: TrainConfig) -> int:
-    # The run directory and this rank's console copy come first, so everything after is logged.
-    run = RunDir.for_run(cfg.runs_root, cfg.run_name).create()
-    rank = dist.get_global_rank()
-    tee_output(run.logs, rank)
-    logging.basicConfig(level=logging.INFO, format=f'%(asctime)s [rank{rank}] %(name)s: %(message)s')
-
     device = DeviceGPU() if torch.cuda.is_available() else DeviceCPU()
     dist.initialize_dist(device)
-    world_size = dist.get_world_size()
+    rank, world_size = dist.get_global_rank(), dist.get_world_size()
+    logging.basicConfig(level=logging.INFO, format=f'%(asctime)s [rank{rank}] %(name)s: %(message)s')
     if cfg.global_batch_size % world_size:
         raise ConfigError(f'global_batch_size={cfg.global_batch_size} is not divisible by the world size {world_size}')
     device_batch_size = cfg.global_batch_size // world_size
 
-    # Resume point: agreed by every rank before anything else is built.
-    resume = find_resume_point(run.checkpoints)
+    # Everything that can refuse the input runs before the run directory is touched.
+    run = RunDir.for_run(cfg.runs_root, cfg.run_name)
+    resume = find_resume_point(run.checkpoints) if run.checkpoints.is_dir() else None
     if resume is not None and is_complete(resume.timestamp, cfg.max_duration):
         if rank == 0:
             print(f'run {cfg.run_name} is already complete: step {resume.global_step} reached '
                   f'max_duration={cfg.max_duration} ({run.root}); nothing to do', flush=True)
         return 0
-
-    config_dict = config_lib.to_dict(cfg)
-    git = write_snapshots(run.meta, config_lib.to_yaml(cfg)) if rank == 0 else {}
-
-    # Model: seeded before construction so that the initial weights depend on the seed alone.
-    reproducibility.seed_all(cfg.seed)
-    model = ComposerGPT(cfg.model)
-
     train_loader = build_dataloader(
         cfg.data, cfg.data.train_split, batch_size=device_batch_size, seed=cfg.seed, train=True,
         max_seq_len=cfg.model.max_seq_len,
@@ -73,6 +61,15 @@ def train(cfg: TrainConfig) -> int:
         cfg.data, cfg.data.val_split, batch_size=device_batch_size, seed=cfg.seed, train=False,
         max_seq_len=cfg.model.max_seq_len,
     )
+
+    run.create()
+    tee_output(run.logs, rank)
+    config_dict = config_lib.to_dict(cfg)
+    git = write_snapshots(run.meta, config_lib.to_yaml(cfg)) if rank == 0 else {}
+
+    # Model: seeded just before construction so that the initial weights depend on the seed alone.
+    reproducibility.seed_all(cfg.seed)
+    model = ComposerGPT(cfg.model)
 
     opt = cfg.optimizer
     optimizer = DecoupledAdamW(model.parameters(), lr=opt.lr, betas=tuple(opt.betas), weight_decay=opt.weight_decay)

@@ -68,3 +68,28 @@ def step_losses(run_dir: Path) -> dict[int, float]:
         if 'loss/train/total' in record:
             losses[record['step']] = record['loss/train/total']
     return losses
+
+
+@pytest.fixture(scope='session')
+def s3_dataset(dataset: Path):
+    """A real S3-compatible server (moto, in server mode on loopback) holding ``dataset`` at s3://prefix-data/small."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address='127.0.0.1', port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {
+        'S3_ENDPOINT_URL': f'http://{host}:{port}',
+        'AWS_ACCESS_KEY_ID': 'testing',
+        'AWS_SECRET_ACCESS_KEY': 'testing',
+        'AWS_DEFAULT_REGION': 'us-east-1',
+    }
+    s3 = boto3.client('s3', endpoint_url=env['S3_ENDPOINT_URL'], region_name='us-east-1',
+                      aws_access_key_id='testing', aws_secret_access_key='testing')
+    s3.create_bucket(Bucket='prefix-data')
+    for path in dataset.rglob('*'):
+        if path.is_file():
+            s3.upload_file(str(path), 'prefix-data', f'small/{path.relative_to(dataset)}')
+    yield 's3://prefix-data/small', env
+    server.stop()

@@ -1,0 +1,87 @@
+"""End-to-end: the real trainer in real processes, through both entry points, local and remote data."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from conftest import run_train, smoke_args, step_losses
+
+pytestmark = pytest.mark.slow
+
+
+def test_smoke_run_lays_out_the_run_directory_and_learns(tmp_path: Path, dataset: Path) -> None:
+    result = run_train(*smoke_args(tmp_path, dataset))
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = tmp_path / 'smoke'
+    assert sorted(p.name for p in (run / 'checkpoints').iterdir()) == [
+        'latest.pt', 'latest_rank0.pt', 'periodic.pt', 'periodic_rank0.pt']
+    assert {p.name for p in (run / 'logs').iterdir()} == {'metrics.jsonl', 'rank0.log'}
+    assert {p.name for p in (run / 'meta').iterdir()} == {'config.yaml', 'env.json', 'git.json', 'starts.jsonl'}
+
+    losses = step_losses(run)
+    assert sorted(losses) == list(range(60))
+    assert sum(losses[s] for s in range(50, 60)) < sum(losses[s] for s in range(10)) * 0.7, 'the loss falls clearly'
+    records = [json.loads(line) for line in (run / 'logs' / 'metrics.jsonl').read_text().splitlines()]
+    assert any('metrics/val/LanguagePerplexity' in r for r in records), 'evaluation on the val split ran'
+    assert 'checkpoint saved at step 60' in (run / 'logs' / 'rank0.log').read_text()
+
+    config = yaml.safe_load((run / 'meta' / 'config.yaml').read_text())
+    assert config['run_name'] == 'smoke' and config['runs_root'] == str(tmp_path) and config['model']['dropout'] == 0.1
+    env = json.loads((run / 'meta' / 'env.json').read_text())
+    assert env['versions']['mosaicml'] == '0.32.1' and env['world_size'] == 1 and 'torch' in env['packages']
+    git = json.loads((run / 'meta' / 'git.json').read_text())
+    assert set(git) >= {'ref', 'commit', 'dirty'}
+    starts = [json.loads(line) for line in (run / 'meta' / 'starts.jsonl').read_text().splitlines()]
+    assert len(starts) == 1 and starts[0]['start_step'] == 0 and starts[0]['resumed_from'] is None
+
+    latest = torch.load(run / 'checkpoints' / 'latest.pt', weights_only=True)
+    assert latest['global_step'] == 60 and latest['tokens_seen'] == 60 * 8 * 128
+
+    again = run_train(*smoke_args(tmp_path, dataset))
+    assert again.returncode == 0 and 'already complete' in again.stdout
+    assert len((run / 'meta' / 'starts.jsonl').read_text().splitlines()) == 1, 'a finished run does not train again'
+
+    longer = run_train(*smoke_args(tmp_path, dataset, 'max_duration=65ba'))
+    assert longer.returncode == 0, longer.stderr[-3000:]
+    starts = [json.loads(line) for line in (run / 'meta' / 'starts.jsonl').read_text().splitlines()]
+    assert starts[-1]['start_step'] == 60 and starts[-1]['resumed_from'] == 'latest.pt'
+    assert max(step_losses(run)) == 64
+
+
+def test_composer_launcher_with_two_ranks_keeps_each_ranks_output(tmp_path: Path, dataset: Path) -> None:
+    result = run_train(*smoke_args(tmp_path, dataset, 'max_duration=12ba'), nproc=2)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    run = tmp_path / 'smoke'
+    names = {p.name for p in (run / 'checkpoints').iterdir()}
+    assert {'latest.pt', 'latest_rank0.pt', 'latest_rank1.pt'} <= names
+    assert '[rank1]' in (run / 'logs' / 'rank1.log').read_text()
+    assert torch.load(run / 'checkpoints' / 'latest_rank1.pt', weights_only=True)['world_size'] == 2
+    start = json.loads((run / 'meta' / 'starts.jsonl').read_text())
+    assert start['world_size'] == 2
+    assert sorted(step_losses(run)) == list(range(12))
+
+
+def test_training_from_an_s3_compatible_remote(tmp_path: Path, s3_dataset) -> None:
+    remote, env = s3_dataset
+    args = smoke_args(tmp_path / 'runs', tmp_path / 'cache', f'data.remote={remote}', 'max_duration=6ba')
+    result = run_train(*args, **env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(step_losses(tmp_path / 'runs' / 'smoke')) == list(range(6))
+    assert any((tmp_path / 'cache' / 'train').glob('shard.*.mds'))
+
+
+@pytest.mark.parametrize(('override', 'code', 'message'), [
+    ('model.bogus=1', 2, "unknown config key 'model.bogus'"),
+    ('run_name=../escape', 2, "run_name '../escape' is not allowed"),
+    ('global_batch_size=abc', 2, "config key 'global_batch_size'"),
+    ('data.local=/nonexistent/data', 1, 'dataset split not found: /nonexistent/data/train/index.json'),
+])
+def test_bad_input_is_one_line_and_touches_nothing(tmp_path: Path, dataset: Path, override: str, code: int,
+                                                    message: str) -> None:
+    result = run_train(*smoke_args(tmp_path / 'runs', dataset, override))
+    assert result.returncode == code
+    assert message in result.stderr and result.stderr.strip().count('\n') == 0, result.stderr[-2000:]
+    assert not (tmp_path / 'runs').exists()
