@@ -34,7 +34,7 @@ from composer.core import Callback, Event, State
 from composer.loggers import Logger
 from composer.utils import dist
 
-from prefix.atomic import atomic_link, atomic_write
+from prefix.atomic import TMP_SUFFIX, atomic_link, atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -143,6 +143,15 @@ def _choose_global(folder: Path) -> Optional[dict[str, Any]]:
             'move the folder away to start the run afresh',
         )
     return None
+
+
+def remove_leftovers(folder: Path) -> list[Path]:
+    """Delete what killed writers leave behind: our ``*.tmp`` files and Composer's autoresume signal files."""
+    leftovers = [p for p in folder.iterdir() if p.name.endswith(TMP_SUFFIX) or p.name.startswith('._signal_file')]
+    for path in leftovers:
+        log.warning('removing %s, left by an interrupted start', path)
+        path.unlink(missing_ok=True)
+    return leftovers
 
 
 def find_resume_point(folder: Path) -> Optional[ResumePoint]:

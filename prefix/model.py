@@ -1,18 +1,16 @@
-"""A small decoder-only transformer language model, wrapped as a Composer model.
+"""A small decoder-only transformer language model in plain PyTorch.
 
-Readable top to bottom in the spirit of nanoGPT: pre-norm blocks of causal self-attention
-and an MLP, tied input/output embeddings, next-token cross-entropy loss.
+Readable top to bottom in the spirit of nanoGPT: pre-norm blocks of causal self-attention and an
+MLP, tied input/output embeddings. It imports nothing but torch, so a checkpoint's weights can be
+used where only torch is installed; ``prefix.composer_model`` wraps it for training.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
-from composer.metrics.nlp import LanguageCrossEntropy, LanguagePerplexity
-from composer.models import ComposerModel
 from torch import nn
 
 
@@ -66,8 +64,6 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    """Plain PyTorch module: importable and loadable without Composer."""
-
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
@@ -96,35 +92,3 @@ class GPT(nn.Module):
         for block in self.blocks:
             x = block(x)
         return self.head(self.ln_f(x))
-
-
-class ComposerGPT(ComposerModel):
-    """Composer wrapper: batches are ``{'input_ids': (B, L+1)}``; predicts tokens 1..L from 0..L-1."""
-
-    def __init__(self, cfg: ModelConfig) -> None:
-        super().__init__()
-        self.model = GPT(cfg)
-        self.train_metrics: dict[str, Any] = {}  # the training loss is logged already
-        self.val_metrics = {
-            'LanguageCrossEntropy': LanguageCrossEntropy(),
-            'LanguagePerplexity': LanguagePerplexity(),
-        }
-
-    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.model(batch['input_ids'][:, :-1])
-
-    def loss(self, outputs: torch.Tensor, batch: dict[str, torch.Tensor], *args: Any, **kwargs: Any) -> torch.Tensor:
-        targets = batch['input_ids'][:, 1:]
-        return F.cross_entropy(outputs.reshape(-1, outputs.size(-1)), targets.reshape(-1))
-
-    def eval_forward(self, batch: dict[str, torch.Tensor], outputs: Any = None) -> torch.Tensor:
-        return outputs if outputs is not None else self.forward(batch)
-
-    def get_metrics(self, is_train: bool = False) -> dict[str, Any]:
-        return self.train_metrics if is_train else self.val_metrics
-
-    def update_metric(self, batch: dict[str, torch.Tensor], outputs: torch.Tensor, metric: Any) -> None:
-        metric.update(outputs, batch['input_ids'][:, 1:].contiguous())
-
-    def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters())

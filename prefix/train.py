@@ -11,28 +11,24 @@ import os
 import sys
 from typing import Optional
 
-# Every torch.load in this process, Composer's included, is restricted to plain data.
-os.environ['TORCH_FORCE_WEIGHTS_ONLY_LOAD'] = '1'
+import torch
+from composer import Trainer
+from composer.algorithms import GradientClipping
+from composer.core import DataSpec, Evaluator
+from composer.devices import DeviceCPU, DeviceGPU
+from composer.optim import CosineAnnealingWithWarmupScheduler, DecoupledAdamW
+from composer.utils import dist, reproducibility
 
-import torch  # noqa: E402
-from composer import Trainer  # noqa: E402
-from composer.algorithms import GradientClipping  # noqa: E402
-from composer.core import DataSpec, Evaluator  # noqa: E402
-from composer.devices import DeviceCPU, DeviceGPU  # noqa: E402
-from composer.optim import CosineAnnealingWithWarmupScheduler, DecoupledAdamW  # noqa: E402
-from composer.utils import dist, reproducibility  # noqa: E402
+from prefix import config as config_lib
+from prefix.checkpoint import Checkpointer, CheckpointError, find_resume_point, is_complete, never, remove_leftovers
+from prefix.composer_model import ComposerGPT
+from prefix.config import ConfigError, TrainConfig
+from prefix.data import DataError
+from prefix.dataloader import build_dataloader, count_tokens
+from prefix.logs import METRICS_FILE, MetricsLogger, tee_output
+from prefix.meta import StartRecorder, write_snapshots
+from prefix.rundir import RunDir
 
-from prefix import config as config_lib  # noqa: E402
-from prefix.checkpoint import Checkpointer, CheckpointError, find_resume_point, is_complete, never  # noqa: E402
-from prefix.config import ConfigError, TrainConfig  # noqa: E402
-from prefix.data import DataError  # noqa: E402
-from prefix.dataloader import build_dataloader, count_tokens  # noqa: E402
-from prefix.logs import METRICS_FILE, MetricsLogger, tee_output  # noqa: E402
-from prefix.meta import StartRecorder, write_snapshots  # noqa: E402
-from prefix.model import ComposerGPT  # noqa: E402
-from prefix.rundir import RunDir  # noqa: E402
-
-log = logging.getLogger('prefix.train')
 USAGE = 'usage: composer [-n N] -m prefix.train CONFIG.yaml [key=value ...]'
 
 
@@ -47,6 +43,8 @@ def train(cfg: TrainConfig) -> int:
 
     # Everything that can refuse the input runs before the run directory is touched.
     run = RunDir.for_run(cfg.runs_root, cfg.run_name)
+    if rank == 0 and run.checkpoints.is_dir():
+        remove_leftovers(run.checkpoints)
     resume = find_resume_point(run.checkpoints) if run.checkpoints.is_dir() else None
     if resume is not None and is_complete(resume.timestamp, cfg.max_duration):
         if rank == 0:
@@ -121,6 +119,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     if not argv or argv[0] in ('-h', '--help'):
         print(USAGE, file=sys.stderr)
         return 2
+    # Every torch.load in this process, Composer's included, is restricted to plain data.
+    os.environ['TORCH_FORCE_WEIGHTS_ONLY_LOAD'] = '1'
     try:
         cfg = config_lib.load_config(argv[0], argv[1:])
         return train(cfg)

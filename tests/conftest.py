@@ -93,3 +93,19 @@ def s3_dataset(dataset: Path):
             s3.upload_file(str(path), 'prefix-data', f'small/{path.relative_to(dataset)}')
     yield 's3://prefix-data/small', env
     server.stop()
+
+
+@pytest.fixture(scope='session')
+def finished_run(tmp_path_factory: pytest.TempPathFactory, dataset: Path) -> Path:
+    """A real smoke run of 20 steps (checkpoints at 5, 10, 15, 20; periodic at 20). Copy it before changing it."""
+    root = tmp_path_factory.mktemp('finished')
+    result = run_train(*smoke_args(root, dataset, 'max_duration=20ba'))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return root / 'smoke'
+
+
+def copy_run(run: Path, dest: Path) -> Path:
+    import shutil
+
+    shutil.copytree(run, dest / run.name)
+    return dest / run.name

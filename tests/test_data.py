@@ -47,7 +47,7 @@ def test_split_is_stable_and_independent_of_location(tmp_path: Path) -> None:
         prepare(tmp_path / f'out-{where}', [str(tmp_path / where)], tokenizer=ByteTokenizer(), seq_len=16, val_fraction=0.3)
     for split in ('train', 'val'):
         a, b = read_split(tmp_path / 'out-a', split), read_split(tmp_path / 'out-b', split)
-        assert len(a) == len(b) and all(np.array_equal(x, y) for x, y in zip(a, b))
+        assert len(a) == len(b) and all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
     assert is_val('doc001.txt', 0.3) == is_val('doc001.txt', 0.3)
 
 

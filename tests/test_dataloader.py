@@ -31,7 +31,7 @@ def test_val_split_is_not_shuffled(dataset: Path) -> None:
     cfg = DataConfig(local=str(dataset))
     a = first_batches(build_dataloader(cfg, 'val', batch_size=4, seed=1, train=False, max_seq_len=128), 2)
     b = first_batches(build_dataloader(cfg, 'val', batch_size=4, seed=2, train=False, max_seq_len=128), 2)
-    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
 
 
 def test_missing_dataset_names_the_folder(tmp_path: Path) -> None:
@@ -52,7 +52,7 @@ def test_remote_s3_through_streaming(s3_dataset, tmp_path: Path, monkeypatch: py
     remote_batches = first_batches(build_dataloader(cfg, 'train', batch_size=4, seed=1, train=True, max_seq_len=128), 2)
     local_cfg = DataConfig(local=str(dataset), shuffle=False)
     local_batches = first_batches(build_dataloader(local_cfg, 'train', batch_size=4, seed=1, train=True, max_seq_len=128), 2)
-    assert all(torch.equal(r, loc) for r, loc in zip(remote_batches, local_batches))
+    assert all(torch.equal(r, loc) for r, loc in zip(remote_batches, local_batches, strict=True))
     assert any((tmp_path / 'cache' / 'train').glob('shard.*.mds')), 'shards are cached locally'
 
 

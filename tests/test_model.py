@@ -1,6 +1,7 @@
 import torch
 
-from prefix.model import GPT, ComposerGPT, ModelConfig
+from prefix.composer_model import ComposerGPT
+from prefix.model import GPT, ModelConfig
 
 CFG = ModelConfig(vocab_size=257, max_seq_len=16, d_model=32, n_heads=2, n_layers=2, dropout=0.1)
 

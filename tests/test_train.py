@@ -6,7 +6,6 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-
 from conftest import run_train, smoke_args, step_losses
 
 pytestmark = pytest.mark.slow

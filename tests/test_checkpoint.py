@@ -1,0 +1,143 @@
+"""The checkpoint contract's pieces: plain-data files, RNG states, safe loading, choosing what to resume."""
+
+import logging
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import copy_run
+
+from prefix.checkpoint import (
+    CheckpointError,
+    capture_rng,
+    find_resume_point,
+    is_complete,
+    plain,
+    remove_leftovers,
+    restore_rng,
+    safe_load,
+)
+
+
+def draws() -> tuple:
+    return torch.rand(3).tolist(), np.random.rand(3).tolist(), [random.random() for _ in range(3)]
+
+
+def test_rng_states_round_trip_through_a_weights_only_file(tmp_path: Path) -> None:
+    np.random.randn()  # leaves a cached gaussian in NumPy's state
+    rng = capture_rng()
+    expected = draws()
+    torch.save(rng, tmp_path / 'rng.pt')
+    draws()
+    restore_rng(torch.load(tmp_path / 'rng.pt', weights_only=True))
+    assert draws() == expected
+
+
+def test_plain_turns_str_subclasses_into_str_and_names_anything_else() -> None:
+    assert type(plain({'v': torch.__version__})['v']) is str
+    with pytest.raises(CheckpointError, match=r'state/a/0 \(object\)'):
+        plain({'a': [object()]})
+
+
+class _Exploit:
+    def __reduce__(self):
+        return (os.system, (f'touch {self.marker}',))
+
+
+def test_a_checkpoint_that_would_run_code_is_refused(tmp_path: Path) -> None:
+    exploit = _Exploit()
+    exploit.marker = tmp_path / 'pwned'
+    torch.save({'schema_version': 1, 'global_step': 1, 'payload': exploit}, tmp_path / 'latest.pt')
+    with pytest.raises(CheckpointError, match='could run code'):
+        safe_load(tmp_path / 'latest.pt')
+    with pytest.raises(CheckpointError, match='could run code'):
+        find_resume_point(tmp_path)
+    assert not exploit.marker.exists()
+
+
+PLAIN_TORCH = '''
+import sys
+for name in ("composer", "streaming", "omegaconf", "numpy"):
+    sys.modules[name] = None  # any import of these now fails
+import torch
+from prefix.model import GPT, ModelConfig
+ckpt = torch.load(sys.argv[1], weights_only=True)
+model = GPT(ModelConfig(**ckpt["config"]["model"]))
+model.load_state_dict({k.removeprefix("model."): v for k, v in ckpt["state"]["model"].items()}, strict=True)
+logits = model.eval()(torch.zeros(1, 8, dtype=torch.long))
+assert torch.isfinite(logits).all()
+rank = torch.load(sys.argv[2], weights_only=True)
+assert rank["global_step"] == ckpt["global_step"] and set(rank["rng"][ckpt["global_step"]]) == {"torch", "cuda", "numpy", "python"}
+print("rebuilt at step", ckpt["global_step"], "tokens", ckpt["tokens_seen"])
+'''
+
+
+def test_latest_opens_with_plain_torch_and_rebuilds_the_model(finished_run: Path) -> None:
+    ckpts = finished_run / 'checkpoints'
+    result = subprocess.run([sys.executable, '-c', PLAIN_TORCH, str(ckpts / 'latest.pt'), str(ckpts / 'latest_rank0.pt')],
+                            capture_output=True, text=True, env={**os.environ, 'PYTHONPATH': str(Path(__file__).parents[1])})
+    assert result.returncode == 0, result.stderr
+    assert 'rebuilt at step 20 tokens 20480' in result.stdout
+
+
+def test_contract_files_and_their_ties(finished_run: Path) -> None:
+    ckpts = finished_run / 'checkpoints'
+    latest = safe_load(ckpts / 'latest.pt')
+    assert set(latest) == {'schema_version', 'global_step', 'tokens_seen', 'config', 'wall_clock', 'state'}
+    assert {'model', 'optimizers', 'schedulers', 'timestamp', 'dataset_state'} <= set(latest['state'])
+    assert latest['state']['dataset_state']['train']['sample_in_epoch'] == 20 * 8
+    rank = safe_load(ckpts / 'latest_rank0.pt')
+    assert rank['rank'] == 0 and rank['world_size'] == 1 and rank['global_step'] == 20
+    assert sorted(rank['rng']) == [15, 20], 'the previous checkpoint RNG states are kept'
+    # periodic files are hard links to the latest files of their step: the bytes exist once
+    assert os.path.samefile(ckpts / 'latest.pt', ckpts / 'periodic.pt')
+    assert os.path.samefile(ckpts / 'latest_rank0.pt', ckpts / 'periodic_rank0.pt')
+
+
+def test_resume_point_prefers_latest(finished_run: Path) -> None:
+    point = find_resume_point(finished_run / 'checkpoints')
+    assert point is not None and point.kind == 'latest' and point.global_step == 20 and point.rng is not None
+    assert is_complete(point.timestamp, '20ba') and not is_complete(point.timestamp, '21ba')
+    assert is_complete(point.timestamp, f'{20 * 8}sp') and not is_complete(point.timestamp, '1ep')
+
+
+def test_truncated_latest_falls_back_to_periodic_loudly(finished_run: Path, tmp_path: Path,
+                                                        caplog: pytest.LogCaptureFixture) -> None:
+    ckpts = copy_run(finished_run, tmp_path) / 'checkpoints'
+    (ckpts / 'periodic.pt').unlink()
+    (ckpts / 'periodic_rank0.pt').unlink()
+    os.link(ckpts / 'latest.pt', ckpts / 'periodic.pt')  # a valid older file ...
+    os.link(ckpts / 'latest_rank0.pt', ckpts / 'periodic_rank0.pt')
+    data = (ckpts / 'latest.pt').read_bytes()
+    (ckpts / 'latest.pt').unlink()
+    (ckpts / 'latest.pt').write_bytes(data[: len(data) // 2])  # ... and a torn latest
+    with caplog.at_level(logging.WARNING):
+        point = find_resume_point(ckpts)
+    assert point is not None and point.kind == 'periodic' and point.rng is not None
+    assert 'CHECKPOINT UNUSABLE' in caplog.text and 'latest.pt' in caplog.text
+
+
+def test_no_readable_checkpoint_is_an_error_not_a_fresh_start(finished_run: Path, tmp_path: Path) -> None:
+    ckpts = copy_run(finished_run, tmp_path) / 'checkpoints'
+    for name in ('latest.pt', 'periodic.pt'):
+        (ckpts / name).unlink()
+        (ckpts / name).write_bytes(b'garbage')
+    with pytest.raises(CheckpointError, match='no usable checkpoint'):
+        find_resume_point(ckpts)
+
+
+def test_empty_folder_starts_fresh(tmp_path: Path) -> None:
+    assert find_resume_point(tmp_path) is None
+
+
+def test_leftovers_of_killed_writers_are_removed(finished_run: Path, tmp_path: Path) -> None:
+    ckpts = copy_run(finished_run, tmp_path) / 'checkpoints'
+    (ckpts / 'latest.pt.tmp').write_bytes(b'half')
+    (ckpts / '._signal_file_node0_abc123').write_bytes(b'x')
+    assert {p.name for p in remove_leftovers(ckpts)} == {'latest.pt.tmp', '._signal_file_node0_abc123'}
+    assert sorted(p.name for p in ckpts.iterdir()) == ['latest.pt', 'latest_rank0.pt', 'periodic.pt', 'periodic_rank0.pt']
