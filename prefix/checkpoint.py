@@ -23,6 +23,7 @@ import pickle
 import random
 import time
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -35,6 +36,7 @@ from composer.loggers import Logger
 from composer.utils import dist
 
 from prefix.atomic import TMP_SUFFIX, atomic_link, atomic_write
+from prefix.preemption import Preempted, PreemptionSignal
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +47,10 @@ PERIODIC = 'periodic'
 
 class CheckpointError(RuntimeError):
     """A checkpoint cannot be used; the message says which file and what to do."""
+
+
+class CheckpointWriteError(CheckpointError):
+    """A checkpoint could not be written (full disk, file-size limit, ...); the previous one is intact."""
 
 
 def global_file(folder: Path, kind: str = LATEST) -> Path:
@@ -113,7 +119,16 @@ class ResumePoint:
         return f'{self.kind}.pt'
 
 
+def verify_crc(path: Path) -> None:
+    """Check every record against the CRC-32 torch's writer stored in the zip (torch.load does not)."""
+    with zipfile.ZipFile(path) as archive:
+        bad = archive.testzip()
+    if bad is not None:
+        raise ValueError(f'record {bad} fails its CRC-32 check (the file is corrupt)')
+
+
 def _read_header(path: Path) -> dict[str, Any]:
+    verify_crc(path)
     ckpt = safe_load(path, mmap=True)
     return {
         'global_step': int(ckpt['global_step']),
@@ -171,6 +186,7 @@ def find_resume_point(folder: Path) -> Optional[ResumePoint]:
     rank = dist.get_global_rank()
     path = rank_file(folder, rank, point.kind)
     try:
+        verify_crc(path)
         states = safe_load(path)['rng']
         point.rng = states.get(point.global_step)
         if point.rng is None:
@@ -208,15 +224,22 @@ class Interval:
         self.last = time.monotonic()
 
     def due(self, step: int) -> bool:
-        """Decided the same on every rank: batch counts agree; rank 0's clock decides for time."""
+        """This rank's view; clocks differ, so callers agree across ranks (``any_rank``)."""
         if self.batches is not None:
             return step % self.batches == 0
-        elapsed = torch.tensor([time.monotonic() - self.last >= self.seconds], dtype=torch.uint8)
-        dist.broadcast(elapsed, src=0)
-        return bool(elapsed.item())
+        return time.monotonic() - self.last >= self.seconds
 
     def reset(self) -> None:
         self.last = time.monotonic()
+
+
+def any_rank(state: State, flags: list[bool]) -> list[bool]:
+    """Element-wise OR of ``flags`` over all ranks (one tiny all-reduce), so every rank decides alike."""
+    if dist.get_world_size() == 1:
+        return flags
+    tensor = state.device.tensor_to_device(torch.tensor([int(f) for f in flags], dtype=torch.int32))
+    dist.all_reduce(tensor, reduce_operation='MAX')
+    return [bool(v) for v in tensor.cpu().tolist()]
 
 
 def plain(obj: Any, where: str = 'state') -> Any:
@@ -259,8 +282,10 @@ class Checkpointer(Callback):
         periodic_interval: Optional[str],
         config: dict[str, Any],
         resume: Optional[ResumePoint],
+        preemption: PreemptionSignal,
     ) -> None:
         self.folder = folder
+        self.preemption = preemption
         self.interval = Interval(interval)
         self.periodic = Interval(periodic_interval) if periodic_interval else None
         self.config = config
@@ -297,14 +322,18 @@ class Checkpointer(Callback):
     def batch_checkpoint(self, state: State, logger: Logger) -> None:
         step = int(state.timestamp.batch)
         periodic = self.periodic is not None and self.periodic.due(step)
-        if periodic or self.interval.due(step):
+        preempt, due, periodic = any_rank(state, [self.preemption.requested, self.interval.due(step), periodic])
+        if preempt or due or periodic:
             self.save(state, periodic=periodic)
+        if preempt:
+            raise Preempted(step)
 
     def fit_end(self, state: State, logger: Logger) -> None:
         if self.last_saved_step != int(state.timestamp.batch):
             self.save(state, periodic=False)
 
     def save(self, state: State, periodic: bool) -> None:
+        """Rank files, then latest.pt, then the periodic links; every rank learns if any write failed."""
         step = int(state.timestamp.batch)
         rank = dist.get_global_rank()
         rng = capture_rng()
@@ -315,23 +344,43 @@ class Checkpointer(Callback):
             'schema_version': SCHEMA_VERSION, 'rank': rank, 'world_size': dist.get_world_size(),
             'global_step': step, 'rng': history,
         }
-        atomic_write(rank_file(self.folder, rank), lambda f: torch.save(rank_payload, f))
-        dist.barrier()
+        self._write_all(state, step, lambda: atomic_write(rank_file(self.folder, rank), lambda f: torch.save(rank_payload, f)))
         payload = global_state(state, self.config)  # every rank: gathering may be collective (FSDP)
-        if rank == 0:
-            atomic_write(global_file(self.folder), lambda f: torch.save(payload, f))
-        dist.barrier()
+
+        def write_global() -> None:
+            if rank == 0:
+                atomic_write(global_file(self.folder), lambda f: torch.save(payload, f))
+
+        self._write_all(state, step, write_global)
         self._committed = (step, rng)
         self.last_saved_step = step
         self.interval.reset()
         if periodic:
-            atomic_link(rank_file(self.folder, rank), rank_file(self.folder, rank, PERIODIC))
-            if rank == 0:
-                atomic_link(global_file(self.folder), global_file(self.folder, PERIODIC))
-            dist.barrier()
+            self._write_all(state, step, lambda: self._link_periodic(rank))
             assert self.periodic is not None
             self.periodic.reset()
         log.info('checkpoint saved at step %d%s', step, ' (and periodic)' if periodic else '')
+
+    def _link_periodic(self, rank: int) -> None:
+        atomic_link(rank_file(self.folder, rank), rank_file(self.folder, rank, PERIODIC))
+        if rank == 0:
+            atomic_link(global_file(self.folder), global_file(self.folder, PERIODIC))
+
+    def _write_all(self, state: State, step: int, write: Callable[[], Any]) -> None:
+        """Run this rank's ``write``; if it failed on any rank, stop every rank with the reason."""
+        error: Optional[OSError] = None
+        try:
+            write()
+        except OSError as e:
+            error = e
+        (failed,) = any_rank(state, [error is not None])
+        if failed:
+            kept = f'the checkpoint of step {self.last_saved_step} is intact' if self.last_saved_step is not None \
+                else 'no earlier checkpoint exists'
+            reason = f'{error.strerror or error} ({error.filename or self.folder})' if error \
+                else 'another rank failed, see its log'
+            raise CheckpointWriteError(f'could not write the checkpoint of step {step}: {reason}; {kept}. '
+                                       'Free space or fix the folder, then run the same command again')
 
 
 def never(state: State, event: Event) -> bool:

@@ -1,6 +1,6 @@
 """Train a run: ``composer [-n N] -m prefix.train CONFIG.yaml [key=value ...]`` or ``python -m prefix.train ...``.
 
-Reads top to bottom: configuration, resume point, data, run directory, model, Composer trainer.
+Reads top to bottom: configuration, data, run lock, resume point, then ``fit``: model, Composer trainer.
 A run resumes by default from its run directory; a finished run reports so and exits 0.
 """
 
@@ -9,48 +9,53 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from typing import Optional
+from pathlib import Path
+from typing import Any, Optional
 
 import torch
 from composer import Trainer
 from composer.algorithms import GradientClipping
 from composer.core import DataSpec, Evaluator
-from composer.devices import DeviceCPU, DeviceGPU
+from composer.devices import Device, DeviceCPU, DeviceGPU
 from composer.optim import CosineAnnealingWithWarmupScheduler, DecoupledAdamW
 from composer.utils import dist, reproducibility
+from streaming import StreamingDataLoader
 
 from prefix import config as config_lib
-from prefix.checkpoint import Checkpointer, CheckpointError, find_resume_point, is_complete, never, remove_leftovers
+from prefix.checkpoint import (
+    Checkpointer,
+    CheckpointError,
+    ResumePoint,
+    find_resume_point,
+    is_complete,
+    never,
+    remove_leftovers,
+)
 from prefix.composer_model import ComposerGPT
 from prefix.config import ConfigError, TrainConfig
 from prefix.data import DataError
 from prefix.dataloader import build_dataloader, count_tokens
 from prefix.logs import METRICS_FILE, MetricsLogger, tee_output
 from prefix.meta import StartRecorder, write_snapshots
+from prefix.preemption import PREEMPTED_EXIT_CODE, Preempted, PreemptionSignal
 from prefix.rundir import RunDir
+from prefix.runlock import LOCK_FILE, RunLock, RunLockedError
 
 USAGE = 'usage: composer [-n N] -m prefix.train CONFIG.yaml [key=value ...]'
 
 
 def train(cfg: TrainConfig) -> int:
+    preemption = PreemptionSignal().install()  # after Composer's import, so it replaces Composer's handler
     device = DeviceGPU() if torch.cuda.is_available() else DeviceCPU()
     dist.initialize_dist(device)
     rank, world_size = dist.get_global_rank(), dist.get_world_size()
     logging.basicConfig(level=logging.INFO, format=f'%(asctime)s [rank{rank}] %(name)s: %(message)s')
+    logging.getLogger('streaming').setLevel(logging.WARNING)
     if cfg.global_batch_size % world_size:
         raise ConfigError(f'global_batch_size={cfg.global_batch_size} is not divisible by the world size {world_size}')
     device_batch_size = cfg.global_batch_size // world_size
 
-    # Everything that can refuse the input runs before the run directory is touched.
-    run = RunDir.for_run(cfg.runs_root, cfg.run_name)
-    if rank == 0 and run.checkpoints.is_dir():
-        remove_leftovers(run.checkpoints)
-    resume = find_resume_point(run.checkpoints) if run.checkpoints.is_dir() else None
-    if resume is not None and is_complete(resume.timestamp, cfg.max_duration):
-        if rank == 0:
-            print(f'run {cfg.run_name} is already complete: step {resume.global_step} reached '
-                  f'max_duration={cfg.max_duration} ({run.root}); nothing to do', flush=True)
-        return 0
+    # Data first: a missing or unreadable dataset is refused before the run directory is touched.
     train_loader = build_dataloader(
         cfg.data, cfg.data.train_split, batch_size=device_batch_size, seed=cfg.seed, train=True,
         max_seq_len=cfg.model.max_seq_len,
@@ -60,7 +65,50 @@ def train(cfg: TrainConfig) -> int:
         max_seq_len=cfg.model.max_seq_len,
     )
 
-    run.create()
+    # One live process per run directory; then what a killed predecessor left, and where to resume.
+    run = RunDir.for_run(cfg.runs_root, cfg.run_name).create()
+    lock = acquire_on_rank_zero(run.meta)
+    try:
+        if rank == 0:
+            remove_leftovers(run.checkpoints)
+        resume = find_resume_point(run.checkpoints)
+        if resume is not None and is_complete(resume.timestamp, cfg.max_duration):
+            if rank == 0:
+                print(f'run {cfg.run_name} is already complete: step {resume.global_step} reached '
+                      f'max_duration={cfg.max_duration} ({run.root}); nothing to do', flush=True)
+            return 0
+        return fit(cfg, run, resume, train_loader, val_loader, device, preemption)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def acquire_on_rank_zero(meta_dir: Path) -> Optional[RunLock]:
+    """Rank 0 takes the run lock; every rank learns whether it may go on."""
+    outcome: list[Any] = [None]
+    lock = None
+    if dist.get_global_rank() == 0:
+        try:
+            lock = RunLock(meta_dir / LOCK_FILE).acquire()
+        except RunLockedError as e:
+            outcome[0] = str(e)
+    dist.broadcast_object_list(outcome, src=0)
+    if outcome[0] is not None:
+        raise RunLockedError(outcome[0])
+    return lock
+
+
+def fit(
+    cfg: TrainConfig,
+    run: RunDir,
+    resume: Optional[ResumePoint],
+    train_loader: StreamingDataLoader,
+    val_loader: StreamingDataLoader,
+    device: Device,
+    preemption: PreemptionSignal,
+) -> int:
+    rank = dist.get_global_rank()
+    device_batch_size = cfg.global_batch_size // dist.get_world_size()
     tee_output(run.logs, rank)
     config_dict = config_lib.to_dict(cfg)
     git = write_snapshots(run.meta, config_lib.to_yaml(cfg)) if rank == 0 else {}
@@ -97,7 +145,8 @@ def train(cfg: TrainConfig) -> int:
         save_latest_filename=resume.filename if resume else 'latest.pt',
         save_interval=never,
         callbacks=[
-            Checkpointer(run.checkpoints, cfg.checkpoint.interval, cfg.checkpoint.periodic_interval, config_dict, resume),
+            Checkpointer(run.checkpoints, cfg.checkpoint.interval, cfg.checkpoint.periodic_interval, config_dict, resume,
+                         preemption),
             StartRecorder(run.meta, resume.filename if resume else None, git.get('commit')),
         ],
         loggers=[MetricsLogger(run.logs / METRICS_FILE)],
@@ -105,10 +154,15 @@ def train(cfg: TrainConfig) -> int:
         log_to_console=not on_terminal,
         console_log_interval=cfg.log_interval,
         console_stream='stdout',
-        algorithm_passes=None,
     )
-    trainer.fit()
-    trainer.close()
+    try:
+        trainer.fit()
+    except Preempted as e:
+        if rank == 0:
+            print(f'run {cfg.run_name} {e}; run the same command to resume', flush=True)
+        return PREEMPTED_EXIT_CODE
+    finally:
+        trainer.close()
     if rank == 0:
         print(f'run {cfg.run_name} complete at step {int(trainer.state.timestamp.batch)} ({run.root})', flush=True)
     return 0
@@ -127,7 +181,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     except ConfigError as e:
         print(f'prefix: config error: {e}', file=sys.stderr)
         return 2
-    except (DataError, CheckpointError) as e:
+    except (DataError, CheckpointError, RunLockedError) as e:
         print(f'prefix: error: {e}', file=sys.stderr)
         return 1
 

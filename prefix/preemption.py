@@ -1,0 +1,70 @@
+"""Graceful preemption: SIGTERM (or SIGINT) asks for a checkpoint at the end of the current batch.
+
+On Kubernetes a preemption is SIGTERM to the container's first process, a grace period, then
+SIGKILL. The handler only records the request; the ``Checkpointer`` agrees on it across ranks at
+the end of the batch, saves, and raises ``Preempted`` so the process exits non-zero (a preempted
+run must not look completed, or it would not be restarted). Further signals are logged and
+ignored so they cannot interrupt the save; SIGKILL still can, and atomic writes keep the previous
+checkpoint whole.
+
+Composer installs a SIGTERM handler at import that exits at once without saving; ``install``
+runs after that import and replaces it. A rank started by the ``composer`` launcher also asks the
+kernel for SIGTERM when the launcher dies, since the launcher does not forward the signal.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import signal
+from types import FrameType
+from typing import Optional
+
+log = logging.getLogger(__name__)
+
+PREEMPTED_EXIT_CODE = 128 + signal.SIGTERM  # what a shell reports for a process ended by SIGTERM
+_PR_SET_PDEATHSIG = 1
+
+
+class Preempted(Exception):
+    """Training stopped at a checkpoint because the process was asked to stop."""
+
+    def __init__(self, step: int) -> None:
+        super().__init__(f'preempted at step {step}; the checkpoint of that step is saved')
+        self.step = step
+
+
+class PreemptionSignal:
+    """Records SIGTERM/SIGINT; ``requested`` is read once per batch."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.signal_name: Optional[str] = None
+
+    def install(self) -> PreemptionSignal:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handle)
+        if 'LOCAL_RANK' in os.environ:
+            _die_with_parent()
+        return self
+
+    def _handle(self, signum: int, frame: Optional[FrameType]) -> None:
+        name = signal.Signals(signum).name
+        if self.requested:
+            log.warning('%s received again: already stopping at the end of this batch', name)
+            return
+        self.requested, self.signal_name = True, name
+        log.warning('%s received: saving a checkpoint at the end of this batch, then exiting', name)
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to send us SIGTERM when our parent (the launcher) dies."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        parent = os.getppid()
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        if os.getppid() != parent:  # the parent died before the request took effect
+            os.kill(os.getpid(), signal.SIGTERM)
+    except (OSError, AttributeError):
+        log.warning('cannot ask for SIGTERM on launcher exit; send SIGTERM to every rank to preempt')
