@@ -7,6 +7,7 @@ resumed run replay the exact random numbers of an uninterrupted one.
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,12 @@ from prefix.data import DataError
 def count_tokens(batch: dict[str, torch.Tensor]) -> int:
     """Tokens trained on: every position but the last predicts one (what ``tokens_seen`` counts)."""
     return batch['input_ids'][:, 1:].numel()
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """Workers leave SIGTERM/SIGINT to the main process, which saves and then shuts them down."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def collate(samples: list[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
@@ -70,4 +77,5 @@ def build_dataloader(
         drop_last=train,
         generator=torch.Generator().manual_seed(seed),
         persistent_workers=False,
+        worker_init_fn=ignore_stop_signals,
     )
