@@ -187,16 +187,20 @@ def find_resume_point(folder: Path) -> Optional[ResumePoint]:
     path = rank_file(folder, rank, point.kind)
     try:
         verify_crc(path)
-        states = safe_load(path)['rng']
-        point.rng = states.get(point.global_step)
+        saved = safe_load(path)
+        point.rng = saved['rng'].get(point.global_step)
+        if saved['world_size'] != dist.get_world_size():
+            log.warning('the run had %d ranks and now has %d: the model, optimizer and data position carry over, '
+                        'dropout randomness restarts from rank %d\'s saved state where there is one',
+                        saved['world_size'], dist.get_world_size(), rank)
         if point.rng is None:
-            log.warning(f'{path} has no RNG state for step {point.global_step}; continuing with fresh RNG state')
+            log.warning('%s has no RNG state for step %d; continuing with fresh RNG state', path, point.global_step)
     except FileNotFoundError:
-        log.warning(f'{path} is missing (the run had fewer ranks before?); rank {rank} continues with fresh RNG state')
+        log.warning('%s is missing (the run had fewer ranks before?); rank %d continues with fresh RNG state', path, rank)
     except CheckpointError:
         raise
     except Exception as e:  # a damaged rank file costs only bit-exactness, never the run
-        log.warning(f'{path} cannot be read ({type(e).__name__}); rank {rank} continues with fresh RNG state')
+        log.warning('%s cannot be read (%s: %s); rank %d continues with fresh RNG state', path, type(e).__name__, e, rank)
     return point
 
 
@@ -352,6 +356,8 @@ class Checkpointer(Callback):
                 atomic_write(global_file(self.folder), lambda f: torch.save(payload, f))
 
         self._write_all(state, step, write_global)
+        if rank == 0:
+            self._remove_rank_files_beyond(dist.get_world_size(), LATEST)
         self._committed = (step, rng)
         self.last_saved_step = step
         self.interval.reset()
@@ -365,6 +371,14 @@ class Checkpointer(Callback):
         atomic_link(rank_file(self.folder, rank), rank_file(self.folder, rank, PERIODIC))
         if rank == 0:
             atomic_link(global_file(self.folder), global_file(self.folder, PERIODIC))
+            self._remove_rank_files_beyond(dist.get_world_size(), PERIODIC)
+
+    def _remove_rank_files_beyond(self, world_size: int, kind: str) -> None:
+        """Rank files of ranks a smaller world no longer has belong to no checkpoint once the global file moved on."""
+        for path in self.folder.glob(f'{kind}_rank*.pt'):
+            if int(path.stem.removeprefix(f'{kind}_rank')) >= world_size:
+                log.warning('removing %s: the run now has %d ranks', path.name, world_size)
+                path.unlink(missing_ok=True)
 
     def _write_all(self, state: State, step: int, write: Callable[[], Any]) -> None:
         """Run this rank's ``write``; if it failed on any rank, stop every rank with the reason."""

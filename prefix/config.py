@@ -80,6 +80,7 @@ class TrainConfig:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     fsdp: Optional[dict[str, Any]] = None
+    allow_config_change: bool = False
 
 
 def validate_run_name(name: str) -> str:

@@ -35,6 +35,7 @@ from prefix.composer_model import ComposerGPT
 from prefix.config import ConfigError, TrainConfig
 from prefix.data import DataError
 from prefix.dataloader import build_dataloader, count_tokens
+from prefix.drift import check_and_record
 from prefix.logs import METRICS_FILE, MetricsLogger, tee_output
 from prefix.meta import StartRecorder, write_snapshots
 from prefix.preemption import PREEMPTED_EXIT_CODE, Preempted, PreemptionSignal
@@ -72,6 +73,8 @@ def train(cfg: TrainConfig) -> int:
         if rank == 0:
             remove_leftovers(run.checkpoints)
         resume = find_resume_point(run.checkpoints)
+        if resume is not None:
+            check_and_record(resume.config, config_lib.to_dict(cfg), resume.global_step, run.meta, record=rank == 0)
         if resume is not None and is_complete(resume.timestamp, cfg.max_duration):
             if rank == 0:
                 print(f'run {cfg.run_name} is already complete: step {resume.global_step} reached '

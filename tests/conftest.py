@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -11,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from prefix.chaos import step_losses  # noqa: F401  (re-exported for the tests)
 from prefix.data import prepare
 from prefix.tokenizer import ByteTokenizer
 
@@ -26,6 +26,17 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp('data') / 'small'
     prepare(out, [str(STDLIB / f) for f in DATA_FILES], tokenizer=ByteTokenizer(), seq_len=128, val_fraction=0.25)
     return out
+
+
+def epoch_length(dataset: Path, global_batch: int = 8) -> int:
+    import json
+
+    return json.loads((dataset / 'prefix_dataset.json').read_text())['samples']['train'] // global_batch
+
+
+def two_epochs(dataset: Path) -> str:
+    """The max_duration of the single-process kill tests: past two epoch boundaries."""
+    return f'max_duration={2 * epoch_length(dataset) + 4}ba'
 
 
 def train_cmd(*args: str, nproc: int = 0) -> list[str]:
@@ -44,6 +55,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def group_gone(pgid: int, timeout: float) -> bool:
+    """Wait until every process of the group (launcher, ranks, tees, workers) has exited."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.05)
+    return False
+
+
 def run_env(**extra: str) -> dict[str, str]:
     env = dict(os.environ)
     env.pop('PREFIX_RUNS_ROOT', None)
@@ -58,16 +83,6 @@ def run_train(*args: str, nproc: int = 0, timeout: float = 300, **env: str) -> s
 
 def smoke_args(runs_root: Path, dataset: Path, *overrides: str) -> list[str]:
     return [str(SMOKE), f'runs_root={runs_root}', f'data.local={dataset}', *overrides]
-
-
-def step_losses(run_dir: Path) -> dict[int, float]:
-    """The training loss of each step, the last logged one winning (a replayed step after a resume)."""
-    losses: dict[int, float] = {}
-    for line in (run_dir / 'logs' / 'metrics.jsonl').read_text().splitlines():
-        record = json.loads(line)
-        if 'loss/train/total' in record:
-            losses[record['step']] = record['loss/train/total']
-    return losses
 
 
 @pytest.fixture(scope='session')
@@ -97,9 +112,9 @@ def s3_dataset(dataset: Path):
 
 @pytest.fixture(scope='session')
 def finished_run(tmp_path_factory: pytest.TempPathFactory, dataset: Path) -> Path:
-    """A real smoke run of 20 steps (checkpoints at 5, 10, 15, 20; periodic at 20). Copy it before changing it."""
+    """A real smoke run of 22 steps: latest.pt at 22, periodic.pt at 20. Copy it before changing it."""
     root = tmp_path_factory.mktemp('finished')
-    result = run_train(*smoke_args(root, dataset, 'max_duration=20ba'))
+    result = run_train(*smoke_args(root, dataset, 'max_duration=22ba'))
     assert result.returncode == 0, result.stderr[-3000:]
     return root / 'smoke'
 
@@ -109,3 +124,24 @@ def copy_run(run: Path, dest: Path) -> Path:
 
     shutil.copytree(run, dest / run.name)
     return dest / run.name
+
+
+@pytest.fixture(scope='session')
+def reference(tmp_path_factory: pytest.TempPathFactory, dataset: Path):
+    """``reference(nproc, *overrides)``: an uninterrupted smoke run, made once per configuration.
+
+    Checkpoint intervals and dataloader workers do not change the training math, so the tests
+    that kill runs compare against these whatever their checkpoint settings.
+    """
+    cache: dict[tuple, Path] = {}
+
+    def get(nproc: int, *overrides: str) -> Path:
+        key = (nproc, *overrides)
+        if key not in cache:
+            root = tmp_path_factory.mktemp('reference')
+            result = run_train(*smoke_args(root, dataset, *overrides), nproc=nproc)
+            assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+            cache[key] = root / 'smoke'
+        return cache[key]
+
+    return get

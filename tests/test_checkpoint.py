@@ -83,7 +83,7 @@ def test_latest_opens_with_plain_torch_and_rebuilds_the_model(finished_run: Path
     result = subprocess.run([sys.executable, '-c', PLAIN_TORCH, str(ckpts / 'latest.pt'), str(ckpts / 'latest_rank0.pt')],
                             capture_output=True, text=True, env={**os.environ, 'PYTHONPATH': str(Path(__file__).parents[1])})
     assert result.returncode == 0, result.stderr
-    assert 'rebuilt at step 20 tokens 20480' in result.stdout
+    assert 'rebuilt at step 22 tokens 22528' in result.stdout
 
 
 def test_contract_files_and_their_ties(finished_run: Path) -> None:
@@ -91,36 +91,67 @@ def test_contract_files_and_their_ties(finished_run: Path) -> None:
     latest = safe_load(ckpts / 'latest.pt')
     assert set(latest) == {'schema_version', 'global_step', 'tokens_seen', 'config', 'wall_clock', 'state'}
     assert {'model', 'optimizers', 'schedulers', 'timestamp', 'dataset_state'} <= set(latest['state'])
-    assert latest['state']['dataset_state']['train']['sample_in_epoch'] == 20 * 8
+    assert latest['state']['dataset_state']['train']['sample_in_epoch'] == 22 * 8
     rank = safe_load(ckpts / 'latest_rank0.pt')
-    assert rank['rank'] == 0 and rank['world_size'] == 1 and rank['global_step'] == 20
-    assert sorted(rank['rng']) == [15, 20], 'the previous checkpoint RNG states are kept'
-    # periodic files are hard links to the latest files of their step: the bytes exist once
-    assert os.path.samefile(ckpts / 'latest.pt', ckpts / 'periodic.pt')
-    assert os.path.samefile(ckpts / 'latest_rank0.pt', ckpts / 'periodic_rank0.pt')
+    assert rank['rank'] == 0 and rank['world_size'] == 1 and rank['global_step'] == 22
+    assert sorted(rank['rng']) == [20, 22], 'the previous checkpoint RNG states are kept'
+    assert safe_load(ckpts / 'periodic.pt')['global_step'] == 20
+    assert sorted(safe_load(ckpts / 'periodic_rank0.pt')['rng']) == [15, 20]
+
+
+def test_periodic_files_are_hard_links_not_copies(finished_run: Path, tmp_path: Path) -> None:
+    from prefix.atomic import atomic_link
+
+    ckpts = copy_run(finished_run, tmp_path) / 'checkpoints'
+    atomic_link(ckpts / 'latest.pt', ckpts / 'periodic.pt')
+    assert os.path.samefile(ckpts / 'latest.pt', ckpts / 'periodic.pt'), 'the bytes of one checkpoint exist once'
 
 
 def test_resume_point_prefers_latest(finished_run: Path) -> None:
     point = find_resume_point(finished_run / 'checkpoints')
-    assert point is not None and point.kind == 'latest' and point.global_step == 20 and point.rng is not None
-    assert is_complete(point.timestamp, '20ba') and not is_complete(point.timestamp, '21ba')
-    assert is_complete(point.timestamp, f'{20 * 8}sp') and not is_complete(point.timestamp, '1ep')
+    assert point is not None and point.kind == 'latest' and point.global_step == 22 and point.rng is not None
+    assert is_complete(point.timestamp, '22ba') and not is_complete(point.timestamp, '23ba')
+    assert is_complete(point.timestamp, f'{22 * 8}sp') and not is_complete(point.timestamp, '1ep')
 
 
 def test_truncated_latest_falls_back_to_periodic_loudly(finished_run: Path, tmp_path: Path,
                                                         caplog: pytest.LogCaptureFixture) -> None:
     ckpts = copy_run(finished_run, tmp_path) / 'checkpoints'
-    (ckpts / 'periodic.pt').unlink()
-    (ckpts / 'periodic_rank0.pt').unlink()
-    os.link(ckpts / 'latest.pt', ckpts / 'periodic.pt')  # a valid older file ...
-    os.link(ckpts / 'latest_rank0.pt', ckpts / 'periodic_rank0.pt')
     data = (ckpts / 'latest.pt').read_bytes()
-    (ckpts / 'latest.pt').unlink()
-    (ckpts / 'latest.pt').write_bytes(data[: len(data) // 2])  # ... and a torn latest
+    (ckpts / 'latest.pt').write_bytes(data[: len(data) // 2])
     with caplog.at_level(logging.WARNING):
         point = find_resume_point(ckpts)
-    assert point is not None and point.kind == 'periodic' and point.rng is not None
+    assert point is not None and point.kind == 'periodic' and point.global_step == 20 and point.rng is not None
     assert 'CHECKPOINT UNUSABLE' in caplog.text and 'latest.pt' in caplog.text
+
+
+def flip_a_weight_byte(path: Path) -> None:
+    import zipfile
+
+    with zipfile.ZipFile(path) as archive:
+        info = max(archive.infolist(), key=lambda i: i.file_size)  # the largest tensor
+    data = bytearray(path.read_bytes())
+    data[info.header_offset + 30 + len(info.filename.encode()) + len(info.extra) + info.file_size // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def test_a_flipped_bit_is_caught_by_the_crc_and_falls_back(finished_run: Path, tmp_path: Path,
+                                                           caplog: pytest.LogCaptureFixture) -> None:
+    ckpts = copy_run(finished_run, tmp_path) / 'checkpoints'
+    flip_a_weight_byte(ckpts / 'latest.pt')
+    torch.load(ckpts / 'latest.pt', weights_only=True)  # torch itself does not notice
+    with caplog.at_level(logging.WARNING):
+        point = find_resume_point(ckpts)
+    assert point is not None and point.kind == 'periodic' and 'fails its CRC-32 check' in caplog.text
+
+
+def test_a_damaged_rank_file_costs_only_its_rng_state(finished_run: Path, tmp_path: Path,
+                                                       caplog: pytest.LogCaptureFixture) -> None:
+    ckpts = copy_run(finished_run, tmp_path) / 'checkpoints'
+    flip_a_weight_byte(ckpts / 'latest_rank0.pt')
+    with caplog.at_level(logging.WARNING):
+        point = find_resume_point(ckpts)
+    assert point is not None and point.kind == 'latest' and point.rng is None and 'cannot be read' in caplog.text
 
 
 def test_no_readable_checkpoint_is_an_error_not_a_fresh_start(finished_run: Path, tmp_path: Path) -> None:

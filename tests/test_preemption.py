@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, run_env, run_train, smoke_args, step_losses, train_cmd
+from conftest import REPO, group_gone, run_env, run_train, smoke_args, step_losses, train_cmd, two_epochs
 
 from prefix.preemption import PREEMPTED_EXIT_CODE
 
@@ -29,24 +29,13 @@ def wait_for_step(proc: subprocess.Popen, run: Path, step: int) -> None:
         time.sleep(0.02)
 
 
-def group_gone(pgid: int, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            os.killpg(pgid, 0)
-        except ProcessLookupError:
-            return True
-        time.sleep(0.05)
-    return False
-
-
 def saved_step(run: Path) -> int:
     return torch.load(run / 'checkpoints' / 'latest.pt', weights_only=True)['global_step']
 
 
-def test_sigterm_to_the_whole_group_saves_the_current_step(tmp_path: Path, dataset: Path) -> None:
+def test_sigterm_to_the_whole_group_saves_the_current_step(tmp_path: Path, dataset: Path, reference) -> None:
     # A dataloader worker is in the group too, and a second SIGTERM follows the first: neither may spoil the save.
-    args = smoke_args(tmp_path / 'pre', dataset, 'max_duration=30ba', 'data.num_workers=1', 'checkpoint.interval=1h',
+    args = smoke_args(tmp_path / 'pre', dataset, two_epochs(dataset), 'data.num_workers=1', 'checkpoint.interval=1h',
                       'checkpoint.periodic_interval=null')
     run = tmp_path / 'pre' / 'smoke'
     proc = start(args)
@@ -69,9 +58,7 @@ def test_sigterm_to_the_whole_group_saves_the_current_step(tmp_path: Path, datas
     starts = [json.loads(line) for line in (run / 'meta' / 'starts.jsonl').read_text().splitlines()]
     assert starts[-1]['start_step'] == step
 
-    reference = run_train(*[a.replace(str(tmp_path / 'pre'), str(tmp_path / 'ref')) for a in args])
-    assert reference.returncode == 0
-    ref = tmp_path / 'ref' / 'smoke'
+    ref = reference(0, two_epochs(dataset))
     assert step_losses(ref) == step_losses(run)
     a = torch.load(ref / 'checkpoints' / 'latest.pt', weights_only=True)['state']['model']
     b = torch.load(run / 'checkpoints' / 'latest.pt', weights_only=True)['state']['model']

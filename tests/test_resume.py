@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, run_env, run_train, smoke_args, step_losses, train_cmd
+from conftest import REPO, epoch_length, run_env, run_train, smoke_args, step_losses, train_cmd, two_epochs
 
 pytestmark = pytest.mark.slow
 
@@ -96,19 +96,11 @@ def assert_same_training(reference: Path, resumed: Path) -> None:
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def epoch_length(dataset: Path, global_batch: int = 8) -> int:
-    import json
-
-    return json.loads((dataset / 'prefix_dataset.json').read_text())['samples']['train'] // global_batch
-
-
-def test_sigkill_anywhere_single_process(tmp_path: Path, dataset: Path) -> None:
+def test_sigkill_anywhere_single_process(tmp_path: Path, dataset: Path, reference) -> None:
     epoch = epoch_length(dataset)
     # Checkpoints at every epoch end, so one kill lands right after the checkpoint that closes epoch 0.
-    args = smoke_args(tmp_path / 'killed', dataset, f'max_duration={2 * epoch + 4}ba', f'checkpoint.interval={epoch}ba',
+    args = smoke_args(tmp_path / 'killed', dataset, two_epochs(dataset), f'checkpoint.interval={epoch}ba',
                       'checkpoint.periodic_interval=null')
-    reference = run_train(*[a.replace(str(tmp_path / 'killed'), str(tmp_path / 'ref')) for a in args])
-    assert reference.returncode == 0, reference.stderr[-3000:]
 
     sampler = ContractSampler(tmp_path / 'killed' / 'smoke' / 'checkpoints')
     sampler.start()
@@ -121,15 +113,13 @@ def test_sigkill_anywhere_single_process(tmp_path: Path, dataset: Path) -> None:
     sampler.join()
     print('kills:', hits, 'folder samples:', sampler.samples)
     assert not sampler.violations, f'files outside the contract: {sampler.violations}'
-    assert_same_training(tmp_path / 'ref' / 'smoke', tmp_path / 'killed' / 'smoke')
+    assert_same_training(reference(0, two_epochs(dataset)), tmp_path / 'killed' / 'smoke')
     starts = (tmp_path / 'killed' / 'smoke' / 'meta' / 'starts.jsonl').read_text().splitlines()
     assert len(starts) == 4
 
 
-def test_sigkill_two_ranks_with_dataloader_workers(tmp_path: Path, dataset: Path) -> None:
-    args = smoke_args(tmp_path / 'killed', dataset, 'max_duration=24ba', 'data.num_workers=1')
-    reference = run_train(*[a.replace(str(tmp_path / 'killed'), str(tmp_path / 'ref')) for a in args], nproc=2)
-    assert reference.returncode == 0, reference.stdout[-2000:] + reference.stderr[-3000:]
+def test_sigkill_two_ranks_with_dataloader_workers(tmp_path: Path, dataset: Path, reference) -> None:
+    args = smoke_args(tmp_path / 'killed', dataset, 'max_duration=24ba', 'data.num_workers=1', 'checkpoint.interval=1s')
     hits = killed_run(tmp_path / 'killed', args, [after_step(13)], nproc=2)
     print('kills:', hits)
-    assert_same_training(tmp_path / 'ref' / 'smoke', tmp_path / 'killed' / 'smoke')
+    assert_same_training(reference(2, 'max_duration=24ba'), tmp_path / 'killed' / 'smoke')

@@ -1,0 +1,161 @@
+"""Chaos test: kill a run again and again at random moments, then check it ends as if never killed.
+
+    python -m prefix.chaos --data DIR [--nproc 2] [--kills 5] [--seed N] [--work DIR] [CONFIG] [key=value ...]
+
+Runs CONFIG (default ``yamls/smoke.yaml``) once uninterrupted as the reference, then again in a
+new folder, killing it ``--kills`` times at random moments (during start-up, training, evaluation
+or a checkpoint write) with SIGKILL to every process, SIGTERM to every process (a pod's
+preemption), or SIGTERM to the first process only (the ``composer`` launcher or ``python``),
+restarting it each time with the same command. When it finally completes, every step's loss and
+the final weights must equal the reference's, and the run directory must hold exactly the
+contract's files. The seed is printed first, so a failure can be replayed with ``--seed``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+CONTRACT = re.compile(r'^(latest|periodic)(_rank\d+)?\.pt$')
+KILLS = ('SIGKILL all', 'SIGTERM all', 'SIGTERM first')
+
+
+def step_losses(run_dir: Path) -> dict[int, float]:
+    """Each step's training loss from ``logs/metrics.jsonl``, the last logged winning (a step replayed after a kill)."""
+    losses: dict[int, float] = {}
+    path = run_dir / 'logs' / 'metrics.jsonl'
+    if not path.exists():
+        return losses
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # a line cut by SIGKILL
+            continue
+        if 'loss/train/total' in record:
+            losses[record['step']] = record['loss/train/total']
+    return losses
+
+
+def command(config: str, overrides: list[str], nproc: int) -> list[str]:
+    if nproc > 1:
+        launcher = str(Path(sys.executable).parent / 'composer')
+        return [launcher, '-n', str(nproc), '-m', 'prefix.train', config, *overrides]
+    return [sys.executable, '-m', 'prefix.train', config, *overrides]
+
+
+def wait_group(pgid: int, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.05)
+    os.killpg(pgid, signal.SIGKILL)
+    raise RuntimeError(f'processes of group {pgid} still alive {timeout}s after the signal')
+
+
+def run_to_end(cmd: list[str]) -> None:
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f'run failed with exit code {result.returncode}:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}')
+
+
+def check_contract(run: Path, nproc: int) -> None:
+    names = sorted(p.name for p in (run / 'checkpoints').iterdir())
+    stray = [n for n in names if not CONTRACT.match(n)]
+    expected = {'latest.pt', *(f'latest_rank{r}.pt' for r in range(nproc))}
+    if stray or not expected <= set(names):
+        raise AssertionError(f'checkpoints/ holds {names}: expected {sorted(expected)} (+ periodic), no others')
+    if (run / 'meta' / 'lock.json').exists():
+        raise AssertionError('meta/lock.json was left behind by a completed run')
+
+
+def compare(reference: Path, run: Path) -> None:
+    ref, got = step_losses(reference), step_losses(run)
+    if sorted(ref) != sorted(got):
+        raise AssertionError(f'steps differ: reference has {len(ref)}, chaos run has {len(got)}')
+    differing = [s for s in ref if ref[s] != got[s]]
+    if differing:
+        raise AssertionError(f'losses differ at steps {differing[:10]}')
+    a = torch.load(reference / 'checkpoints' / 'latest.pt', weights_only=True)['state']['model']
+    b = torch.load(run / 'checkpoints' / 'latest.pt', weights_only=True)['state']['model']
+    if a.keys() != b.keys() or not all(torch.equal(a[k], b[k]) for k in a):
+        raise AssertionError('final weights differ from the uninterrupted run')
+
+
+def chaos(config: str, overrides: list[str], work: Path, nproc: int, kills: int, seed: int,
+          reference: Path | None, max_wait: float) -> list[str]:
+    rng = random.Random(seed)
+    run_name = 'chaos'
+    base = [*overrides, f'run_name={run_name}']
+    if reference is None:
+        run_to_end(command(config, [*base, f'runs_root={work / "reference"}'], nproc))
+        reference = work / 'reference' / run_name
+    cmd = command(config, [*base, f'runs_root={work / "chaos"}'], nproc)
+    run = work / 'chaos' / run_name
+    history = []
+    while len(history) < kills:
+        proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        delay, how = rng.uniform(0, max_wait), rng.choice(KILLS)
+        try:
+            proc.wait(timeout=delay)
+            if proc.returncode != 0:
+                raise RuntimeError(f'run exited with {proc.returncode} before it was killed; see {run}/logs')
+            break  # it finished first: the remaining kills cannot happen
+        except subprocess.TimeoutExpired:
+            pass
+        if how == 'SIGKILL all':
+            os.killpg(proc.pid, signal.SIGKILL)
+        elif how == 'SIGTERM all':
+            os.killpg(proc.pid, signal.SIGTERM)
+        else:
+            proc.send_signal(signal.SIGTERM)
+        proc.wait()
+        wait_group(proc.pid)
+        history.append(f'{how} after {delay:.1f}s at step {max(step_losses(run), default=-1) + 1}')
+        print(f'  kill {len(history)}: {history[-1]}', flush=True)
+    run_to_end(cmd)
+    check_contract(run, nproc)
+    compare(reference, run)
+    return history
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog='python -m prefix.chaos', description=__doc__.split('\n')[0])
+    parser.add_argument('config', nargs='?', default='yamls/smoke.yaml')
+    parser.add_argument('overrides', nargs='*', help='key=value overrides for every run')
+    parser.add_argument('--data', required=True, help='dataset folder (sets data.local)')
+    parser.add_argument('--nproc', type=int, default=1, help='ranks (composer -n) (default 1)')
+    parser.add_argument('--kills', type=int, default=5, help='how many times to kill the run (default 5)')
+    parser.add_argument('--seed', type=int, default=None, help='replay a previous chaos run')
+    parser.add_argument('--max-wait', type=float, default=20.0, help='kill within this many seconds of a start')
+    parser.add_argument('--work', type=Path, default=None, help='folder for the runs (default: a new temporary one)')
+    parser.add_argument('--reference', type=Path, default=None, help='an uninterrupted run of the same config to compare with')
+    args = parser.parse_args(argv)
+    seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**32)
+    print(f'chaos seed {seed} (replay with --seed {seed}), {args.kills} kills, {args.nproc} rank(s)', flush=True)
+    work = args.work or Path(tempfile.mkdtemp(prefix='prefix-chaos-'))
+    try:
+        history = chaos(args.config, [*args.overrides, f'data.local={args.data}'], work, args.nproc, args.kills, seed,
+                        args.reference, args.max_wait)
+    except (AssertionError, RuntimeError) as e:
+        print(f'chaos FAILED (seed {seed}, runs in {work}): {e}', file=sys.stderr)
+        return 1
+    print(f'chaos passed: {len(history)} kills, final weights and every loss equal the uninterrupted run ({work})')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,28 @@
+"""A bounded chaos run: random kills by SIGKILL and SIGTERM, 1 and 2 ranks (the soak variant: README)."""
+
+from pathlib import Path
+
+import pytest
+from conftest import REPO, two_epochs
+
+from prefix.chaos import main as chaos
+
+pytestmark = pytest.mark.slow
+
+
+def test_chaos_one_rank(tmp_path: Path, dataset: Path, reference, capsys: pytest.CaptureFixture) -> None:
+    config = str(REPO / 'yamls' / 'smoke.yaml')
+    code = chaos([config, two_epochs(dataset), '--data', str(dataset), '--kills', '4', '--max-wait', '14',
+                  '--work', str(tmp_path), '--reference', str(reference(0, two_epochs(dataset)))])
+    out = capsys.readouterr()
+    print(out.out, out.err)
+    assert code == 0, out.err
+
+
+def test_chaos_two_ranks(tmp_path: Path, dataset: Path, reference, capsys: pytest.CaptureFixture) -> None:
+    config = str(REPO / 'yamls' / 'smoke.yaml')
+    code = chaos([config, 'max_duration=24ba', '--data', str(dataset), '--nproc', '2', '--kills', '2', '--max-wait', '22',
+                  '--work', str(tmp_path), '--reference', str(reference(2, 'max_duration=24ba'))])
+    out = capsys.readouterr()
+    print(out.out, out.err)
+    assert code == 0, out.err

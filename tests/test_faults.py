@@ -1,0 +1,143 @@
+"""Faults a preemptible cluster produces, each with the real trainer: drift, full disks, a second
+writer, a changed world size, a corrupt checkpoint, a killed run streaming from a remote."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO, copy_run, group_gone, run_env, run_train, smoke_args, step_losses, train_cmd
+from test_checkpoint import flip_a_weight_byte
+
+from prefix.checkpoint import verify_crc
+from prefix.preemption import PREEMPTED_EXIT_CODE
+
+pytestmark = pytest.mark.slow
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def starts(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / 'meta' / 'starts.jsonl').read_text().splitlines()]
+
+
+def test_config_drift_is_refused_with_a_diff_or_recorded(finished_run: Path, tmp_path: Path, dataset: Path) -> None:
+    run = copy_run(finished_run, tmp_path)
+    before = snapshot(run / 'checkpoints')
+    refused = run_train(*smoke_args(tmp_path, dataset, 'max_duration=24ba', 'model.d_model=64', 'seed=3'))
+    assert refused.returncode == 2
+    assert 'model.d_model: 32 -> 64; seed: 17 -> 3' in refused.stderr and refused.stderr.strip().count('\n') == 0
+    assert snapshot(run / 'checkpoints') == before and len(starts(run)) == 1 and not (run / 'meta' / 'lock.json').exists()
+
+    harmless = run_train(*smoke_args(tmp_path, dataset, 'max_duration=24ba', 'eval_interval=7ba', 'data.num_workers=1'))
+    assert harmless.returncode == 0, harmless.stderr[-2000:]
+    record = json.loads((run / 'meta' / 'config_changes.jsonl').read_text())
+    assert record['step'] == 22 and not record['forced']
+    assert set(record['changes']) == {'max_duration', 'eval_interval', 'data.num_workers'}
+
+    forced = run_train(*smoke_args(tmp_path, dataset, 'max_duration=26ba', 'eval_interval=7ba', 'data.num_workers=1',
+                                   'optimizer.lr=1e-3', 'seed=3', 'allow_config_change=true'))
+    assert forced.returncode == 0, forced.stderr[-2000:]
+    record = json.loads((run / 'meta' / 'config_changes.jsonl').read_text().splitlines()[-1])
+    assert record['forced'] and set(record['changes']) == {'max_duration', 'optimizer.lr', 'seed'}
+
+
+def test_a_corrupt_latest_falls_back_to_periodic(finished_run: Path, tmp_path: Path, dataset: Path) -> None:
+    run = copy_run(finished_run, tmp_path)
+    flip_a_weight_byte(run / 'checkpoints' / 'latest.pt')
+    result = run_train(*smoke_args(tmp_path, dataset, 'max_duration=24ba'))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert 'CHECKPOINT UNUSABLE' in result.stderr and 'fails its CRC-32 check' in result.stderr
+    assert starts(run)[-1]['resumed_from'] == 'periodic.pt' and starts(run)[-1]['start_step'] == 20
+    verify_crc(run / 'checkpoints' / 'latest.pt')
+
+
+def _limit_file_size(limit: int):
+    return lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+
+def test_a_failed_checkpoint_write_keeps_the_previous_checkpoint(finished_run: Path, tmp_path: Path, dataset: Path) -> None:
+    run = copy_run(finished_run, tmp_path)
+    size = (run / 'checkpoints' / 'latest.pt').stat().st_size
+    result = subprocess.run(train_cmd(*smoke_args(tmp_path, dataset, 'max_duration=30ba')), env=run_env(), cwd=REPO,
+                            capture_output=True, text=True, timeout=300, preexec_fn=_limit_file_size(size // 2))
+    assert result.returncode == 1, result.stderr[-2000:]
+    error = result.stderr.strip().splitlines()[-1]
+    assert error.startswith('prefix: error: could not write the checkpoint of step 25: File too large')
+    assert 'the checkpoint of step 22 is intact' in error
+    assert torch.load(run / 'checkpoints' / 'latest.pt', weights_only=True)['global_step'] == 22
+    assert not any(p.name.endswith('.tmp') for p in (run / 'checkpoints').iterdir())
+    again = run_train(*smoke_args(tmp_path, dataset, 'max_duration=30ba'))
+    assert again.returncode == 0 and starts(run)[-1]['start_step'] == 22
+
+
+def test_a_second_process_on_the_same_run_is_refused(tmp_path: Path, dataset: Path) -> None:
+    args = smoke_args(tmp_path, dataset, 'max_duration=400ba')
+    first = subprocess.Popen(train_cmd(*args), env=run_env(), cwd=REPO, start_new_session=True,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        while not (tmp_path / 'smoke' / 'logs' / 'metrics.jsonl').exists():
+            assert first.poll() is None
+            time.sleep(0.1)
+        second = run_train(*args)
+        assert second.returncode == 1
+        assert f'is in use by pid {first.pid} on host' in second.stderr and second.stderr.strip().count('\n') == 0
+        assert first.poll() is None, 'the first run goes on'
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
+    # The dead process's lock does not block the restart.
+    assert run_train(*smoke_args(tmp_path, dataset, 'max_duration=8ba')).returncode == 0
+
+
+def test_world_size_changes_carry_model_optimizer_and_data_position(tmp_path: Path, dataset: Path, reference) -> None:
+    """2 ranks -> 1 -> 2, each leg preempted by SIGTERM; without dropout the losses match an uninterrupted 2-rank run."""
+    args = smoke_args(tmp_path / 'elastic', dataset, 'max_duration=24ba', 'model.dropout=0.0', 'checkpoint.interval=1h',
+                      'checkpoint.periodic_interval=null')
+    run = tmp_path / 'elastic' / 'smoke'
+    for nproc, stop_after in ((2, 7), (1, 15)):
+        proc = subprocess.Popen(train_cmd(*args, nproc=nproc if nproc > 1 else 0), env=run_env(), cwd=REPO,
+                                start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        while max(step_losses(run), default=-1) < stop_after if (run / 'logs' / 'metrics.jsonl').exists() else True:
+            assert proc.poll() is None
+            time.sleep(0.02)
+        os.killpg(proc.pid, signal.SIGTERM)
+        assert proc.wait(timeout=60) in (PREEMPTED_EXIT_CODE, -signal.SIGTERM)
+        assert group_gone(proc.pid, timeout=60), 'the ranks save and exit'
+        ckpts = {p.name for p in (run / 'checkpoints').iterdir()}
+        assert ckpts == ({'latest.pt', 'latest_rank0.pt', 'latest_rank1.pt'} if nproc == 2 else
+                         {'latest.pt', 'latest_rank0.pt'}), 'rank files of ranks the run no longer has are removed'
+    final = run_train(*args, nproc=2)
+    assert final.returncode == 0, final.stdout[-2000:] + final.stderr[-2000:]
+    assert [s['world_size'] for s in starts(run)] == [2, 1, 2]
+    assert 'the run had 2 ranks and now has 1' in (run / 'logs' / 'rank0.log').read_text()
+
+    ref, got = step_losses(reference(2, 'max_duration=24ba', 'model.dropout=0.0')), step_losses(run)
+    assert sorted(got) == sorted(ref) == list(range(24))
+    worst = max(abs(ref[s] - got[s]) for s in ref)
+    assert worst < 1e-4, f'the same samples in the same order give the same losses (worst difference {worst})'
+
+
+def test_a_killed_run_streaming_from_a_remote_restarts(tmp_path: Path, s3_dataset) -> None:
+    remote, env = s3_dataset
+    args = smoke_args(tmp_path / 'runs', tmp_path / 'cache', f'data.remote={remote}', 'max_duration=16ba')
+    run = tmp_path / 'runs' / 'smoke'
+    proc = subprocess.Popen(train_cmd(*args), env=run_env(**env), cwd=REPO, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while max(step_losses(run), default=-1) < 7 if (run / 'logs' / 'metrics.jsonl').exists() else True:
+        assert proc.poll() is None
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    result = run_train(*args, **env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert starts(run)[-1]['start_step'] == 5 and max(step_losses(run)) == 15
