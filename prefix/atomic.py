@@ -22,13 +22,42 @@ def fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+class _Writer:
+    """Writes every byte or raises, and remembers the OSError: torch.save turns it into a vague RuntimeError."""
+
+    def __init__(self, f: BinaryIO) -> None:
+        self.f = f
+        self.error: OSError | None = None
+
+    def write(self, data: bytes) -> int:
+        view = memoryview(data).cast('B')
+        try:
+            while view:
+                view = view[self.f.write(view):]
+        except OSError as e:
+            self.error = e
+            raise
+        return len(data)
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
 def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
-    """Replace ``path`` with what ``write`` puts into a fresh file; on error the old file is untouched."""
+    """Replace ``path`` with what ``write`` puts into a fresh file; on error the old file is untouched.
+
+    A failed write (full disk, file-size limit) raises the OSError that caused it.
+    """
     tmp = path.with_name(path.name + TMP_SUFFIX)
     try:
-        with open(tmp, 'wb') as f:
-            write(f)
-            f.flush()
+        with open(tmp, 'wb', buffering=0) as f:
+            writer = _Writer(f)
+            try:
+                write(writer)  # type: ignore[arg-type]
+            except RuntimeError as e:
+                if writer.error is not None:
+                    raise writer.error from e
+                raise
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:

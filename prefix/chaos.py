@@ -3,9 +3,10 @@
     python -m prefix.chaos --data DIR [--nproc 2] [--kills 5] [--seed N] [--work DIR] [CONFIG] [key=value ...]
 
 Runs CONFIG (default ``yamls/smoke.yaml``) once uninterrupted as the reference, then again in a
-new folder, killing it ``--kills`` times at random moments (during start-up, training, evaluation
-or a checkpoint write) with SIGKILL to every process, SIGTERM to every process (a pod's
-preemption), or SIGTERM to the first process only (the ``composer`` launcher or ``python``),
+new folder, killing it ``--kills`` times at random moments (a quarter during start-up, the rest at
+a random point of a random later step: training, evaluation or a checkpoint write) with SIGKILL to
+every process, SIGTERM to every process (a pod's preemption), or SIGTERM to the first process
+only (the ``composer`` launcher or ``python``),
 restarting it each time with the same command. When it finally completes, every step's loss and
 the final weights must equal the reference's, and the run directory must hold exactly the
 contract's files. The seed is printed first, so a failure can be replayed with ``--seed``.
@@ -95,8 +96,20 @@ def compare(reference: Path, run: Path) -> None:
         raise AssertionError('final weights differ from the uninterrupted run')
 
 
+def _wait(proc: subprocess.Popen, ready, timeout: float) -> bool:
+    """Wait for ``ready()`` or ``timeout``; True if the run ended by itself first (it must have succeeded)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and not ready():
+        if proc.poll() is not None:
+            if proc.returncode != 0:
+                raise RuntimeError(f'run exited with {proc.returncode} before it was killed')
+            return True
+        time.sleep(0.01)
+    return False
+
+
 def chaos(config: str, overrides: list[str], work: Path, nproc: int, kills: int, seed: int,
-          reference: Path | None, max_wait: float) -> list[str]:
+          reference: Path | None, startup: float, max_steps: int) -> list[str]:
     rng = random.Random(seed)
     run_name = 'chaos'
     base = [*overrides, f'run_name={run_name}']
@@ -108,14 +121,17 @@ def chaos(config: str, overrides: list[str], work: Path, nproc: int, kills: int,
     history = []
     while len(history) < kills:
         proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        delay, how = rng.uniform(0, max_wait), rng.choice(KILLS)
-        try:
-            proc.wait(timeout=delay)
-            if proc.returncode != 0:
-                raise RuntimeError(f'run exited with {proc.returncode} before it was killed; see {run}/logs')
-            break  # it finished first: the remaining kills cannot happen
-        except subprocess.TimeoutExpired:
-            pass
+        how = rng.choice(KILLS)
+        if rng.random() < 0.25:  # during start-up: resume, lock, data, Composer's autoresume
+            moment = f'{rng.uniform(0, startup):.1f}s after start'
+            if _wait(proc, lambda: False, timeout=float(moment.split('s')[0])):
+                break
+        else:  # somewhere inside a later step: training, evaluation or a checkpoint write
+            target = max(step_losses(run), default=-1) + rng.randint(1, max_steps)
+            moment = f'in step {target + 1}'
+            if _wait(proc, lambda: max(step_losses(run), default=-1) >= target, timeout=300):
+                break
+            time.sleep(rng.uniform(0, 0.2))
         if how == 'SIGKILL all':
             os.killpg(proc.pid, signal.SIGKILL)
         elif how == 'SIGTERM all':
@@ -124,7 +140,7 @@ def chaos(config: str, overrides: list[str], work: Path, nproc: int, kills: int,
             proc.send_signal(signal.SIGTERM)
         proc.wait()
         wait_group(proc.pid)
-        history.append(f'{how} after {delay:.1f}s at step {max(step_losses(run), default=-1) + 1}')
+        history.append(f'{how} {moment}')
         print(f'  kill {len(history)}: {history[-1]}', flush=True)
     run_to_end(cmd)
     check_contract(run, nproc)
@@ -140,7 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument('--nproc', type=int, default=1, help='ranks (composer -n) (default 1)')
     parser.add_argument('--kills', type=int, default=5, help='how many times to kill the run (default 5)')
     parser.add_argument('--seed', type=int, default=None, help='replay a previous chaos run')
-    parser.add_argument('--max-wait', type=float, default=20.0, help='kill within this many seconds of a start')
+    parser.add_argument('--startup', type=float, default=10.0, help='start-up kills land within this many seconds')
+    parser.add_argument('--max-steps', type=int, default=15, help='other kills land within this many steps')
     parser.add_argument('--work', type=Path, default=None, help='folder for the runs (default: a new temporary one)')
     parser.add_argument('--reference', type=Path, default=None, help='an uninterrupted run of the same config to compare with')
     args = parser.parse_args(argv)
@@ -149,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     work = args.work or Path(tempfile.mkdtemp(prefix='prefix-chaos-'))
     try:
         history = chaos(args.config, [*args.overrides, f'data.local={args.data}'], work, args.nproc, args.kills, seed,
-                        args.reference, args.max_wait)
+                        args.reference, args.startup, args.max_steps)
     except (AssertionError, RuntimeError) as e:
         print(f'chaos FAILED (seed {seed}, runs in {work}): {e}', file=sys.stderr)
         return 1

@@ -70,6 +70,7 @@ def train(cfg: TrainConfig) -> int:
     run = RunDir.for_run(cfg.runs_root, cfg.run_name).create()
     lock = acquire_on_rank_zero(run.meta)
     try:
+        tee_output(run.logs, rank)
         if rank == 0:
             remove_leftovers(run.checkpoints)
         resume = find_resume_point(run.checkpoints)
@@ -112,7 +113,6 @@ def fit(
 ) -> int:
     rank = dist.get_global_rank()
     device_batch_size = cfg.global_batch_size // dist.get_world_size()
-    tee_output(run.logs, rank)
     config_dict = config_lib.to_dict(cfg)
     git = write_snapshots(run.meta, config_lib.to_yaml(cfg)) if rank == 0 else {}
 

@@ -12,7 +12,7 @@ pytestmark = pytest.mark.slow
 
 def test_chaos_one_rank(tmp_path: Path, dataset: Path, reference, capsys: pytest.CaptureFixture) -> None:
     config = str(REPO / 'yamls' / 'smoke.yaml')
-    code = chaos([config, two_epochs(dataset), '--data', str(dataset), '--kills', '4', '--max-wait', '14',
+    code = chaos([config, two_epochs(dataset), '--data', str(dataset), '--kills', '4', '--startup', '8', '--max-steps', '12',
                   '--work', str(tmp_path), '--reference', str(reference(0, two_epochs(dataset)))])
     out = capsys.readouterr()
     print(out.out, out.err)
@@ -21,7 +21,7 @@ def test_chaos_one_rank(tmp_path: Path, dataset: Path, reference, capsys: pytest
 
 def test_chaos_two_ranks(tmp_path: Path, dataset: Path, reference, capsys: pytest.CaptureFixture) -> None:
     config = str(REPO / 'yamls' / 'smoke.yaml')
-    code = chaos([config, 'max_duration=24ba', '--data', str(dataset), '--nproc', '2', '--kills', '2', '--max-wait', '22',
+    code = chaos([config, 'max_duration=24ba', '--data', str(dataset), '--nproc', '2', '--kills', '2', '--startup', '15', '--max-steps', '8',
                   '--work', str(tmp_path), '--reference', str(reference(2, 'max_duration=24ba'))])
     out = capsys.readouterr()
     print(out.out, out.err)

@@ -91,11 +91,9 @@ def test_empty_val_split_is_refused(tmp_path: Path) -> None:
         prepare(tmp_path / 'out', [str(tmp_path / 'src')], tokenizer=ByteTokenizer(), seq_len=16, val_fraction=0.01)
 
 
-def test_command_line(tmp_path: Path) -> None:
+def test_command_line_refuses_to_overwrite(tmp_path: Path) -> None:
     make_docs(tmp_path / 'src', 30)
-    ok = subprocess.run([sys.executable, '-m', 'prefix.data', str(tmp_path / 'out'), str(tmp_path / 'src'), '--seq-len', '16'],
-                        capture_output=True, text=True)
-    assert ok.returncode == 0 and 'train and' in ok.stdout
+    (tmp_path / 'out').mkdir()
     again = subprocess.run([sys.executable, '-m', 'prefix', 'prepare', str(tmp_path / 'out'), str(tmp_path / 'src')],
                            capture_output=True, text=True)
     assert again.returncode == 2 and again.stderr.strip().endswith('pass --overwrite to replace it')

@@ -42,7 +42,7 @@ def test_config_drift_is_refused_with_a_diff_or_recorded(finished_run: Path, tmp
     assert harmless.returncode == 0, harmless.stderr[-2000:]
     record = json.loads((run / 'meta' / 'config_changes.jsonl').read_text())
     assert record['step'] == 22 and not record['forced']
-    assert set(record['changes']) == {'max_duration', 'eval_interval', 'data.num_workers'}
+    assert set(record['changes']) == {'max_duration', 'eval_interval', 'data.num_workers', 'runs_root'}  # the run moved
 
     forced = run_train(*smoke_args(tmp_path, dataset, 'max_duration=26ba', 'eval_interval=7ba', 'data.num_workers=1',
                                    'optimizer.lr=1e-3', 'seed=3', 'allow_config_change=true'))

@@ -50,19 +50,6 @@ def test_smoke_run_lays_out_the_run_directory_and_learns(tmp_path: Path, dataset
     assert max(step_losses(run)) == 64
 
 
-def test_composer_launcher_with_two_ranks_keeps_each_ranks_output(tmp_path: Path, dataset: Path) -> None:
-    result = run_train(*smoke_args(tmp_path, dataset, 'max_duration=12ba'), nproc=2)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    run = tmp_path / 'smoke'
-    names = {p.name for p in (run / 'checkpoints').iterdir()}
-    assert {'latest.pt', 'latest_rank0.pt', 'latest_rank1.pt'} <= names
-    assert '[rank1]' in (run / 'logs' / 'rank1.log').read_text()
-    assert torch.load(run / 'checkpoints' / 'latest_rank1.pt', weights_only=True)['world_size'] == 2
-    start = json.loads((run / 'meta' / 'starts.jsonl').read_text())
-    assert start['world_size'] == 2
-    assert sorted(step_losses(run)) == list(range(12))
-
-
 def test_training_from_an_s3_compatible_remote(tmp_path: Path, s3_dataset) -> None:
     remote, env = s3_dataset
     args = smoke_args(tmp_path / 'runs', tmp_path / 'cache', f'data.remote={remote}', 'max_duration=6ba')
@@ -74,8 +61,6 @@ def test_training_from_an_s3_compatible_remote(tmp_path: Path, s3_dataset) -> No
 
 @pytest.mark.parametrize(('override', 'code', 'message'), [
     ('model.bogus=1', 2, "unknown config key 'model.bogus'"),
-    ('run_name=../escape', 2, "run_name '../escape' is not allowed"),
-    ('global_batch_size=abc', 2, "config key 'global_batch_size'"),
     ('data.local=/nonexistent/data', 1, 'dataset split not found: /nonexistent/data/train/index.json'),
 ])
 def test_bad_input_is_one_line_and_touches_nothing(tmp_path: Path, dataset: Path, override: str, code: int,
