@@ -129,7 +129,7 @@ def chaos(config: str, overrides: list[str], work: Path, nproc: int, kills: int,
         else:  # somewhere inside a later step: training, evaluation or a checkpoint write
             target = max(step_losses(run), default=-1) + rng.randint(1, max_steps)
             moment = f'in step {target + 1}'
-            if _wait(proc, lambda: max(step_losses(run), default=-1) >= target, timeout=300):
+            if _wait(proc, lambda t=target: max(step_losses(run), default=-1) >= t, timeout=300):
                 break
             time.sleep(rng.uniform(0, 0.2))
         if how == 'SIGKILL all':

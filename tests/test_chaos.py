@@ -21,8 +21,8 @@ def test_chaos_one_rank(tmp_path: Path, dataset: Path, reference, capsys: pytest
 
 def test_chaos_two_ranks(tmp_path: Path, dataset: Path, reference, capsys: pytest.CaptureFixture) -> None:
     config = str(REPO / 'yamls' / 'smoke.yaml')
-    code = chaos([config, 'max_duration=24ba', '--data', str(dataset), '--nproc', '2', '--kills', '2', '--startup', '15', '--max-steps', '8',
-                  '--work', str(tmp_path), '--reference', str(reference(2, 'max_duration=24ba'))])
+    code = chaos([config, 'max_duration=24ba', '--data', str(dataset), '--nproc', '2', '--kills', '2', '--startup', '15',
+                  '--max-steps', '8', '--work', str(tmp_path), '--reference', str(reference(2, 'max_duration=24ba'))])
     out = capsys.readouterr()
     print(out.out, out.err)
     assert code == 0, out.err

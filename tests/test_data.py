@@ -8,6 +8,7 @@ import pytest
 from streaming import StreamingDataset
 
 from prefix.data import DataError, is_val, prepare
+from prefix.data import main as data_main
 from prefix.tokenizer import ByteTokenizer
 
 TEXT = 'def f(x):\n    return x + 1\n' * 40
@@ -91,8 +92,10 @@ def test_empty_val_split_is_refused(tmp_path: Path) -> None:
         prepare(tmp_path / 'out', [str(tmp_path / 'src')], tokenizer=ByteTokenizer(), seq_len=16, val_fraction=0.01)
 
 
-def test_command_line_refuses_to_overwrite(tmp_path: Path) -> None:
+def test_command_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     make_docs(tmp_path / 'src', 30)
+    assert data_main([str(tmp_path / 'new'), str(tmp_path / 'src'), '--seq-len', '16']) == 0
+    assert 'train and' in capsys.readouterr().out
     (tmp_path / 'out').mkdir()
     again = subprocess.run([sys.executable, '-m', 'prefix', 'prepare', str(tmp_path / 'out'), str(tmp_path / 'src')],
                            capture_output=True, text=True)
