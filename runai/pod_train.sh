@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# The first process of a training pod: starts the trainer, forwards a preemption's SIGTERM to every
+# training process, waits until all of them have saved and exited, and keeps the pod's console in
+# <runs_root>/<run_name>/logs/pod-<node>.log. It holds no resume logic: the trainer resumes by itself.
+#
+# usage: runai/pod_train.sh RUN_NAME CONFIG.yaml [key=value ...]
+#
+# Environment:
+#   PREFIX_RUNS_ROOT  runs root on the PVC                      (default /home/apluser/runs)
+#   PREFIX_GPUS       training processes in this pod            (default: the GPUs visible, or 1)
+#   PREFIX_NNODES     pods in the workload                      (default 1)
+#   RANK, MASTER_ADDR, MASTER_PORT                              set by the PyTorch operator when PREFIX_NNODES > 1
+set -uo pipefail
+
+if [ $# -lt 2 ]; then
+  echo "usage: $0 RUN_NAME CONFIG.yaml [key=value ...]" >&2
+  exit 2
+fi
+run_name=$1
+config=$2
+shift 2
+if ! [[ $run_name =~ ^[a-z0-9][a-z0-9._-]{0,62}$ ]]; then
+  echo "pod_train: run name '$run_name' is not allowed: use lowercase letters, digits, -, _ and ." >&2
+  exit 2
+fi
+
+runs_root=${PREFIX_RUNS_ROOT:-/home/apluser/runs}
+nnodes=${PREFIX_NNODES:-1}
+node=0
+if [ -z "${PREFIX_GPUS:-}" ]; then
+  PREFIX_GPUS=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
+  [ "$PREFIX_GPUS" -ge 1 ] 2>/dev/null || PREFIX_GPUS=1
+fi
+
+cmd=(composer -n "$PREFIX_GPUS")
+if [ "$nnodes" -gt 1 ]; then
+  node=${RANK:?RANK (the index of this pod) must be set for a multi-node run}
+  cmd+=(--world_size "$((nnodes * PREFIX_GPUS))" --node_rank "$node"
+        --master_addr "${MASTER_ADDR:?MASTER_ADDR must be set for a multi-node run}"
+        --master_port "${MASTER_PORT:?MASTER_PORT must be set for a multi-node run}")
+fi
+# The launcher reads these from the environment too; the flags above are the ones that count.
+unset WORLD_SIZE RANK
+cmd+=(-m prefix.train "$config" "run_name=$run_name" "runs_root=$runs_root" "$@")
+
+log_dir="$runs_root/$run_name/logs"
+mkdir -p "$log_dir"
+echo "pod_train: $(date -u +%FT%TZ) node $node of $nnodes on $(hostname): ${cmd[*]}" | tee -a "$log_dir/pod-$node.log"
+
+# A session of its own, so one signal reaches the launcher, every rank and their workers.
+setsid "${cmd[@]}" > >(tee -a "$log_dir/pod-$node.log") 2>&1 &
+pid=$!
+# shellcheck disable=SC2329  # invoked by the traps below
+forward() {
+  echo "pod_train: $1 received, forwarding it to the training processes" | tee -a "$log_dir/pod-$node.log"
+  kill -TERM -- "-$pid" 2>/dev/null || true
+}
+trap 'forward SIGTERM' TERM
+trap 'forward SIGINT' INT
+
+while true; do
+  wait "$pid"
+  status=$?
+  kill -0 "$pid" 2>/dev/null || break  # else wait was interrupted by a trapped signal
+done
+# Ranks outlive a launcher ended by SIGTERM while they save: wait for the whole session.
+while kill -0 -- "-$pid" 2>/dev/null; do
+  sleep 0.5
+done
+echo "pod_train: $(date -u +%FT%TZ) training exited with status $status" | tee -a "$log_dir/pod-$node.log"
+exit "$status"
