@@ -3,8 +3,8 @@
     python -m prefix.chaos --data DIR [--nproc 2] [--kills 5] [--seed N] [--work DIR] [CONFIG] [key=value ...]
 
 Runs CONFIG (default ``yamls/smoke.yaml``) once uninterrupted as the reference, then again in a
-new folder, killing it ``--kills`` times at random moments (a quarter during start-up, the rest at
-a random point of a random later step: training, evaluation or a checkpoint write) with SIGKILL to
+new folder, killing it ``--kills`` times at random moments (the first inside a step, then a quarter
+during start-up, the rest at a random point of a random later step: training, evaluation or a checkpoint write) with SIGKILL to
 every process, SIGTERM to every process (a pod's preemption), or SIGTERM to the first process
 only (the ``composer`` launcher or ``python``),
 restarting it each time with the same command. When it finally completes, every step's loss and
@@ -122,7 +122,7 @@ def chaos(config: str, overrides: list[str], work: Path, nproc: int, kills: int,
     while len(history) < kills:
         proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         how = rng.choice(KILLS)
-        if rng.random() < 0.25:  # during start-up: resume, lock, data, Composer's autoresume
+        if history and rng.random() < 0.25:  # during start-up: resume, lock, data, Composer's autoresume
             moment = f'{rng.uniform(0, startup):.1f}s after start'
             if _wait(proc, lambda: False, timeout=float(moment.split('s')[0])):
                 break

@@ -19,9 +19,10 @@ def test_chaos_one_rank(tmp_path: Path, dataset: Path, reference, capsys: pytest
     assert code == 0, out.err
 
 
-def test_chaos_two_ranks(tmp_path: Path, dataset: Path, reference, capsys: pytest.CaptureFixture) -> None:
+def test_chaos_two_ranks_with_dataloader_workers(tmp_path: Path, dataset: Path, reference, capsys: pytest.CaptureFixture) -> None:
     config = str(REPO / 'yamls' / 'smoke.yaml')
-    code = chaos([config, 'max_duration=24ba', '--data', str(dataset), '--nproc', '2', '--kills', '2', '--startup', '15',
+    code = chaos([config, 'max_duration=24ba', 'data.num_workers=1', 'checkpoint.interval=1s', '--data', str(dataset),
+                  '--nproc', '2', '--kills', '2', '--startup', '15',
                   '--max-steps', '8', '--work', str(tmp_path), '--reference', str(reference(2, 'max_duration=24ba'))])
     out = capsys.readouterr()
     print(out.out, out.err)

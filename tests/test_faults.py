@@ -30,7 +30,7 @@ def starts(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / 'meta' / 'starts.jsonl').read_text().splitlines()]
 
 
-def test_config_drift_is_refused_with_a_diff_or_recorded(finished_run: Path, tmp_path: Path, dataset: Path) -> None:
+def test_config_drift_is_refused_with_a_diff_or_forced(finished_run: Path, tmp_path: Path, dataset: Path) -> None:
     run = copy_run(finished_run, tmp_path)
     before = snapshot(run / 'checkpoints')
     refused = run_train(*smoke_args(tmp_path, dataset, 'max_duration=24ba', 'model.d_model=64', 'seed=3'))
@@ -38,17 +38,13 @@ def test_config_drift_is_refused_with_a_diff_or_recorded(finished_run: Path, tmp
     assert 'model.d_model: 32 -> 64; seed: 17 -> 3' in refused.stderr and refused.stderr.strip().count('\n') == 0
     assert snapshot(run / 'checkpoints') == before and len(starts(run)) == 1 and not (run / 'meta' / 'lock.json').exists()
 
-    harmless = run_train(*smoke_args(tmp_path, dataset, 'max_duration=24ba', 'eval_interval=7ba', 'data.num_workers=1'))
-    assert harmless.returncode == 0, harmless.stderr[-2000:]
-    record = json.loads((run / 'meta' / 'config_changes.jsonl').read_text())
-    assert record['step'] == 22 and not record['forced']
-    assert set(record['changes']) == {'max_duration', 'eval_interval', 'data.num_workers', 'runs_root'}  # the run moved
-
-    forced = run_train(*smoke_args(tmp_path, dataset, 'max_duration=26ba', 'eval_interval=7ba', 'data.num_workers=1',
-                                   'optimizer.lr=1e-3', 'seed=3', 'allow_config_change=true'))
+    forced = run_train(*smoke_args(tmp_path, dataset, 'max_duration=24ba', 'eval_interval=7ba', 'seed=3',
+                                   'allow_config_change=true'))
     assert forced.returncode == 0, forced.stderr[-2000:]
-    record = json.loads((run / 'meta' / 'config_changes.jsonl').read_text().splitlines()[-1])
-    assert record['forced'] and set(record['changes']) == {'max_duration', 'optimizer.lr', 'seed'}
+    record = json.loads((run / 'meta' / 'config_changes.jsonl').read_text())
+    assert record['step'] == 22 and record['forced']
+    assert set(record['changes']) == {'max_duration', 'eval_interval', 'seed', 'runs_root'}  # runs_root: the run moved
+    assert starts(run)[-1]['start_step'] == 22
 
 
 def test_a_corrupt_latest_falls_back_to_periodic(finished_run: Path, tmp_path: Path, dataset: Path) -> None:
