@@ -31,3 +31,4 @@ test: venv
 
 lint: venv
 	$(BIN)/ruff check prefix tests
+	$(BIN)/shellcheck runai/*.sh .ci/run
