@@ -45,8 +45,6 @@ class PreemptionSignal:
     def install(self) -> PreemptionSignal:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._handle)
-        if 'LOCAL_RANK' in os.environ:
-            _die_with_parent()
         return self
 
     def _handle(self, signum: int, frame: Optional[FrameType]) -> None:
@@ -58,8 +56,14 @@ class PreemptionSignal:
         log.warning('%s received: saving a checkpoint at the end of this batch, then exiting', name)
 
 
-def _die_with_parent() -> None:
-    """Ask Linux to send us SIGTERM when our parent (the launcher) dies."""
+def die_with_launcher() -> None:
+    """A rank started by a launcher asks Linux for SIGTERM when the launcher dies.
+
+    Called first thing, before the slow imports: a launcher killed during start-up then ends its
+    ranks at once (nothing to save yet) instead of leaving them to train as orphans.
+    """
+    if 'LOCAL_RANK' not in os.environ:
+        return
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         parent = os.getppid()

@@ -6,6 +6,10 @@ A run resumes by default from its run directory; a finished run reports so and e
 
 from __future__ import annotations
 
+from prefix.preemption import die_with_launcher
+
+die_with_launcher()  # before the slow imports below, so a launcher killed meanwhile ends this rank too
+
 import logging
 import os
 import sys

@@ -85,3 +85,12 @@ def test_sigterm_to_the_composer_launcher_reaches_every_rank(tmp_path: Path, dat
     assert resumed.returncode == 0, resumed.stdout[-3000:]
     assert sorted(step_losses(run)) == list(range(20))
     assert [s['world_size'] for s in map(json.loads, (run / 'meta' / 'starts.jsonl').read_text().splitlines())] == [2, 2]
+
+
+def test_a_launcher_killed_during_start_up_leaves_no_orphans(tmp_path: Path, dataset: Path) -> None:
+    proc = start(smoke_args(tmp_path, dataset, 'max_duration=200ba'), nproc=2)
+    time.sleep(2)  # the ranks are still importing
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=60)
+    assert group_gone(proc.pid, timeout=60), 'ranks do not go on training without their launcher'
+    assert max(step_losses(tmp_path / 'smoke'), default=-1) < 2
