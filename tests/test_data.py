@@ -100,3 +100,28 @@ def test_command_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     again = subprocess.run([sys.executable, '-m', 'prefix', 'prepare', str(tmp_path / 'out'), str(tmp_path / 'src')],
                            capture_output=True, text=True)
     assert again.returncode == 2 and again.stderr.strip().endswith('pass --overwrite to replace it')
+
+
+def test_a_hugging_face_tokenizer_from_a_local_folder(tmp_path: Path) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from prefix.tokenizer import load_tokenizer
+
+    vocab = {'[UNK]': 0, '<eos>': 1, 'def': 2, 'f': 3, 'return': 4, 'x': 5}
+    core = Tokenizer(models.WordLevel(vocab, unk_token='[UNK]'))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=core, unk_token='[UNK]', eos_token='<eos>').save_pretrained(tmp_path / 'tok')
+    tokenizer = load_tokenizer(str(tmp_path / 'tok'))
+    assert tokenizer.vocab_size == 6 and tokenizer.eos_id == 1 and tokenizer.encode('def f x') == [2, 3, 5]
+    make_docs(tmp_path / 'src', 30)
+    meta = prepare(tmp_path / 'out', [str(tmp_path / 'src')], tokenizer=tokenizer, seq_len=8, val_fraction=0.2)
+    assert meta['tokenizer'] == str(tmp_path / 'tok') and meta['vocab_size'] == 6
+    assert max(int(s.max()) for s in read_split(tmp_path / 'out', 'train')) < 6
+
+
+def test_a_tokenizer_that_is_not_on_disk_is_a_clear_error() -> None:
+    from prefix.tokenizer import load_tokenizer
+
+    with pytest.raises(ValueError, match='is not available locally'):
+        load_tokenizer('no-such-org/no-such-tokenizer')
