@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import yaml
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from prefix.model import ModelConfig
@@ -175,5 +175,3 @@ def to_dict(cfg: TrainConfig) -> dict[str, Any]:
 def to_yaml(cfg: TrainConfig) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
 
-
-__all__ = ['ConfigError', 'DictConfig', 'TrainConfig', 'load_config', 'to_dict', 'to_yaml', 'validate_run_name']

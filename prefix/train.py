@@ -78,14 +78,15 @@ def train(cfg: TrainConfig) -> int:
         if rank == 0:
             remove_leftovers(run.checkpoints)
         resume = find_resume_point(run.checkpoints)
+        config_dict = config_lib.to_dict(cfg)
         if resume is not None:
-            check_and_record(resume.config, config_lib.to_dict(cfg), resume.global_step, run.meta, record=rank == 0)
+            check_and_record(resume.config, config_dict, resume.global_step, run.meta, record=rank == 0)
         if resume is not None and is_complete(resume.timestamp, cfg.max_duration):
             if rank == 0:
                 print(f'run {cfg.run_name} is already complete: step {resume.global_step} reached '
                       f'max_duration={cfg.max_duration} ({run.root}); nothing to do', flush=True)
             return 0
-        return fit(cfg, run, resume, train_loader, val_loader, device, preemption)
+        return fit(cfg, config_dict, run, resume, train_loader, val_loader, device, preemption)
     finally:
         if lock is not None:
             lock.release()
@@ -108,6 +109,7 @@ def acquire_on_rank_zero(meta_dir: Path) -> Optional[RunLock]:
 
 def fit(
     cfg: TrainConfig,
+    config_dict: dict[str, Any],
     run: RunDir,
     resume: Optional[ResumePoint],
     train_loader: StreamingDataLoader,
@@ -117,7 +119,6 @@ def fit(
 ) -> int:
     rank = dist.get_global_rank()
     device_batch_size = cfg.global_batch_size // dist.get_world_size()
-    config_dict = config_lib.to_dict(cfg)
     git = write_snapshots(run.meta, config_lib.to_yaml(cfg)) if rank == 0 else {}
 
     # Model: seeded just before construction so that the initial weights depend on the seed alone.
