@@ -252,9 +252,9 @@ def plain(obj: Any, where: str = 'state') -> Any:
         return obj
     if isinstance(obj, dict):
         return {plain(k, where): plain(v, f'{where}/{k}') for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(plain(v, f'{where}/{i}') for i, v in enumerate(obj)) if type(obj) in (list, tuple) \
-            else [plain(v, f'{where}/{i}') for i, v in enumerate(obj)]
+    if isinstance(obj, (list, tuple)):  # named tuples and other subclasses become lists
+        items = [plain(v, f'{where}/{i}') for i, v in enumerate(obj)]
+        return tuple(items) if type(obj) is tuple else items
     for base in (str, int, float):  # e.g. torch's TorchVersion, a str subclass
         if isinstance(obj, base):
             return base(obj)
