@@ -43,12 +43,16 @@ class _Writer:
         self.f.flush()
 
 
-def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
-    """Replace ``path`` with what ``write`` puts into a fresh file; on error the old file is untouched.
+def temp_path(path: Path) -> Path:
+    return path.with_name(path.name + TMP_SUFFIX)
 
-    A failed write (full disk, file-size limit) raises the OSError that caused it.
+
+def write_temp(path: Path, write: Callable[[BinaryIO], None]) -> Path:
+    """Write ``path``'s temporary file with ``write`` and fsync it; ``commit`` then makes it ``path``.
+
+    A failed write (full disk, file-size limit) raises the OSError that caused it and leaves no temporary file.
     """
-    tmp = path.with_name(path.name + TMP_SUFFIX)
+    tmp = temp_path(path)
     try:
         with open(tmp, 'wb', buffering=0) as f:
             writer = _Writer(f)
@@ -59,11 +63,21 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
                     raise writer.error from e
                 raise
             os.fsync(f.fileno())
-        os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    return tmp
+
+
+def commit(tmp: Path, path: Path) -> None:
+    """Rename the fsynced temporary file over ``path`` and fsync the folder: the new bytes are now durable."""
+    os.replace(tmp, path)
     fsync_dir(path.parent)
+
+
+def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
+    """Replace ``path`` with what ``write`` puts into a fresh file; on error the old file is untouched."""
+    commit(write_temp(path, write), path)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -72,7 +86,7 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 def atomic_link(src: Path, dst: Path) -> None:
     """Make ``dst`` name the same bytes as ``src`` (a hard link, or a copy where links are not supported)."""
-    tmp = dst.with_name(dst.name + TMP_SUFFIX)
+    tmp = temp_path(dst)
     tmp.unlink(missing_ok=True)
     try:
         os.link(src, tmp)

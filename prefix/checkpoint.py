@@ -13,7 +13,8 @@ Files in ``<run>/checkpoints/`` (schema in the README):
 - ``periodic.pt`` / ``periodic_rank{rank}.pt``: at most one older checkpoint, hard links to the
   latest files at the step they were taken (no second copy of the bytes).
 
-Every file is replaced atomically (``prefix.atomic``). Composer's own saver is left idle.
+Every file is replaced atomically (``prefix.atomic``); ``prefix.checkpointer`` decides when, and
+writes them in the background. Composer's own saver is left idle.
 """
 
 from __future__ import annotations
@@ -21,9 +22,7 @@ from __future__ import annotations
 import logging
 import pickle
 import random
-import time
 import zipfile
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -31,12 +30,10 @@ from typing import Any, Optional
 
 import numpy as np
 import torch
-from composer.core import Callback, Event, State
-from composer.loggers import Logger
+from composer.core import State
 from composer.utils import dist
 
-from prefix.atomic import TMP_SUFFIX, atomic_link, atomic_write
-from prefix.preemption import Preempted, PreemptionSignal
+from prefix.atomic import TMP_SUFFIX
 
 log = logging.getLogger(__name__)
 
@@ -213,38 +210,7 @@ def is_complete(timestamp: dict[str, int], max_duration: str) -> bool:
     return timestamp[key] >= duration.value
 
 
-# --- writing ----------------------------------------------------------------------------------
-
-class Interval:
-    """``200ba`` (every 200 batches) or ``90s`` / ``10min`` / ``1h`` of wall-clock time."""
-
-    SECONDS = {'s': 1, 'min': 60, 'h': 3600}
-
-    def __init__(self, spec: str) -> None:
-        number = int(''.join(c for c in spec if c.isdigit()))
-        unit = spec[len(str(number)):]
-        self.batches = number if unit == 'ba' else None
-        self.seconds = number * self.SECONDS[unit] if unit != 'ba' else None
-        self.last = time.monotonic()
-
-    def due(self, step: int) -> bool:
-        """This rank's view; clocks differ, so callers agree across ranks (``any_rank``)."""
-        if self.batches is not None:
-            return step % self.batches == 0
-        return time.monotonic() - self.last >= self.seconds
-
-    def reset(self) -> None:
-        self.last = time.monotonic()
-
-
-def any_rank(state: State, flags: list[bool]) -> list[bool]:
-    """Element-wise OR of ``flags`` over all ranks (one tiny all-reduce), so every rank decides alike."""
-    if dist.get_world_size() == 1:
-        return flags
-    tensor = state.device.tensor_to_device(torch.tensor([int(f) for f in flags], dtype=torch.int32))
-    dist.all_reduce(tensor, reduce_operation='MAX')
-    return [bool(v) for v in tensor.cpu().tolist()]
-
+# --- writing: the payloads (prefix.checkpointer decides when and writes them) ---------------------
 
 def plain(obj: Any, where: str = 'state') -> Any:
     """``obj`` as the types ``weights_only=True`` loads without an allowlist; anything else is a bug, named."""
@@ -276,127 +242,9 @@ def global_state(state: State, config: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-class Checkpointer(Callback):
-    """Writes the documented checkpoint files on an interval and at the end, and restores RNG on resume."""
-
-    def __init__(
-        self,
-        folder: Path,
-        interval: str,
-        periodic_interval: Optional[str],
-        config: dict[str, Any],
-        resume: Optional[ResumePoint],
-        preemption: PreemptionSignal,
-    ) -> None:
-        self.folder = folder
-        self.preemption = preemption
-        self.interval = Interval(interval)
-        self.periodic = Interval(periodic_interval) if periodic_interval else None
-        self.config = config
-        self.resume = resume
-        self._pending_rng = resume.rng if resume else None
-        # (step, rng) of the last checkpoint whose global file is on disk: kept in the next rank file.
-        self._committed: Optional[tuple[int, dict[str, Any]]] = (
-            (resume.global_step, resume.rng) if resume and resume.rng is not None else None
-        )
-        self.last_saved_step: Optional[int] = resume.global_step if resume else None
-
-    def after_load(self, state: State, logger: Logger) -> None:
-        if self.resume is None:
-            return
-        step = int(state.timestamp.batch)
-        if step != self.resume.global_step:
-            raise CheckpointError(f'Composer resumed at step {step} but {self.resume.filename} is at {self.resume.global_step}')
-        wall = {k: timedelta(seconds=v) for k, v in self.resume.wall_clock.items()}
-        if wall:
-            state.timestamp = state.timestamp.copy(**wall)
-        log.info('resumed from %s at step %d', self.resume.filename, step)
-
-    def fit_start(self, state: State, logger: Logger) -> None:
-        self.interval.reset()
-        if self.periodic:
-            self.periodic.reset()
-
-    def batch_start(self, state: State, logger: Logger) -> None:
-        # The first batch after a resume draws exactly the random numbers the uninterrupted run drew.
-        if self._pending_rng is not None:
-            restore_rng(self._pending_rng)
-            self._pending_rng = None
-
-    def batch_checkpoint(self, state: State, logger: Logger) -> None:
-        step = int(state.timestamp.batch)
-        periodic = self.periodic is not None and self.periodic.due(step)
-        preempt, due, periodic = any_rank(state, [self.preemption.requested, self.interval.due(step), periodic])
-        if preempt or due or periodic:
-            self.save(state, periodic=periodic)
-        if preempt:
-            raise Preempted(step)
-
-    def fit_end(self, state: State, logger: Logger) -> None:
-        if self.last_saved_step != int(state.timestamp.batch):
-            self.save(state, periodic=False)
-
-    def save(self, state: State, periodic: bool) -> None:
-        """Rank files, then latest.pt, then the periodic links; every rank learns if any write failed."""
-        step = int(state.timestamp.batch)
-        rank = dist.get_global_rank()
-        rng = capture_rng()
-        history = {step: rng}
-        if self._committed is not None and self._committed[0] != step:
-            history[self._committed[0]] = self._committed[1]
-        rank_payload = {
-            'schema_version': SCHEMA_VERSION, 'rank': rank, 'world_size': dist.get_world_size(),
-            'global_step': step, 'rng': history,
-        }
-        self._write_all(state, step, lambda: atomic_write(rank_file(self.folder, rank), lambda f: torch.save(rank_payload, f)))
-        payload = global_state(state, self.config)  # every rank: gathering may be collective (FSDP)
-
-        def write_global() -> None:
-            if rank == 0:
-                atomic_write(global_file(self.folder), lambda f: torch.save(payload, f))
-
-        self._write_all(state, step, write_global)
-        if rank == 0:
-            self._remove_rank_files_beyond(dist.get_world_size(), LATEST)
-        self._committed = (step, rng)
-        self.last_saved_step = step
-        self.interval.reset()
-        if periodic:
-            self._write_all(state, step, lambda: self._link_periodic(rank))
-            assert self.periodic is not None
-            self.periodic.reset()
-        log.info('checkpoint saved at step %d%s', step, ' (and periodic)' if periodic else '')
-
-    def _link_periodic(self, rank: int) -> None:
-        atomic_link(rank_file(self.folder, rank), rank_file(self.folder, rank, PERIODIC))
-        if rank == 0:
-            atomic_link(global_file(self.folder), global_file(self.folder, PERIODIC))
-            self._remove_rank_files_beyond(dist.get_world_size(), PERIODIC)
-
-    def _remove_rank_files_beyond(self, world_size: int, kind: str) -> None:
-        """Rank files of ranks a smaller world no longer has belong to no checkpoint once the global file moved on."""
-        for path in self.folder.glob(f'{kind}_rank*.pt'):
-            if int(path.stem.removeprefix(f'{kind}_rank')) >= world_size:
-                log.warning('removing %s: the run now has %d ranks', path.name, world_size)
-                path.unlink(missing_ok=True)
-
-    def _write_all(self, state: State, step: int, write: Callable[[], Any]) -> None:
-        """Run this rank's ``write``; if it failed on any rank, stop every rank with the reason."""
-        error: Optional[OSError] = None
-        try:
-            write()
-        except OSError as e:
-            error = e
-        (failed,) = any_rank(state, [error is not None])
-        if failed:
-            kept = f'the checkpoint of step {self.last_saved_step} is intact' if self.last_saved_step is not None \
-                else 'no earlier checkpoint exists'
-            reason = f'{error.strerror or error} ({error.filename or self.folder})' if error \
-                else 'another rank failed, see its log'
-            raise CheckpointWriteError(f'could not write the checkpoint of step {step}: {reason}; {kept}. '
-                                       'Free space or fix the folder, then run the same command again')
-
-
-def never(state: State, event: Event) -> bool:
-    """Save interval for Composer's own CheckpointSaver: prefix's Checkpointer writes the files."""
-    return False
+def rank_state(step: int, rng_history: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    """The contents of latest_rank{rank}.pt: this rank's RNG states by step."""
+    return {
+        'schema_version': SCHEMA_VERSION, 'rank': dist.get_global_rank(), 'world_size': dist.get_world_size(),
+        'global_step': step, 'rng': rng_history,
+    }

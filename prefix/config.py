@@ -57,10 +57,15 @@ class OptimizerConfig:
 
 @dataclass
 class CheckpointConfig:
-    """``interval`` for latest.pt (batches ``200ba`` or wall clock ``10min``); ``periodic_interval`` for the fallback."""
+    """``interval`` for latest.pt (batches ``200ba`` or wall clock ``10min``); ``periodic_interval`` for the fallback.
+
+    ``async_write``: training waits only for a copy of the state in host memory, the write runs in
+    the background; ``false`` makes training wait for the whole write.
+    """
 
     interval: str = '5min'
     periodic_interval: Optional[str] = None
+    async_write: bool = True
 
 
 @dataclass
@@ -108,9 +113,20 @@ def _one_line(err: OmegaConfBaseException) -> str:
     return f'config key {key!r}: {msg}' if key else msg
 
 
-def _parse_time(key: str, value: str, units: tuple[str, ...], allow_zero: bool = False) -> None:
+def parse_duration(value: str) -> tuple[int, str]:
+    """``'200ba'`` -> ``(200, 'ba')``; ValueError if it is not a number followed by a unit."""
     match = re.fullmatch(r'(\d+)([a-z]+)', value.strip())
-    if not match or match.group(2) not in units or int(match.group(1)) < (0 if allow_zero else 1):
+    if not match:
+        raise ValueError(f'{value!r} is not a duration')
+    return int(match.group(1)), match.group(2)
+
+
+def _parse_time(key: str, value: str, units: tuple[str, ...], allow_zero: bool = False) -> None:
+    try:
+        number, unit = parse_duration(value)
+    except ValueError:
+        number, unit = -1, ''
+    if unit not in units or number < (0 if allow_zero else 1):
         raise ConfigError(f"config key {key!r}: {value!r} is not a duration like {' or '.join('10' + u for u in units)}")
 
 

@@ -26,15 +26,8 @@ from composer.utils import dist, reproducibility
 from streaming import StreamingDataLoader
 
 from prefix import config as config_lib
-from prefix.checkpoint import (
-    Checkpointer,
-    CheckpointError,
-    ResumePoint,
-    find_resume_point,
-    is_complete,
-    never,
-    remove_leftovers,
-)
+from prefix.checkpoint import CheckpointError, ResumePoint, find_resume_point, is_complete, remove_leftovers
+from prefix.checkpointer import Checkpointer, never
 from prefix.composer_model import ComposerGPT
 from prefix.config import ConfigError, TrainConfig
 from prefix.data import DataError
@@ -153,8 +146,7 @@ def fit(
         save_latest_filename=resume.filename if resume else 'latest.pt',
         save_interval=never,
         callbacks=[
-            Checkpointer(run.checkpoints, cfg.checkpoint.interval, cfg.checkpoint.periodic_interval, config_dict, resume,
-                         preemption),
+            Checkpointer(run.checkpoints, cfg.checkpoint, config_dict, resume, preemption),
             StartRecorder(run.meta, resume.filename if resume else None, git.get('commit')),
         ],
         loggers=[MetricsLogger(run.logs / METRICS_FILE)],

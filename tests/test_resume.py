@@ -98,11 +98,13 @@ def assert_same_training(reference: Path, resumed: Path) -> None:
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_sigkill_anywhere_single_process(tmp_path: Path, dataset: Path, reference) -> None:
+@pytest.mark.parametrize('async_write', ['true', 'false'])
+def test_sigkill_anywhere_single_process(tmp_path: Path, dataset: Path, reference, async_write: str) -> None:
+    """Both write modes: in async mode the mid-write kill lands on a background write while training goes on."""
     epoch = epoch_length(dataset)
     # Checkpoints at every epoch end, so one kill lands right after the checkpoint that closes epoch 0.
     args = smoke_args(tmp_path / 'killed', dataset, two_epochs(dataset), f'checkpoint.interval={epoch}ba',
-                      'checkpoint.periodic_interval=null')
+                      'checkpoint.periodic_interval=null', f'checkpoint.async_write={async_write}')
 
     sampler = ContractSampler(tmp_path / 'killed' / 'smoke' / 'checkpoints')
     sampler.start()

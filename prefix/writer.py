@@ -1,0 +1,83 @@
+"""One checkpoint's writes, run phase by phase on a background thread while training goes on.
+
+A checkpoint is written in phases (rank files, then the commit of ``latest.pt``, then the periodic
+links). Between two phases every rank must have finished the first: the training thread learns
+that from its per-step all-reduce and then ``release``s the next phase on every rank at once, so
+the ranks pass each barrier together. With one rank there is nobody to wait for and the phases
+run straight through.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from typing import Optional
+
+
+class WriteJob:
+    """The phases of one checkpoint on a daemon thread; ``busy``/``waiting``/``finished`` drive the barriers."""
+
+    def __init__(self, step: int, phases: list[Callable[[], None]], world_size: int) -> None:
+        self.step = step
+        self.error: Optional[BaseException] = None
+        self.started = time.monotonic()
+        self.ended: Optional[float] = None
+        self._phases = phases
+        self._allowed = len(phases) if world_size == 1 else 1  # phases the ranks agreed may run
+        self._done = 0
+        self._aborted = False
+        self._cond = threading.Condition()
+        self._thread = threading.Thread(target=self._run, name=f'checkpoint-step-{step}', daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        for index, phase in enumerate(self._phases):
+            with self._cond:
+                self._cond.wait_for(lambda i=index: self._allowed > i or self._aborted)
+                if self._aborted:
+                    return
+            try:
+                phase()
+            except BaseException as e:  # reported on the training thread, which decides for every rank
+                with self._cond:
+                    self.error = e
+                    self.ended = time.monotonic()
+                    self._cond.notify_all()
+                return
+            with self._cond:
+                self._done = index + 1
+                if self._done == len(self._phases):
+                    self.ended = time.monotonic()
+                self._cond.notify_all()
+
+    @property
+    def busy(self) -> bool:
+        """Working on a phase: the other ranks must not pass the next barrier yet."""
+        with self._cond:
+            return self.error is None and not self._aborted and self._done < self._allowed
+
+    @property
+    def finished(self) -> bool:
+        with self._cond:
+            return self.error is not None or self._aborted or self._done == len(self._phases)
+
+    def release(self) -> None:
+        """Every rank has finished the current phase: start the next one (called on all ranks together)."""
+        with self._cond:
+            if self._done == self._allowed < len(self._phases):
+                self._allowed += 1
+                self._cond.notify_all()
+
+    def wait(self, timeout: Optional[float] = None) -> bool:
+        """Wait until this rank is finished or waits at a barrier; True when finished."""
+        with self._cond:
+            self._cond.wait_for(lambda: self.error is not None or self._aborted or self._done == self._allowed, timeout)
+        return self.finished
+
+    def abort(self) -> None:
+        """Stop before the next phase (another rank failed): nothing more is written or committed."""
+        with self._cond:
+            self._aborted = True
+            self._cond.notify_all()
+        self._thread.join()
