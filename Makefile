@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DATA := data/stdlib
 
-.PHONY: venv data train test lint
+.PHONY: venv data train test lint bench
 
 # The venv is (re)installed only when missing or when pyproject.toml changed.
 $(STAMP): pyproject.toml
@@ -26,9 +26,14 @@ data: $(DATA)/train/index.json
 train: venv data
 	$(BIN)/composer -m prefix.train yamls/base.yaml
 
+# Two workers; tests sharing an expensive fixture stay on one worker (tests/conftest.py).
 test: venv
-	$(BIN)/python -m pytest -q -ra
+	$(BIN)/python -m pytest -q -ra -n 2 --dist loadgroup
 
 lint: venv
-	$(BIN)/ruff check prefix tests
+	$(BIN)/ruff check prefix tests benchmarks
 	$(BIN)/shellcheck runai/*.sh .ci/run
+
+# Checkpoint cost and resume time (benchmarks/README.md); not part of the tests.
+bench: venv data
+	$(BIN)/python benchmarks/checkpoint_bench.py --data $(DATA)

@@ -46,6 +46,7 @@ from prefix.checkpoint import (
     restore_rng,
 )
 from prefix.config import CheckpointConfig, parse_duration
+from prefix.meta import record_checkpoint
 from prefix.preemption import Preempted, PreemptionSignal
 from prefix.snapshot import HostSnapshot
 from prefix.writer import WriteJob
@@ -110,8 +111,11 @@ class Checkpointer(Callback):
         config: dict[str, Any],
         resume: Optional[ResumePoint],
         preemption: PreemptionSignal,
+        meta_dir: Optional[Path] = None,
     ) -> None:
         self.folder = folder
+        self.meta_dir = meta_dir  # where rank 0 summarizes each committed checkpoint (meta/checkpoint.json)
+        self._logger: Optional[Logger] = None
         self.preemption = preemption
         self.interval = Interval(cfg.interval)
         self.periodic = Interval(cfg.periodic_interval) if cfg.periodic_interval else None
@@ -142,6 +146,7 @@ class Checkpointer(Callback):
         log.info('resumed from %s at step %d', self.resume.filename, step)
 
     def fit_start(self, state: State, logger: Logger) -> None:
+        self._logger = logger
         self.interval.reset()
         if self.periodic:
             self.periodic.reset()
@@ -238,6 +243,8 @@ class Checkpointer(Callback):
             if rank == 0:
                 commit(temp_path(latest), latest)
                 self._remove_rank_files_beyond(world_size, LATEST)
+                if self.meta_dir is not None and payload is not None:
+                    record_checkpoint(self.meta_dir, record.step, payload['tokens_seen'], record.bytes)
 
         def link_periodic() -> None:
             if periodic:
@@ -267,12 +274,20 @@ class Checkpointer(Callback):
                 self._report(self._record)
 
     def _drain(self, state: State) -> None:
-        """Wait, every rank together, until the write in flight is committed everywhere."""
-        while self._job is not None:
+        """Wait, every rank together, until the write in flight is committed everywhere.
+
+        Collective: every rank runs the same number of rounds, because whether to go on is agreed too.
+        """
+        while True:
             job = self._job
-            job.wait()  # until this rank has finished or waits at a barrier
-            failed, busy = any_rank(state, [job.error is not None, job.busy])
+            if job is not None:
+                job.wait()  # until this rank has finished or waits at a barrier
+            failed, busy, unfinished = any_rank(state, [
+                job is not None and job.error is not None, job is not None and job.busy, job is not None and not job.finished,
+            ])
             self._advance(failed, busy)
+            if not unfinished:
+                return
 
     def _fail(self) -> None:
         job, self._job = self._job, None
@@ -294,6 +309,9 @@ class Checkpointer(Callback):
         log.info('checkpoint saved at step %d%s: training blocked %.3f s, written %s in %.3f s (%.1f MB)',
                  record.step, ' (and periodic)' if record.periodic else '', record.blocked_s, how,
                  record.write_s or 0.0, record.bytes / 1e6)
+        if self._logger is not None:
+            self._logger.log_metrics({'checkpoint/step': record.step, 'checkpoint/blocked_s': record.blocked_s,
+                                      'checkpoint/write_s': record.write_s, 'checkpoint/bytes': record.bytes})
 
     def _remove_rank_files_beyond(self, world_size: int, kind: str) -> None:
         """Rank files of ranks a smaller world no longer has belong to no checkpoint once the global file moved on."""

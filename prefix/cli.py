@@ -1,4 +1,4 @@
-"""The ``prefix`` command: ``prefix prepare`` (``python -m prefix.data``) and ``prefix train`` (``python -m prefix.train``)."""
+"""The ``prefix`` command: prepare data, train, and look at runs (``runs``, ``show``, ``plot``)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,9 @@ from typing import Optional
 COMMANDS = {
     'prepare': 'turn text into MDS shards (python -m prefix.data)',
     'train': 'train or resume a run in one process (python -m prefix.train)',
+    'runs': 'list the runs under runs_root: state, progress, checkpoints, preemptions [--root DIR] [--json]',
+    'show': "one run's config, starts, checkpoints and goodput: show RUN [--root DIR] [--json]",
+    'plot': "write a run's loss curve, resumes marked, to its logs/loss.png: plot RUN [--root DIR]",
 }
 
 
@@ -21,8 +24,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     if command == 'prepare':
         from prefix.data import main as prepare_main
         return prepare_main(rest)
-    from prefix.train import main as train_main
-    return train_main(rest)
+    if command == 'train':
+        from prefix.train import main as train_main
+        return train_main(rest)
+    from prefix.runs import main as runs_main
+    return runs_main(command, rest)
 
 
 if __name__ == '__main__':

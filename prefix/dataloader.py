@@ -7,7 +7,12 @@ resumed run replay the exact random numbers of an uninterrupted one.
 
 from __future__ import annotations
 
+import fcntl
+import os
 import signal
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +32,24 @@ def ignore_stop_signals(worker_id: int) -> None:
     """Workers leave SIGTERM/SIGINT to the main process, which saves and then shuts them down."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+@contextmanager
+def streaming_registration() -> Iterator[None]:
+    """Local leaders of different jobs on one machine create their StreamingDatasets in turn.
+
+    Streaming picks a shared-memory name by finding a free one and then creating it; two jobs
+    starting at the same moment can pick the same name and one fails with FileExistsError. The
+    local leader (LOCAL_RANK 0) creates the name, the other ranks only look it up, so only
+    leaders take this machine-wide lock (released by the kernel if the process dies).
+    """
+    if int(os.environ.get('LOCAL_RANK', '0')) != 0:
+        yield
+        return
+    shm = Path('/dev/shm')
+    with open((shm if shm.is_dir() else Path(tempfile.gettempdir())) / 'prefix-streaming.lock', 'a') as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 def collate(samples: list[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
@@ -49,15 +72,16 @@ def build_dataloader(
             f'(prepare it with python -m prefix.data {cfg.local} <text files>)',
         )
     try:
-        dataset = StreamingDataset(
-            remote=cfg.remote,
-            local=cfg.local,
-            split=split,
-            shuffle=cfg.shuffle and train,
-            shuffle_seed=seed,
-            batch_size=batch_size,
-            num_canonical_nodes=cfg.num_canonical_nodes,
-        )
+        with streaming_registration():
+            dataset = StreamingDataset(
+                remote=cfg.remote,
+                local=cfg.local,
+                split=split,
+                shuffle=cfg.shuffle and train,
+                shuffle_seed=seed,
+                batch_size=batch_size,
+                num_canonical_nodes=cfg.num_canonical_nodes,
+            )
         sample_len = len(dataset[0]['input_ids'])
     except DataError:
         raise

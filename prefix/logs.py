@@ -15,8 +15,6 @@ from typing import Any, Optional
 from composer.core import State
 from composer.loggers import Logger, LoggerDestination
 
-METRICS_FILE = 'metrics.jsonl'
-
 
 def _ignore_signals() -> None:
     # The tee must outlive a SIGTERM/SIGINT to the process group so the final save can still print.

@@ -5,7 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from prefix.config import validate_run_name
+# The files in meta/ and logs/ that the trainer writes and ``prefix runs``/``show``/``plot`` read.
+STARTS_FILE = 'starts.jsonl'        # meta/: a start record per start, an end record per start that ended on its own
+CHECKPOINT_FILE = 'checkpoint.json'  # meta/: the last committed checkpoint, summarized
+METRICS_FILE = 'metrics.jsonl'      # logs/: every metric Composer logs, with its step and time
 
 
 @dataclass(frozen=True)
@@ -26,6 +29,8 @@ class RunDir:
 
     @classmethod
     def for_run(cls, runs_root: str, run_name: str) -> RunDir:
+        from prefix.config import validate_run_name  # here: `prefix runs` reads run directories without torch
+
         return cls(Path(runs_root).expanduser().resolve() / validate_run_name(run_name))
 
     def create(self) -> RunDir:

@@ -33,10 +33,11 @@ from prefix.config import ConfigError, TrainConfig
 from prefix.data import DataError
 from prefix.dataloader import build_dataloader, count_tokens
 from prefix.drift import check_and_record
-from prefix.logs import METRICS_FILE, MetricsLogger, tee_output
-from prefix.meta import StartRecorder, write_snapshots
+from prefix.logs import MetricsLogger, tee_output
+from prefix.meta import StartRecorder, record_end, write_snapshots
 from prefix.preemption import PREEMPTED_EXIT_CODE, Preempted, PreemptionSignal
-from prefix.rundir import RunDir
+from prefix.rundir import METRICS_FILE, RunDir
+from prefix.runinfo import previous_start
 from prefix.runlock import LOCK_FILE, RunLock, RunLockedError
 
 USAGE = 'usage: composer [-n N] -m prefix.train CONFIG.yaml [key=value ...]'
@@ -111,61 +112,77 @@ def fit(
     preemption: PreemptionSignal,
 ) -> int:
     rank = dist.get_global_rank()
-    device_batch_size = cfg.global_batch_size // dist.get_world_size()
     git = write_snapshots(run.meta, config_lib.to_yaml(cfg)) if rank == 0 else {}
-
-    # Model: seeded just before construction so that the initial weights depend on the seed alone.
-    reproducibility.seed_all(cfg.seed)
-    model = ComposerGPT(cfg.model)
-
-    opt = cfg.optimizer
-    optimizer = DecoupledAdamW(model.parameters(), lr=opt.lr, betas=tuple(opt.betas), weight_decay=opt.weight_decay)
-    scheduler = CosineAnnealingWithWarmupScheduler(t_warmup=opt.warmup, alpha_f=opt.min_lr_ratio)
-    on_terminal = sys.stderr.isatty()
+    recorder = StartRecorder(run.meta, resume.filename if resume else None, git.get('commit'),
+                             previous_start(run.root) if rank == 0 else (None, None))
 
     trainer = Trainer(
+        **training_args(cfg, train_loader, val_loader, device),
         run_name=cfg.run_name,
-        model=model,
-        train_dataloader=DataSpec(train_loader, get_num_tokens_in_batch=count_tokens),
-        eval_dataloader=Evaluator(label='val', dataloader=val_loader, metric_names=list(model.val_metrics)),
-        eval_interval=cfg.eval_interval,
-        eval_subset_num_batches=cfg.eval_batches if cfg.eval_batches is not None else -1,
-        max_duration=cfg.max_duration,
-        optimizers=optimizer,
-        schedulers=scheduler,
-        step_schedulers_every_batch=True,
-        algorithms=[GradientClipping('norm', opt.grad_clip_norm)] if opt.grad_clip_norm > 0 else [],
-        device=device,
-        precision=cfg.precision or ('amp_bf16' if isinstance(device, DeviceGPU) else 'fp32'),
-        device_train_microbatch_size=cfg.device_microbatch_size or device_batch_size,
-        parallelism_config={'fsdp': cfg.fsdp} if cfg.fsdp else None,
-        seed=cfg.seed,
         # Resume goes through Composer's autoresume; our Checkpointer writes the files it reads.
         autoresume=True,
         save_folder=str(run.checkpoints),
         save_latest_filename=resume.filename if resume else 'latest.pt',
         save_interval=never,
         callbacks=[
-            Checkpointer(run.checkpoints, cfg.checkpoint, config_dict, resume, preemption),
-            StartRecorder(run.meta, resume.filename if resume else None, git.get('commit')),
+            Checkpointer(run.checkpoints, cfg.checkpoint, config_dict, resume, preemption, run.meta),
+            recorder,
         ],
         loggers=[MetricsLogger(run.logs / METRICS_FILE)],
-        progress_bar=on_terminal,
-        log_to_console=not on_terminal,
-        console_log_interval=cfg.log_interval,
-        console_stream='stdout',
     )
+    def ended(reason: str, error: Optional[BaseException] = None) -> None:
+        if recorder.recorded:
+            message = f'{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ""}' if error else None
+            record_end(run.meta, reason, int(trainer.state.timestamp.batch), message)
+
     try:
         trainer.fit()
     except Preempted as e:
+        ended('preempted')
         if rank == 0:
             print(f'run {cfg.run_name} {e}; run the same command to resume', flush=True)
         return PREEMPTED_EXIT_CODE
+    except Exception as e:
+        ended('failed', e)
+        raise
     finally:
         trainer.close()
+    ended('completed')
     if rank == 0:
         print(f'run {cfg.run_name} complete at step {int(trainer.state.timestamp.batch)} ({run.root})', flush=True)
     return 0
+
+
+def training_args(
+    cfg: TrainConfig, train_loader: StreamingDataLoader, val_loader: StreamingDataLoader, device: Device,
+) -> dict[str, Any]:
+    """The Trainer arguments that make the training math: model, optimizer, schedule, data, precision."""
+    # Model: seeded just before construction so that the initial weights depend on the seed alone.
+    reproducibility.seed_all(cfg.seed)
+    model = ComposerGPT(cfg.model)
+    opt = cfg.optimizer
+    on_terminal = sys.stderr.isatty()
+    return {
+        'model': model,
+        'train_dataloader': DataSpec(train_loader, get_num_tokens_in_batch=count_tokens),
+        'eval_dataloader': Evaluator(label='val', dataloader=val_loader, metric_names=list(model.val_metrics)),
+        'eval_interval': cfg.eval_interval,
+        'eval_subset_num_batches': cfg.eval_batches if cfg.eval_batches is not None else -1,
+        'max_duration': cfg.max_duration,
+        'optimizers': DecoupledAdamW(model.parameters(), lr=opt.lr, betas=tuple(opt.betas), weight_decay=opt.weight_decay),
+        'schedulers': CosineAnnealingWithWarmupScheduler(t_warmup=opt.warmup, alpha_f=opt.min_lr_ratio),
+        'step_schedulers_every_batch': True,
+        'algorithms': [GradientClipping('norm', opt.grad_clip_norm)] if opt.grad_clip_norm > 0 else [],
+        'device': device,
+        'precision': cfg.precision or ('amp_bf16' if isinstance(device, DeviceGPU) else 'fp32'),
+        'device_train_microbatch_size': cfg.device_microbatch_size or cfg.global_batch_size // dist.get_world_size(),
+        'parallelism_config': {'fsdp': cfg.fsdp} if cfg.fsdp else None,
+        'seed': cfg.seed,
+        'progress_bar': on_terminal,
+        'log_to_console': not on_terminal,
+        'console_log_interval': cfg.log_interval,
+        'console_stream': 'stdout',
+    }
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -14,11 +14,25 @@ from prefix.chaos import step_losses  # noqa: F401  (re-exported for the tests)
 from prefix.data import prepare
 from prefix.tokenizer import ByteTokenizer
 
+# One intra-op thread per training process: the suite runs on two xdist workers on two cores, and
+# every run of a test (references, killed and resumed runs) must do its arithmetic alike.
+os.environ['OMP_NUM_THREADS'] = '1'
+
 REPO = Path(__file__).resolve().parent.parent
 STDLIB = Path(sysconfig.get_paths()['stdlib'])
 # ~30 KB of train text (about 29 batches of 8 per epoch) and ~7 KB of val text.
 DATA_FILES = ['bisect.py', 'colorsys.py', 'abc.py', 'fnmatch.py', 'genericpath.py', 'stat.py', 'keyword.py', 'sched.py']
 SMOKE = REPO / 'yamls' / 'smoke.yaml'
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Under ``pytest -n 2 --dist loadgroup``, tests sharing an expensive session fixture run on one worker,
+    so each uninterrupted reference run and the finished run are trained once, not once per worker."""
+    for item in items:
+        for shared in ('reference', 'finished_run'):
+            if shared in getattr(item, 'fixturenames', ()):
+                item.add_marker(pytest.mark.xdist_group(shared))
+                break
 
 
 @pytest.fixture(scope='session')
@@ -117,6 +131,14 @@ def finished_run(tmp_path_factory: pytest.TempPathFactory, dataset: Path) -> Pat
     result = run_train(*smoke_args(root, dataset, 'max_duration=22ba'))
     assert result.returncode == 0, result.stderr[-3000:]
     return root / 'smoke'
+
+
+def starts(run: Path) -> list[dict]:
+    """The start records of ``meta/starts.jsonl`` (end records left out)."""
+    import json
+
+    records = [json.loads(line) for line in (run / 'meta' / 'starts.jsonl').read_text().splitlines()]
+    return [r for r in records if r['event'] == 'start']
 
 
 def copy_run(run: Path, dest: Path) -> Path:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, copy_run, group_gone, run_env, run_train, smoke_args, step_losses, train_cmd
+from conftest import REPO, copy_run, group_gone, run_env, run_train, smoke_args, starts, step_losses, train_cmd
 from test_checkpoint import flip_a_weight_byte
 
 from prefix.checkpoint import verify_crc
@@ -24,10 +24,6 @@ pytestmark = pytest.mark.slow
 
 def snapshot(folder: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
-
-
-def starts(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / 'meta' / 'starts.jsonl').read_text().splitlines()]
 
 
 def test_config_drift_is_refused_with_a_diff_or_forced(finished_run: Path, tmp_path: Path, dataset: Path) -> None:

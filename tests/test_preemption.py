@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -11,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, group_gone, run_env, run_train, smoke_args, step_losses, train_cmd, two_epochs
+from conftest import REPO, group_gone, run_env, run_train, smoke_args, starts, step_losses, train_cmd, two_epochs
 
 from prefix.preemption import PREEMPTED_EXIT_CODE
 
@@ -55,8 +54,7 @@ def test_sigterm_to_the_whole_group_saves_the_current_step(tmp_path: Path, datas
 
     resumed = run_train(*args)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    starts = [json.loads(line) for line in (run / 'meta' / 'starts.jsonl').read_text().splitlines()]
-    assert starts[-1]['start_step'] == step
+    assert starts(run)[-1]['start_step'] == step
 
     ref = reference(0, two_epochs(dataset))
     assert step_losses(ref) == step_losses(run)
@@ -84,7 +82,7 @@ def test_sigterm_to_the_composer_launcher_reaches_every_rank(tmp_path: Path, dat
     resumed = run_train(*args, nproc=2)
     assert resumed.returncode == 0, resumed.stdout[-3000:]
     assert sorted(step_losses(run)) == list(range(20))
-    assert [s['world_size'] for s in map(json.loads, (run / 'meta' / 'starts.jsonl').read_text().splitlines())] == [2, 2]
+    assert [s['world_size'] for s in starts(run)] == [2, 2]
 
 
 def test_a_launcher_killed_during_start_up_leaves_no_orphans(tmp_path: Path, dataset: Path) -> None:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, epoch_length, run_env, run_train, smoke_args, step_losses, train_cmd, two_epochs
+from conftest import REPO, epoch_length, run_env, run_train, smoke_args, starts, step_losses, train_cmd, two_epochs
 
 pytestmark = pytest.mark.slow
 
@@ -118,5 +118,4 @@ def test_sigkill_anywhere_single_process(tmp_path: Path, dataset: Path, referenc
     print('kills:', hits, 'folder samples:', sampler.samples)
     assert not sampler.violations, f'files outside the contract: {sampler.violations}'
     assert_same_training(reference(0, two_epochs(dataset)), tmp_path / 'killed' / 'smoke')
-    starts = (tmp_path / 'killed' / 'smoke' / 'meta' / 'starts.jsonl').read_text().splitlines()
-    assert len(starts) == 4
+    assert len(starts(tmp_path / 'killed' / 'smoke')) == 4

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, group_gone, step_losses
+from conftest import REPO, group_gone, starts, step_losses
 
 SCRIPTS = sorted(REPO.glob('runai/*.sh')) + [REPO / '.ci' / 'run']
 
@@ -51,8 +51,7 @@ def test_pod_command_forwards_sigterm_and_resumes(tmp_path: Path, dataset: Path)
 
     again = subprocess.run(cmd, env=pod_env(tmp_path), cwd=REPO, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stdout[-3000:]
-    starts = [json.loads(line) for line in (run / 'meta' / 'starts.jsonl').read_text().splitlines()]
-    assert [s['start_step'] for s in starts] == [0, step]
+    assert [s['start_step'] for s in starts(run)] == [0, step]
     assert sorted(step_losses(run)) == list(range(30))
 
 

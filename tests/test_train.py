@@ -18,7 +18,8 @@ def test_smoke_run_lays_out_the_run_directory_and_learns(tmp_path: Path, dataset
     assert sorted(p.name for p in (run / 'checkpoints').iterdir()) == [
         'latest.pt', 'latest_rank0.pt', 'periodic.pt', 'periodic_rank0.pt']
     assert {p.name for p in (run / 'logs').iterdir()} == {'metrics.jsonl', 'rank0.log'}
-    assert {p.name for p in (run / 'meta').iterdir()} == {'config.yaml', 'env.json', 'git.json', 'starts.jsonl'}
+    meta = {'checkpoint.json', 'config.yaml', 'env.json', 'git.json', 'starts.jsonl'}
+    assert {p.name for p in (run / 'meta').iterdir()} == meta
 
     losses = step_losses(run)
     assert sorted(losses) == list(range(60))
@@ -33,19 +34,21 @@ def test_smoke_run_lays_out_the_run_directory_and_learns(tmp_path: Path, dataset
     assert env['versions']['mosaicml'] == '0.32.1' and env['world_size'] == 1 and 'torch' in env['packages']
     git = json.loads((run / 'meta' / 'git.json').read_text())
     assert set(git) >= {'ref', 'commit', 'dirty'}
-    starts = [json.loads(line) for line in (run / 'meta' / 'starts.jsonl').read_text().splitlines()]
-    assert len(starts) == 1 and starts[0]['start_step'] == 0 and starts[0]['resumed_from'] is None
+    records = [json.loads(line) for line in (run / 'meta' / 'starts.jsonl').read_text().splitlines()]
+    assert [(r['event'], r.get('reason')) for r in records] == [('start', None), ('end', 'completed')]
+    starts = records[:1]
+    assert starts[0]['start_step'] == 0 and starts[0]['resumed_from'] is None
 
     latest = torch.load(run / 'checkpoints' / 'latest.pt', weights_only=True)
     assert latest['global_step'] == 60 and latest['tokens_seen'] == 60 * 8 * 128
 
     again = run_train(*smoke_args(tmp_path, dataset))
     assert again.returncode == 0 and 'already complete' in again.stdout
-    assert len((run / 'meta' / 'starts.jsonl').read_text().splitlines()) == 1, 'a finished run does not train again'
+    assert len((run / 'meta' / 'starts.jsonl').read_text().splitlines()) == 2, 'a finished run does not train again'
 
     longer = run_train(*smoke_args(tmp_path, dataset, 'max_duration=65ba'))
     assert longer.returncode == 0, longer.stderr[-3000:]
-    starts = [json.loads(line) for line in (run / 'meta' / 'starts.jsonl').read_text().splitlines()]
+    starts = [json.loads(line) for line in (run / 'meta' / 'starts.jsonl').read_text().splitlines() if '"start"' in line]
     assert starts[-1]['start_step'] == 60 and starts[-1]['resumed_from'] == 'latest.pt'
     assert max(step_losses(run)) == 64
 

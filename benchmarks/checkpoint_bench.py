@@ -1,0 +1,224 @@
+"""What a checkpoint costs: ``make bench`` (CPU, this machine). Prints ratios measured side by side in one run.
+
+For each model size, in one process and with the same model, data and interval, the variants are
+trained in turn, ``--reps`` times (the median is reported):
+
+- ``none``: Composer's Trainer alone, no checkpointing;
+- ``prefix-idle``: prefix's callbacks and logger attached, no checkpoint due (their cost per step);
+- ``composer``: Composer's own synchronous checkpointing;
+- ``prefix-sync`` / ``prefix-async``: prefix's Checkpointer, ``checkpoint.async_write`` false / true.
+
+The timed window runs from the end of step 2K-1 to the end of step (c+2)K-1: it holds c
+checkpoints (steps 2K..(c+1)K), skips the first one (buffers are allocated there), and ends K-1
+steps after the last one so that its background write is inside the window. A checkpoint's cost
+is the time the window grew over ``none``, divided by c. Then, in subprocesses, the time from
+process start to the first training step, fresh and resumed with a cold page cache, next to the
+disk's sequential bandwidth measured on the same folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from composer import Trainer
+from composer.core import Callback
+from composer.devices import DeviceCPU
+from composer.utils import dist
+
+from prefix import config as config_lib
+from prefix.checkpointer import Checkpointer, Interval
+from prefix.config import CheckpointConfig, load_config
+from prefix.dataloader import build_dataloader
+from prefix.logs import MetricsLogger
+from prefix.meta import StartRecorder
+from prefix.model import GPT
+from prefix.preemption import PreemptionSignal
+from prefix.train import training_args
+
+REPO = Path(__file__).resolve().parent.parent
+SIZES: dict[str, tuple[str, list[str], int, int]] = {
+    # name: (config, overrides, K = checkpoint interval in steps, c = checkpoints timed)
+    'smoke': ('yamls/smoke.yaml', [], 10, 5),
+    'gpt-57m': ('yamls/base.yaml', ['model.d_model=768', 'model.n_heads=12', 'model.n_layers=8', 'model.dropout=0.0',
+                                     'global_batch_size=2'], 3, 2),
+}
+VARIANTS = ('none', 'prefix-idle', 'composer', 'prefix-sync', 'prefix-async')
+
+
+def load(size: str, data: Path, root: Path, extra: tuple[str, ...] = ()) -> Any:
+    config, overrides, k, c = SIZES[size]
+    return load_config(str(REPO / config), [*overrides, f'data.local={data}', f'runs_root={root}', f'run_name=bench-{size}',
+                                            f'max_duration={(c + 2) * k}ba', 'eval_interval=100000ba', *extra])
+
+
+def drop_cache(path: Path) -> None:
+    """Evict a file's pages from the page cache, so the next read comes from the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def disk_bandwidth(folder: Path, size: int = 512 << 20) -> tuple[float, float]:
+    """Sequential write (with fsync) and cold read bandwidth in bytes/s of the disk under ``folder``."""
+    path = folder / 'bandwidth.bin'
+    block = os.urandom(16 << 20)
+    start = time.perf_counter()
+    with open(path, 'wb', buffering=0) as f:
+        for _ in range(size // len(block)):
+            f.write(block)
+        os.fsync(f.fileno())
+    write = size / (time.perf_counter() - start)
+    drop_cache(path)
+    start = time.perf_counter()
+    with open(path, 'rb', buffering=0) as f:
+        while f.read(16 << 20):
+            pass
+    read = size / (time.perf_counter() - start)
+    path.unlink()
+    return write, read
+
+
+def time_variant(size: str, variant: str, data: Path, root: Path, loaders: dict[str, Any]) -> dict[str, Any]:
+    """Train one variant in this process; returns the timed window and what its checkpoints cost."""
+    _, _, k, c = SIZES[size]
+    cfg = load(size, data, root)
+    folder = root / f'{size}-{variant}'
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    marks: dict[int, float] = {}
+
+    class Window(Callback):
+        def batch_end(self, state: Any, logger: Any) -> None:
+            step = int(state.timestamp.batch)
+            if step in (2 * k - 1, (c + 2) * k - 1):
+                marks[step] = time.perf_counter()
+
+    kwargs: dict[str, Any] = {'callbacks': [Window()]}
+    checkpointer = None
+    if variant == 'composer':
+        kwargs.update(save_folder=str(folder), save_interval=f'{k}ba', save_overwrite=True, save_num_checkpoints_to_keep=1)
+    elif variant.startswith('prefix'):
+        interval = '1h' if variant == 'prefix-idle' else f'{k}ba'
+        checkpointer = Checkpointer(folder, CheckpointConfig(interval, None, variant == 'prefix-async'),
+                                    config_lib.to_dict(cfg), None, PreemptionSignal())
+        kwargs['callbacks'] += [checkpointer, StartRecorder(folder, None, None)]
+        kwargs['loggers'] = [MetricsLogger(folder / 'metrics.jsonl')]
+    args = training_args(cfg, loaders['train'], loaders['val'], DeviceCPU())
+    args.update(progress_bar=False, log_to_console=False)
+    trainer = Trainer(**args, **kwargs)
+    trainer.fit()
+    trainer.close()
+    window = marks[(c + 2) * k - 1] - marks[2 * k - 1]
+    result: dict[str, Any] = {'window_s': window, 'steps': c * k}
+    if checkpointer is not None and variant != 'prefix-idle':
+        timed = [r for r in checkpointer.saves if 2 * k <= r.step <= (c + 1) * k]
+        result.update(blocked_s=statistics.median(r.blocked_s for r in timed),
+                      write_s=statistics.median(r.write_s for r in timed), bytes=timed[-1].bytes)
+    if variant == 'composer':
+        result['bytes'] = sum(p.stat().st_size for p in folder.iterdir() if p.is_file() and not p.is_symlink())
+    shutil.rmtree(folder, ignore_errors=True)
+    return result
+
+
+def startup(size: str, data: Path, root: Path) -> dict[str, float]:
+    """Process start to first step: a fresh start, then a resume from its checkpoint with a cold page cache."""
+    _, overrides, _, _ = SIZES[size]
+    config = str(REPO / SIZES[size][0])
+    args = [*overrides, f'data.local={data}', f'runs_root={root}', f'run_name=start-{size}', 'eval_interval=100000ba']
+    run = root / f'start-{size}'
+    shutil.rmtree(run, ignore_errors=True)
+
+    def first_step(max_duration: str) -> float:
+        begun = time.time()
+        subprocess.run([sys.executable, '-m', 'prefix.train', config, *args, f'max_duration={max_duration}'],
+                       check=True, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        with open(run / 'logs' / 'metrics.jsonl') as f:
+            times = [r['time'] for r in map(json.loads, f) if 'loss/train/total' in r and r['time'] > begun]
+        return min(times) - begun
+
+    fresh = first_step('2ba')
+    files = [run / 'checkpoints' / 'latest.pt', run / 'checkpoints' / 'latest_rank0.pt']
+    for path in files:
+        drop_cache(path)
+    size_bytes = sum(p.stat().st_size for p in files)
+    resumed = first_step('4ba')
+    shutil.rmtree(run, ignore_errors=True)
+    return {'fresh_s': fresh, 'resumed_s': resumed, 'checkpoint_bytes': size_bytes}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('--data', type=Path, default=REPO / 'data' / 'stdlib')
+    parser.add_argument('--folder', type=Path, default=None, help='where checkpoints are written (default: a temp dir)')
+    parser.add_argument('--reps', type=int, default=3)
+    parser.add_argument('--sizes', default=','.join(SIZES))
+    opts = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    dist.initialize_dist(DeviceCPU())
+    root = Path(tempfile.mkdtemp(prefix='prefix-bench-', dir=opts.folder))
+    write_bw, read_bw = disk_bandwidth(root)
+    print(f'disk under {root}: sequential write {write_bw / 1e6:.0f} MB/s (fsynced), cold read {read_bw / 1e6:.0f} MB/s')
+    base_interval = load_config(str(REPO / 'yamls/base.yaml'), []).checkpoint.interval
+    interval_s = Interval(base_interval).seconds or 0
+    for size in opts.sizes.split(','):
+        cfg = load(size, opts.data, root)
+        batch = cfg.global_batch_size
+        loaders = {split: build_dataloader(cfg.data, getattr(cfg.data, f'{split}_split'), batch_size=batch, seed=cfg.seed,
+                                           train=split == 'train', max_seq_len=cfg.model.max_seq_len)
+                   for split in ('train', 'val')}
+        params = sum(p.numel() for p in GPT(cfg.model).parameters())
+        runs: dict[str, list[dict[str, Any]]] = {v: [] for v in VARIANTS}
+        for rep in range(opts.reps):
+            for variant in VARIANTS:  # interleaved, so drift of the machine hits every variant alike
+                runs[variant].append(time_variant(size, variant, opts.data, root, loaders))
+            print(f'  {size}: repetition {rep + 1}/{opts.reps} done', flush=True)
+        report(size, params, runs, interval_s, base_interval)
+        s = startup(size, opts.data, root)
+        at_bw = s['checkpoint_bytes'] / read_bw
+        print(f'start to first step: fresh {s["fresh_s"]:.2f} s, resumed {s["resumed_s"]:.2f} s (cold cache); '
+              f'checkpoint {s["checkpoint_bytes"] / 1e6:.1f} MB = {at_bw:.2f} s at the disk\'s read bandwidth; '
+              f'resumed / (fresh + read at bandwidth) = {s["resumed_s"] / (s["fresh_s"] + at_bw):.2f} (goal <= 1.2)\n')
+
+
+def report(size: str, params: int, runs: dict[str, list[dict[str, Any]]], interval_s: float, interval: str) -> None:
+    med = {v: {key: statistics.median(r[key] for r in rs) for key in rs[0]} for v, rs in runs.items()}
+    none = med['none']
+    steps = none['steps']
+    c = steps // SIZES[size][2]
+    step = none['window_s'] / steps
+    sync_total = med['prefix-sync']['blocked_s']
+    print(f'\n{size}: {params / 1e6:.1f} M parameters, step {step * 1e3:.1f} ms with no checkpointing, '
+          f'{c} checkpoints timed, median of {len(runs["none"])} repetitions')
+    print(f'| variant | step time / none | per checkpoint: cost | blocked | blocked / prefix-sync save | write | MB '
+          f'| overhead at {interval} |')
+    print('| --- | --- | --- | --- | --- | --- | --- | --- |')
+    for variant, m in med.items():
+        cost = (m['window_s'] - none['window_s']) / c
+        row = [variant, f'{m["window_s"] / none["window_s"]:.3f}']
+        if variant in ('none', 'prefix-idle'):
+            row += ['-'] * 6
+        else:
+            blocked = m.get('blocked_s')
+            row += [f'{cost:.3f} s', f'{blocked:.3f} s' if blocked is not None else '(all)',
+                    f'{blocked / sync_total:.2f}' if blocked is not None else '-',
+                    f'{m["write_s"]:.3f} s' if 'write_s' in m else '-', f'{m["bytes"] / 1e6:.1f}',
+                    f'{100 * max(cost, 0) / interval_s:.3f} %' if interval_s else '-']
+        print('| ' + ' | '.join(row) + ' |')
+
+
+if __name__ == '__main__':
+    main()

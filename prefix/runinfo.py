@@ -1,0 +1,279 @@
+"""Read what a run directory says about the run: its state, its starts, its checkpoints, its goodput.
+
+Read-only and tolerant: a run is read while it trains (never taking its lock), and a half-written
+or damaged file is reported in ``problems``, never raised. ``prefix runs`` reads only small files
+and the tail of the metrics log, so that hundreds of runs list in well under a second.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from prefix.rundir import CHECKPOINT_FILE, METRICS_FILE, STARTS_FILE
+from prefix.runlock import LOCK_FILE
+
+LOSS = 'loss/train/total'
+EVAL_LOSS = 'metrics/val/LanguageCrossEntropy'
+YAML_LOADER = getattr(yaml, 'CSafeLoader', yaml.SafeLoader)  # libyaml when present: hundreds of runs stay fast
+LOCK_FRESH_S = 15  # the holder rewrites lock.json every 4 s (prefix.runlock)
+TAIL_BYTES = 1 << 16
+
+
+def read_jsonl(path: Path, problems: Optional[list[str]] = None) -> list[dict[str, Any]]:
+    """Every parseable line; a line cut by a kill is skipped (and reported unless it is the last)."""
+    try:
+        lines = path.read_text(errors='replace').splitlines()
+    except FileNotFoundError:
+        return []
+    records = []
+    for number, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            record = None
+        if isinstance(record, dict):
+            records.append(record)
+        elif problems is not None and number < len(lines):
+            problems.append(f'{path.name}:{number} is not a JSON record')
+    return records
+
+
+def tail_records(path: Path, nbytes: int = TAIL_BYTES) -> list[dict[str, Any]]:
+    """The records in the last ``nbytes`` of a JSON-lines file (the first, partial line dropped)."""
+    try:
+        with path.open('rb') as f:
+            size = f.seek(0, os.SEEK_END)
+            f.seek(max(0, size - nbytes))
+            data = f.read().decode(errors='replace')
+    except FileNotFoundError:
+        return []
+    lines = data.splitlines()[1 if size > nbytes else 0:]
+    records = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
+
+
+def last_step_after(run: Path, since: float) -> Optional[int]:
+    """Batches completed by the latest start (from the metrics log's tail), or None if it logged none."""
+    steps = [r['step'] + 1 for r in tail_records(run / 'logs' / METRICS_FILE) if LOSS in r and r.get('time', 0) >= since]
+    return max(steps) if steps else None
+
+
+def previous_start(run: Path) -> tuple[Optional[str], Optional[int]]:
+    """How the last start ended (``completed``, ``preempted``, ``failed`` or ``killed``) and the step it reached."""
+    events = read_jsonl(run / 'meta' / STARTS_FILE)
+    if not events:
+        return None, None
+    last = events[-1]
+    if last.get('event') == 'end':
+        return last.get('reason'), last.get('step')
+    reached = last_step_after(run, last.get('unix', 0))
+    return 'killed', reached if reached is not None else last.get('start_step')
+
+
+def lock_state(run: Path) -> Optional[float]:
+    """Seconds since the run's lock was last rewritten by its holder, or None when no lock exists."""
+    try:
+        return max(0.0, time.time() - (run / 'meta' / LOCK_FILE).stat().st_mtime)
+    except FileNotFoundError:
+        return None
+
+
+@dataclass
+class RunSummary:
+    """One line of ``prefix runs``."""
+
+    name: str
+    state: str
+    step: Optional[int] = None
+    max_duration: Optional[str] = None
+    tokens_seen: Optional[int] = None
+    checkpoint_step: Optional[int] = None
+    checkpoint_age_s: Optional[float] = None
+    starts: int = 0
+    redone_steps: int = 0
+    last_loss: Optional[float] = None
+    problems: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _max_batches(max_duration: Optional[str]) -> Optional[int]:
+    if max_duration and max_duration.endswith('ba') and max_duration[:-2].isdigit():
+        return int(max_duration[:-2])
+    return None
+
+
+def summarize(run: Path) -> RunSummary:
+    """The state and progress of one run from its small files; never raises for a damaged run."""
+    summary = RunSummary(run.name, 'unknown')
+    try:
+        _fill(run, summary)
+    except Exception as e:  # a damaged run is a row with its problem, never a crash of the listing
+        summary.state = 'unreadable'
+        summary.problems.append(f'{type(e).__name__}: {e}')
+    return summary
+
+
+def _fill(run: Path, s: RunSummary) -> None:
+    meta = run / 'meta'
+    events = read_jsonl(meta / STARTS_FILE, s.problems)
+    starts = [e for e in events if e.get('event', 'start') == 'start']
+    s.starts = len(starts)
+    s.redone_steps = sum(int(e.get('redone_steps') or 0) for e in starts)
+    try:
+        config = yaml.load((meta / 'config.yaml').read_text(), Loader=YAML_LOADER) or {}
+        s.max_duration = config.get('max_duration')
+    except FileNotFoundError:
+        pass
+    except yaml.YAMLError:
+        s.problems.append('config.yaml is not valid YAML')
+    try:
+        ckpt = json.loads((meta / CHECKPOINT_FILE).read_text())
+        s.checkpoint_step, s.tokens_seen = ckpt['step'], ckpt.get('tokens_seen')
+        s.checkpoint_age_s = max(0.0, time.time() - ckpt['unix'])
+    except FileNotFoundError:
+        pass
+    except (ValueError, KeyError, TypeError):
+        s.problems.append(f'{CHECKPOINT_FILE} is damaged')
+
+    tail = tail_records(run / 'logs' / METRICS_FILE)
+    since = starts[-1].get('unix', 0) if starts else 0
+    losses = [r for r in tail if LOSS in r]
+    if losses:
+        s.last_loss = losses[-1][LOSS]
+    current = [r['step'] + 1 for r in losses if r.get('time', 0) >= since]
+    s.step = max(current) if current else (starts[-1].get('start_step') if starts else s.checkpoint_step)
+
+    lock_age = lock_state(run)
+    last = events[-1] if events else None
+    if lock_age is not None and lock_age < LOCK_FRESH_S:
+        s.state = 'running'
+    elif last is None:
+        s.state = 'new'
+    elif last.get('event') == 'end' and last.get('reason') in ('completed', 'failed', 'preempted'):
+        s.state = last['reason']
+    else:
+        s.state = 'preempted'  # started and gone without an end record: killed (SIGKILL, OOM, lost node)
+    total = _max_batches(s.max_duration)
+    if s.state == 'preempted' and total is not None and s.checkpoint_step is not None and s.checkpoint_step >= total:
+        s.state = 'completed'
+
+
+def list_runs(root: Path) -> list[RunSummary]:
+    """Every run directory under ``root`` (a folder with ``meta/``), sorted by name."""
+    if not root.is_dir():
+        return []
+    return [summarize(p) for p in sorted(root.iterdir(), key=lambda p: p.name) if (p / 'meta').is_dir()]
+
+
+# --- one run in detail (``prefix show``): reads the whole metrics log and the checkpoint headers ---
+
+def pair_starts(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each start with how it ended: its end record's reason, or ``killed`` when a later start follows without one."""
+    starts: list[dict[str, Any]] = []
+    for event in events:
+        if event.get('event', 'start') == 'start':
+            starts.append({**event, 'end': None})
+        elif event.get('event') == 'end' and starts and starts[-1]['end'] is None:
+            starts[-1]['end'] = event
+    return starts
+
+
+def goodput(starts: list[dict[str, Any]], metrics: list[dict[str, Any]], running: bool) -> dict[str, float]:
+    """Where the wall-clock time of every start went: start-up, checkpointing, steps kept, steps redone.
+
+    A start runs from its process start to its end record (or, if killed, its last logged metric).
+    Steps past the step the next start resumed from were lost to the preemption and trained again.
+    Time between starts (waiting for the cluster to reschedule) is reported apart from goodput.
+    """
+    totals = {'total_s': 0.0, 'startup_s': 0.0, 'checkpoint_s': 0.0, 'lost_s': 0.0, 'kept_s': 0.0, 'waiting_s': 0.0}
+    previous_end: Optional[float] = None
+    for index, start in enumerate(starts):
+        begun, launched = start.get('unix'), start.get('process_start')
+        if begun is None or launched is None:
+            continue  # written by an older prefix: no timings
+        following = starts[index + 1] if index + 1 < len(starts) else None
+        limit = following.get('process_start', float('inf')) if following else float('inf')
+        mine = [r for r in metrics if begun <= r.get('time', -1) < limit]
+        if start['end'] is not None:
+            ended = start['end']['unix']
+        elif following is None and running:
+            ended = time.time()
+        else:
+            ended = max((r['time'] for r in mine), default=begun)
+        checkpointing = sum(r.get('checkpoint/blocked_s') or 0.0 for r in mine)
+        lost = 0.0
+        if following is not None:
+            resumed_at = following.get('start_step', 0)
+            kept_until = [r['time'] for r in mine if LOSS in r and r['step'] + 1 == resumed_at]
+            reached = max((r['step'] + 1 for r in mine if LOSS in r), default=start.get('start_step', 0))
+            if reached > resumed_at:
+                lost = ended - (kept_until[-1] if kept_until else begun)
+        if previous_end is not None:
+            totals['waiting_s'] += max(0.0, launched - previous_end)
+        previous_end = ended
+        totals['total_s'] += ended - launched
+        totals['startup_s'] += begun - launched
+        totals['checkpoint_s'] += checkpointing
+        totals['lost_s'] += lost
+        totals['kept_s'] += max(0.0, ended - begun - checkpointing - lost)
+    totals['goodput'] = totals['kept_s'] / totals['total_s'] if totals['total_s'] > 0 else 0.0
+    return totals
+
+
+def checkpoint_files(folder: Path, problems: list[str]) -> list[dict[str, Any]]:
+    """Every checkpoint file with its step (read from the file), size and age."""
+    import torch  # only here: listing runs must stay fast
+
+    files = []
+    for path in sorted(folder.glob('*.pt')):
+        entry: dict[str, Any] = {'file': path.name, 'bytes': path.stat().st_size,
+                                 'age_s': max(0.0, time.time() - path.stat().st_mtime), 'step': None}
+        try:
+            entry['step'] = int(torch.load(path, map_location='cpu', weights_only=True, mmap=True)['global_step'])
+        except Exception as e:
+            problems.append(f'{path.name} cannot be read ({type(e).__name__})')
+        files.append(entry)
+    return files
+
+
+def details(run: Path) -> dict[str, Any]:
+    """Everything ``prefix show`` prints, as plain data (also its ``--json``)."""
+    summary = summarize(run)
+    problems = summary.problems
+    events = read_jsonl(run / 'meta' / STARTS_FILE)
+    starts = pair_starts(events)
+    for index, start in enumerate(starts):
+        if start['end'] is None:
+            start['ended'] = 'running' if index == len(starts) - 1 and summary.state == 'running' else 'killed'
+        else:
+            start['ended'] = start['end'].get('reason')
+    info: dict[str, Any] = {'summary': summary.as_dict(), 'config': {}, 'git': {}, 'starts': starts, 'checkpoints': []}
+    try:
+        info['config'] = yaml.safe_load((run / 'meta' / 'config.yaml').read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        pass
+    try:
+        info['git'] = json.loads((run / 'meta' / 'git.json').read_text())
+    except (OSError, ValueError):
+        pass
+    if (run / 'checkpoints').is_dir():
+        info['checkpoints'] = checkpoint_files(run / 'checkpoints', problems)
+    metrics = read_jsonl(run / 'logs' / METRICS_FILE, problems)
+    info['goodput'] = goodput(starts, metrics, summary.state == 'running')
+    return info
