@@ -56,10 +56,10 @@ SIZES: dict[str, tuple[str, list[str], int, int]] = {
 VARIANTS = ('none', 'prefix-idle', 'composer', 'prefix-sync', 'prefix-async')
 
 
-def load(size: str, data: Path, root: Path, extra: tuple[str, ...] = ()) -> Any:
+def load(size: str, data: Path, root: Path) -> Any:
     config, overrides, k, c = SIZES[size]
     return load_config(str(REPO / config), [*overrides, f'data.local={data}', f'runs_root={root}', f'run_name=bench-{size}',
-                                            f'max_duration={(c + 2) * k}ba', 'eval_interval=100000ba', *extra])
+                                            f'max_duration={(c + 2) * k}ba', 'eval_interval=100000ba'])
 
 
 def drop_cache(path: Path) -> None:
