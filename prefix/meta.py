@@ -19,13 +19,13 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-import psutil
 import torch
 from composer.core import Callback, State
 from composer.loggers import Logger
 from composer.utils import dist
 
 from prefix.atomic import atomic_write_text
+from prefix.process import started_at
 from prefix.rundir import CHECKPOINT_FILE, STARTS_FILE
 
 SCHEDULER_ENV_PREFIXES = (
@@ -115,7 +115,7 @@ class StartRecorder(Callback):
         if dist.get_global_rank() != 0:
             return
         now = time.time()
-        process_start = psutil.Process().create_time()
+        process_start = started_at()
         step = int(state.timestamp.batch)
         previous_end, reached = self.previous
         append_record(self.path, {

@@ -200,6 +200,8 @@ def goodput(starts: list[dict[str, Any]], metrics: list[dict[str, Any]], running
     A start runs from its process start to its end record (or, if killed, its last logged metric).
     Steps past the step the next start resumed from were lost to the preemption and trained again.
     Time between starts (waiting for the cluster to reschedule) is reported apart from goodput.
+    A start's metrics are those logged before the next start began training (its ``unix``): the next
+    process cannot log before that, and this one logged nothing after it was killed.
     """
     totals = {'total_s': 0.0, 'startup_s': 0.0, 'checkpoint_s': 0.0, 'lost_s': 0.0, 'kept_s': 0.0, 'waiting_s': 0.0}
     previous_end: Optional[float] = None
@@ -208,7 +210,7 @@ def goodput(starts: list[dict[str, Any]], metrics: list[dict[str, Any]], running
         if begun is None or launched is None:
             continue  # written by an older prefix: no timings
         following = starts[index + 1] if index + 1 < len(starts) else None
-        limit = following.get('process_start', float('inf')) if following else float('inf')
+        limit = following.get('unix', float('inf')) if following else float('inf')
         mine = [r for r in metrics if begun <= r.get('time', -1) < limit]
         if start['end'] is not None:
             ended = start['end']['unix']

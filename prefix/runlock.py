@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from prefix.atomic import atomic_write_text
+from prefix.process import start_ticks
 
 log = logging.getLogger(__name__)
 
@@ -35,11 +36,8 @@ class RunLockedError(RuntimeError):
 
 
 def _start_time(pid: int) -> Optional[str]:
-    """The process's start time in clock ticks since boot (tells a reused pid apart), or None if gone."""
-    try:
-        return Path(f'/proc/{pid}/stat').read_text().rsplit(')', 1)[1].split()[19]
-    except (OSError, IndexError):
-        return None
+    ticks = start_ticks(pid)
+    return None if ticks is None else str(ticks)
 
 
 class RunLock:
