@@ -12,10 +12,12 @@ import os
 import signal
 import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import streaming.base.shared.prefix as streaming_prefix
 import torch
 from streaming import StreamingDataLoader, StreamingDataset
 
@@ -35,21 +37,49 @@ def ignore_stop_signals(worker_id: int) -> None:
 
 
 @contextmanager
-def streaming_registration() -> Iterator[None]:
-    """Local leaders of different jobs on one machine create their StreamingDatasets in turn.
-
-    Streaming picks a shared-memory name by finding a free one and then creating it; two jobs
-    starting at the same moment can pick the same name and one fails with FileExistsError. The
-    local leader (LOCAL_RANK 0) creates the name, the other ranks only look it up, so only
-    leaders take this machine-wide lock (released by the kernel if the process dies).
-    """
-    if int(os.environ.get('LOCAL_RANK', '0')) != 0:
-        yield
-        return
+def _machine_lock() -> Iterator[None]:
+    """A lock shared by every prefix job on this machine, released by the kernel if the holder dies."""
     shm = Path('/dev/shm')
     with open((shm if shm.is_dir() else Path(tempfile.gettempdir())) / 'prefix-streaming.lock', 'a') as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         yield
+
+
+@contextmanager
+def streaming_registration() -> Iterator[None]:
+    """Create StreamingDatasets so that the ranks of a node agree on their shared memory, next to other jobs.
+
+    Streaming 0.13.0's ``streaming.base.shared.prefix.get_shm_prefix`` has every rank search for the
+    first free shared-memory prefix on its own, before the node's leader registers it. A job that
+    registers or releases a prefix in between (two jobs starting on one machine) makes the ranks
+    disagree: one fails with "shared memory registered does not match", or attaches to the other
+    job's memory. Within this block only the local leader (LOCAL_RANK 0) searches, holding a
+    machine-wide lock until it has registered, and the node's other ranks take its answer.
+    """
+    search = streaming_prefix._check_and_find_retrying
+    local_rank = int(os.environ.get('LOCAL_RANK', '0'))
+
+    def leaders_answer(*args: Any, **kwargs: Any) -> int:
+        found: Any = None
+        if local_rank == 0:
+            try:
+                found = search(*args, **kwargs)
+            except Exception as e:  # e.g. a reused local directory: every rank of the node raises it
+                found = e
+        if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            answers: list[Any] = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(answers, found)
+            found = answers[torch.distributed.get_rank() - local_rank]
+        if isinstance(found, Exception):
+            raise found
+        return found
+
+    streaming_prefix._check_and_find_retrying = leaders_answer
+    try:
+        with _machine_lock() if local_rank == 0 else nullcontext():
+            yield
+    finally:
+        streaming_prefix._check_and_find_retrying = search
 
 
 def collate(samples: list[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:

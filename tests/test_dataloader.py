@@ -1,7 +1,10 @@
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import free_port, run_env
 
 from prefix.config import DataConfig
 from prefix.data import DataError
@@ -64,3 +67,53 @@ def test_unreachable_remote_is_one_line(tmp_path: Path, monkeypatch: pytest.Monk
     with pytest.raises(DataError, match='cannot read the train split of s3://nowhere/ds') as err:
         build_dataloader(cfg, 'train', batch_size=4, seed=1, train=True, max_seq_len=128)
     assert '\n' not in str(err.value)
+
+
+RACE = '''
+import os, sys, time
+from pathlib import Path
+import torch.distributed
+import streaming.base.shared.prefix as streaming_prefix
+from streaming import StreamingDataset
+from streaming.base.constant import LOCALS
+from streaming.base.shared import SharedMemory
+from prefix.dataloader import streaming_registration
+
+rank, data, searched = int(os.environ['RANK']), sys.argv[1], Path(sys.argv[2])
+torch.distributed.init_process_group('gloo')
+original = streaming_prefix._check_and_find
+foreign = []
+
+def search(streams_local, streams_remote, shm_name):
+    if rank == 1 and shm_name == LOCALS and not foreign:
+        while not searched.exists():  # rank 0 has looked; now another job registers the prefix it found
+            time.sleep(0.01)
+        prefix = original(streams_local, streams_remote, shm_name)
+        payload = streaming_prefix._pack_locals(['/another/job/train'], prefix)
+        foreign.append(SharedMemory(streaming_prefix._get_path(prefix, LOCALS), True, len(payload)))
+        foreign[0].buf[:len(payload)] = payload
+    found = original(streams_local, streams_remote, shm_name)
+    if rank == 0 and shm_name == LOCALS:
+        searched.touch()
+    return found
+
+streaming_prefix._check_and_find = search
+with streaming_registration():
+    dataset = StreamingDataset(local=data, split='train', batch_size=4)
+print('prefix', dataset._shm_prefix_int)
+'''
+
+
+def test_ranks_of_a_node_agree_on_streamings_shared_memory_while_another_job_registers(
+        dataset: Path, tmp_path: Path) -> None:
+    """Streaming has every rank look for a free prefix on its own; another job registering one in between
+    made rank 1 disagree with its leader. Only the leader looks now; rank 1 never searches."""
+    port = free_port()
+    procs = [subprocess.Popen([sys.executable, '-c', RACE, str(dataset), str(tmp_path / 'searched')],
+                              env=run_env(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE='2', LOCAL_WORLD_SIZE='2',
+                                          MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port)),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs[1][1][-2000:] + outs[0][1][-2000:]
+    prefixes = {out.split()[-1] for out, _ in outs}
+    assert len(prefixes) == 1, 'both ranks use the prefix their leader registered'
