@@ -172,6 +172,7 @@ class Checkpointer(Callback):
             self.save(state, periodic=periodic, wait=preempt)
         if preempt:
             raise Preempted(step)
+        self.preemption.arm()  # a step exists that a stop signal should save
 
     def fit_end(self, state: State, logger: Logger) -> None:
         self._drain(state)

@@ -1,15 +1,20 @@
 """Graceful preemption: SIGTERM (or SIGINT) asks for a checkpoint at the end of the current batch.
 
 On Kubernetes a preemption is SIGTERM to the container's first process, a grace period, then
-SIGKILL. The handler only records the request; the ``Checkpointer`` agrees on it across ranks at
-the end of the batch, saves, and raises ``Preempted`` so the process exits non-zero (a preempted
-run must not look completed, or it would not be restarted). Further signals are logged and
-ignored so they cannot interrupt the save; SIGKILL still can, and atomic writes keep the previous
-checkpoint whole.
+SIGKILL. Once training has done its first step, the handler only records the request; the
+``Checkpointer`` agrees on it across ranks at the end of the batch, saves, and raises ``Preempted``
+so the process exits non-zero (a preempted run must not look completed, or it would not be
+restarted). Further SIGTERMs are logged and ignored so they cannot interrupt the save; a second
+SIGINT (a person at a terminal) ends the process at once; SIGKILL still can, and atomic writes keep
+the previous checkpoint whole.
 
-Composer installs a SIGTERM handler at import that exits at once without saving; ``install``
-runs after that import and replaces it. A rank started by the ``composer`` launcher also asks the
-kernel for SIGTERM when the launcher dies, since the launcher does not forward the signal.
+Before the first step of a start there is nothing new to save: a stop signal ends the process at
+once, with the kernel's default action, even while it waits in a collective or reads a checkpoint.
+
+Composer installs a SIGTERM handler at import that exits without saving; ``install`` runs after
+that import and replaces it. A rank started by the ``composer`` launcher also asks the kernel for
+SIGTERM when the launcher dies: a launcher that gets SIGTERM passes it on to its ranks, but one that
+is killed outright passes nothing.
 """
 
 from __future__ import annotations
@@ -36,20 +41,34 @@ class Preempted(Exception):
 
 
 class PreemptionSignal:
-    """Records SIGTERM/SIGINT; ``requested`` is read once per batch."""
+    """SIGTERM/SIGINT: the default action until ``arm``, then recorded; ``requested`` is read once per batch."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self) -> None:
         self.requested = False
         self.signal_name: Optional[str] = None
+        self.armed = False
 
     def install(self) -> PreemptionSignal:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._handle)
+        """Until ``arm``, a stop signal ends the process at once (replacing Composer's handler)."""
+        for sig in self.SIGNALS:
+            signal.signal(sig, signal.SIG_DFL)
         return self
+
+    def arm(self) -> None:
+        """Training has done a step worth saving: from now on a stop signal asks for a checkpoint."""
+        if not self.armed:
+            for sig in self.SIGNALS:
+                signal.signal(sig, self._handle)
+            self.armed = True
 
     def _handle(self, signum: int, frame: Optional[FrameType]) -> None:
         name = signal.Signals(signum).name
         if self.requested:
+            if signum == signal.SIGINT and self.signal_name == 'SIGINT':
+                log.warning('SIGINT received again: exiting now without finishing the checkpoint')
+                os._exit(128 + signal.SIGINT)
             log.warning('%s received again: already stopping at the end of this batch', name)
             return
         self.requested, self.signal_name = True, name
