@@ -67,10 +67,16 @@ def wait_group(pgid: int, timeout: float = 120) -> None:
     raise RuntimeError(f'processes of group {pgid} still alive {timeout}s after the signal')
 
 
-def run_to_end(cmd: list[str]) -> None:
-    result = subprocess.run(cmd, capture_output=True, text=True)
-    if result.returncode != 0:
-        raise RuntimeError(f'run failed with exit code {result.returncode}:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}')
+def tail(console: Path, nbytes: int = 3000) -> str:
+    return console.read_text(errors='replace')[-nbytes:]
+
+
+def run_to_end(cmd: list[str], console: Path) -> None:
+    """Run ``cmd`` to its end, its console kept in ``console``; raise if it fails."""
+    with console.open('w') as out:
+        code = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT).returncode
+    if code != 0:
+        raise RuntimeError(f'run failed with exit code {code} (console: {console}):\n{tail(console)}')
 
 
 def check_contract(run: Path, nproc: int) -> None:
@@ -96,13 +102,14 @@ def compare(reference: Path, run: Path) -> None:
         raise AssertionError('final weights differ from the uninterrupted run')
 
 
-def _wait(proc: subprocess.Popen, ready, timeout: float) -> bool:
+def _wait(proc: subprocess.Popen, console: Path, ready, timeout: float) -> bool:
     """Wait for ``ready()`` or ``timeout``; True if the run ended by itself first (it must have succeeded)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and not ready():
         if proc.poll() is not None:
             if proc.returncode != 0:
-                raise RuntimeError(f'run exited with {proc.returncode} before it was killed')
+                raise RuntimeError(f'run exited with {proc.returncode} before it was killed (console: {console}):\n'
+                                   f'{tail(console)}')
             return True
         time.sleep(0.01)
     return False
@@ -113,23 +120,27 @@ def chaos(config: str, overrides: list[str], work: Path, nproc: int, kills: int,
     rng = random.Random(seed)
     run_name = 'chaos'
     base = [*overrides, f'run_name={run_name}']
+    consoles = work / 'consoles'
+    consoles.mkdir(parents=True, exist_ok=True)
     if reference is None:
-        run_to_end(command(config, [*base, f'runs_root={work / "reference"}'], nproc))
+        run_to_end(command(config, [*base, f'runs_root={work / "reference"}'], nproc), consoles / 'reference.log')
         reference = work / 'reference' / run_name
     cmd = command(config, [*base, f'runs_root={work / "chaos"}'], nproc)
     run = work / 'chaos' / run_name
     history = []
     while len(history) < kills:
-        proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        console = consoles / f'start-{len(history) + 1}.log'
+        with console.open('w') as out:
+            proc = subprocess.Popen(cmd, start_new_session=True, stdout=out, stderr=subprocess.STDOUT)
         how = rng.choice(KILLS)
         if history and rng.random() < 0.25:  # during start-up: resume, lock, data, Composer's autoresume
             moment = f'{rng.uniform(0, startup):.1f}s after start'
-            if _wait(proc, lambda: False, timeout=float(moment.split('s')[0])):
+            if _wait(proc, console, lambda: False, timeout=float(moment.split('s')[0])):
                 break
         else:  # somewhere inside a later step: training, evaluation or a checkpoint write
             target = max(step_losses(run), default=-1) + rng.randint(1, max_steps)
             moment = f'in step {target + 1}'
-            if _wait(proc, lambda t=target: max(step_losses(run), default=-1) >= t, timeout=300):
+            if _wait(proc, console, lambda t=target: max(step_losses(run), default=-1) >= t, timeout=300):
                 break
             time.sleep(rng.uniform(0, 0.2))
         if how == 'SIGKILL all':
@@ -142,7 +153,7 @@ def chaos(config: str, overrides: list[str], work: Path, nproc: int, kills: int,
         wait_group(proc.pid)
         history.append(f'{how} {moment}')
         print(f'  kill {len(history)}: {history[-1]}', flush=True)
-    run_to_end(cmd)
+    run_to_end(cmd, consoles / f'start-{len(history) + 1}.log')
     check_contract(run, nproc)
     compare(reference, run)
     return history
