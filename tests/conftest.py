@@ -90,6 +90,27 @@ def run_env(**extra: str) -> dict[str, str]:
     return env
 
 
+FAULTS = Path(__file__).resolve().parent / 'faults'
+
+
+def faults(*rules: dict) -> dict[str, str]:
+    """Environment that makes the trainer's processes load ``tests/faults/sitecustomize.py`` with ``rules``."""
+    import json
+
+    return {'PYTHONPATH': os.pathsep.join(filter(None, [str(FAULTS), os.environ.get('PYTHONPATH')])),
+            'PREFIX_TEST_FAULTS': json.dumps(rules)}
+
+
+def wait_for(ready, proc: subprocess.Popen | None = None, what: str = 'the state the test waits for') -> None:
+    """Poll ``ready()`` until it holds; fail at once if ``proc`` exits first. No deadline: states, not times."""
+    import time
+
+    while not ready():
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f'the run exited with {proc.returncode} before {what}')
+        time.sleep(0.02)
+
+
 def run_train(*args: str, nproc: int = 0, timeout: float = 300, **env: str) -> subprocess.CompletedProcess:
     return subprocess.run(train_cmd(*args, nproc=nproc), env=run_env(**env), capture_output=True, text=True,
                           timeout=timeout, cwd=REPO)
@@ -139,6 +160,16 @@ def starts(run: Path) -> list[dict]:
 
     records = [json.loads(line) for line in (run / 'meta' / 'starts.jsonl').read_text().splitlines()]
     return [r for r in records if r['event'] == 'start']
+
+
+def committed_step(run: Path) -> int | None:
+    """The step of the last committed checkpoint, from ``meta/checkpoint.json`` (None before the first)."""
+    import json
+
+    try:
+        return json.loads((run / 'meta' / 'checkpoint.json').read_text())['step']
+    except (FileNotFoundError, ValueError):
+        return None
 
 
 def copy_run(run: Path, dest: Path) -> Path:

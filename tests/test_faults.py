@@ -8,12 +8,24 @@ import os
 import resource
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, copy_run, group_gone, run_env, run_train, smoke_args, starts, step_losses, train_cmd
+from conftest import (
+    REPO,
+    committed_step,
+    copy_run,
+    faults,
+    group_gone,
+    run_env,
+    run_train,
+    smoke_args,
+    starts,
+    step_losses,
+    train_cmd,
+    wait_for,
+)
 from test_checkpoint import flip_a_weight_byte
 
 from prefix.checkpoint import verify_crc
@@ -73,13 +85,13 @@ def test_a_failed_checkpoint_write_keeps_the_previous_checkpoint(finished_run: P
 
 
 def test_a_second_process_on_the_same_run_is_refused(tmp_path: Path, dataset: Path) -> None:
-    args = smoke_args(tmp_path, dataset, 'max_duration=400ba')
-    first = subprocess.Popen(train_cmd(*args), env=run_env(), cwd=REPO, start_new_session=True,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    args = smoke_args(tmp_path, dataset, 'max_duration=40ba')
+    held = tmp_path / 'held'
+    first = subprocess.Popen(train_cmd(*args), env=run_env(**faults({'op': 'step', 'step': 2, 'marker': str(held),
+                                                                      'block': True})),
+                             cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        while not (tmp_path / 'smoke' / 'logs' / 'metrics.jsonl').exists():
-            assert first.poll() is None
-            time.sleep(0.1)
+        wait_for(held.exists, first, 'step 2')
         second = run_train(*args)
         assert second.returncode == 1
         assert f'is in use by pid {first.pid} on host' in second.stderr and second.stderr.strip().count('\n') == 0
@@ -96,15 +108,17 @@ def test_world_size_changes_carry_model_optimizer_and_data_position(tmp_path: Pa
     args = smoke_args(tmp_path / 'elastic', dataset, 'max_duration=24ba', 'model.dropout=0.0', 'checkpoint.interval=1h',
                       'checkpoint.periodic_interval=null')
     run = tmp_path / 'elastic' / 'smoke'
-    for nproc, stop_after in ((2, 7), (1, 15)):
-        proc = subprocess.Popen(train_cmd(*args, nproc=nproc if nproc > 1 else 0), env=run_env(), cwd=REPO,
+    for nproc, stop_at in ((2, 8), (1, 16)):
+        held, release = tmp_path / f'held-{stop_at}', tmp_path / f'release-{stop_at}'
+        hold = {'op': 'step', 'step': stop_at, 'marker': str(held), 'block': True, 'release': str(release)}
+        proc = subprocess.Popen(train_cmd(*args, nproc=nproc if nproc > 1 else 0), env=run_env(**faults(hold)), cwd=REPO,
                                 start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        while max(step_losses(run), default=-1) < stop_after if (run / 'logs' / 'metrics.jsonl').exists() else True:
-            assert proc.poll() is None
-            time.sleep(0.02)
+        wait_for(lambda h=held, n=nproc: h.exists() and len(h.read_text().splitlines()) == n, proc, f'step {stop_at}')
         os.killpg(proc.pid, signal.SIGTERM)
-        assert proc.wait(timeout=60) in (PREEMPTED_EXIT_CODE, -signal.SIGTERM)
-        assert group_gone(proc.pid, timeout=60), 'the ranks save and exit'
+        release.touch()
+        assert proc.wait(timeout=120) in (PREEMPTED_EXIT_CODE, -signal.SIGTERM)
+        assert group_gone(proc.pid, timeout=120), 'the ranks save and exit'
+        assert torch.load(run / 'checkpoints' / 'latest.pt', weights_only=True)['global_step'] == stop_at
         ckpts = {p.name for p in (run / 'checkpoints').iterdir()}
         assert ckpts == ({'latest.pt', 'latest_rank0.pt', 'latest_rank1.pt'} if nproc == 2 else
                          {'latest.pt', 'latest_rank0.pt'}), 'rank files of ranks the run no longer has are removed'
@@ -123,11 +137,11 @@ def test_a_killed_run_streaming_from_a_remote_restarts(tmp_path: Path, s3_datase
     remote, env = s3_dataset
     args = smoke_args(tmp_path / 'runs', tmp_path / 'cache', f'data.remote={remote}', 'max_duration=16ba')
     run = tmp_path / 'runs' / 'smoke'
-    proc = subprocess.Popen(train_cmd(*args), env=run_env(**env), cwd=REPO, start_new_session=True,
+    held = tmp_path / 'held'
+    hold = {'op': 'step', 'step': 8, 'marker': str(held), 'block': True}
+    proc = subprocess.Popen(train_cmd(*args), env=run_env(**env, **faults(hold)), cwd=REPO, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    while max(step_losses(run), default=-1) < 7 if (run / 'logs' / 'metrics.jsonl').exists() else True:
-        assert proc.poll() is None
-        time.sleep(0.02)
+    wait_for(lambda: held.exists() and committed_step(run) == 5, proc, 'step 8')
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     result = run_train(*args, **env)

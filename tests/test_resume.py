@@ -17,11 +17,25 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, epoch_length, run_env, run_train, smoke_args, starts, step_losses, train_cmd, two_epochs
+from conftest import (
+    REPO,
+    committed_step,
+    epoch_length,
+    faults,
+    run_env,
+    run_train,
+    smoke_args,
+    starts,
+    step_losses,
+    train_cmd,
+    two_epochs,
+    wait_for,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -45,47 +59,38 @@ class ContractSampler(threading.Thread):
             time.sleep(0.002)
 
 
-def last_step(run: Path) -> int:
-    try:
-        return max(step_losses(run), default=-1)
-    except (FileNotFoundError, ValueError):
-        return -1
+@dataclass
+class Moment:
+    """Where a start is SIGKILLed: the fault-injector rule that holds it there, and what else must be true first."""
+
+    name: str
+    hold: dict
+    also: Callable[[Path], bool] = lambda run: True
 
 
-def after_step(n: int) -> Callable[[Path], bool]:
-    return lambda run: last_step(run) >= n
+def held_at(name: str, step: int, event: str = 'batch_checkpoint', committed: int | None = None) -> Moment:
+    also = (lambda run: committed_step(run) == committed) if committed is not None else (lambda run: True)
+    return Moment(name, {'op': 'step', 'step': step, 'event': event, 'block': True}, also)
 
 
-def after_save(n: int) -> Callable[[Path], bool]:
-    def ready(run: Path) -> bool:
-        log = run / 'logs' / 'rank0.log'
-        return log.exists() and f'checkpoint saved at step {n}' in log.read_text()
-    return ready
+def in_the_write_of_latest() -> Moment:
+    """The rank file is written, ``latest.pt.tmp`` too, and its fsync never returns."""
+    return Moment('mid-write', {'op': 'fsync', 'path': 'latest.pt.tmp', 'block': True})
 
 
-def during_write(run: Path) -> bool:
-    folder = run / 'checkpoints'
-    return folder.is_dir() and any(name.endswith('.tmp') for name in os.listdir(folder))
-
-
-def killed_run(root: Path, args: list[str], moments: list[Callable[[Path], bool]], nproc: int = 0) -> list[str]:
-    """Start the run, SIGKILL its whole process group at each moment, then let it finish; returns what was hit."""
+def killed_run(root: Path, args: list[str], moments: list[Moment], nproc: int = 0) -> None:
+    """Start the run, SIGKILL its whole process group at each moment, then let it finish."""
     run = root / 'smoke'
-    hits = []
     for moment in moments:
-        proc = subprocess.Popen(train_cmd(*args, nproc=nproc), env=run_env(), cwd=REPO, start_new_session=True,
+        marker = root / f'held-{moment.name}'
+        env = run_env(**faults({**moment.hold, 'marker': str(marker)}))
+        proc = subprocess.Popen(train_cmd(*args, nproc=nproc), env=env, cwd=REPO, start_new_session=True,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        while proc.poll() is None and not moment(run):
-            pass  # poll as fast as possible: a checkpoint write lasts milliseconds
-        assert proc.poll() is None, 'the run finished before the kill moment'
+        wait_for(lambda m=marker, ready=moment.also: m.exists() and ready(run), proc, moment.name)
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-        folder = run / 'checkpoints'
-        hits.append(f'step {last_step(run)}' + (' mid-write' if folder.is_dir() and any(
-            n.endswith('.tmp') for n in os.listdir(folder)) else ''))
     result = run_train(*args, nproc=nproc)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
-    return hits
 
 
 def assert_same_training(reference: Path, resumed: Path) -> None:
@@ -108,14 +113,17 @@ def test_sigkill_anywhere_single_process(tmp_path: Path, dataset: Path, referenc
 
     sampler = ContractSampler(tmp_path / 'killed' / 'smoke' / 'checkpoints')
     sampler.start()
-    hits = killed_run(tmp_path / 'killed', args, [
-        after_save(epoch),        # right after a checkpoint, at an epoch boundary
-        after_step(epoch + 5),    # between checkpoints, the data position mid-epoch
-        during_write,             # in the middle of writing the checkpoint that closes epoch 1
+    killed_run(tmp_path / 'killed', args, [
+        # right after the checkpoint that closes epoch 0 is committed
+        held_at('epoch-boundary', epoch, event='epoch_start', committed=epoch),
+        # between checkpoints, the data position mid-epoch
+        held_at('mid-epoch', epoch + 6),
+        # in the middle of writing the checkpoint that closes epoch 1
+        in_the_write_of_latest(),
     ])
     sampler.stop.set()
     sampler.join()
-    print('kills:', hits, 'folder samples:', sampler.samples)
+    print('folder samples:', sampler.samples)
     assert not sampler.violations, f'files outside the contract: {sampler.violations}'
     assert_same_training(reference(0, two_epochs(dataset)), tmp_path / 'killed' / 'smoke')
     assert len(starts(tmp_path / 'killed' / 'smoke')) == 4

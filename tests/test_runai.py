@@ -8,12 +8,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, group_gone, starts, step_losses
+from conftest import REPO, faults, group_gone, starts, step_losses, wait_for
 
 SCRIPTS = sorted(REPO.glob('runai/*.sh')) + [REPO / '.ci' / 'run']
 
@@ -35,19 +34,20 @@ def test_pod_command_forwards_sigterm_and_resumes(tmp_path: Path, dataset: Path)
     cmd = ['bash', str(REPO / 'runai' / 'pod_train.sh'), 'pod-run', str(REPO / 'yamls' / 'smoke.yaml'),
            f'data.local={dataset}', 'max_duration=30ba', 'checkpoint.interval=1h', 'checkpoint.periodic_interval=null']
     run = tmp_path / 'pod-run'
-    pod = subprocess.Popen(cmd, env=pod_env(tmp_path), cwd=REPO, start_new_session=True,
-                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    while max(step_losses(run), default=-1) < 5:
-        assert pod.poll() is None, pod.stdout.read()[-3000:]
-        time.sleep(0.05)
+    held, release = tmp_path / 'held', tmp_path / 'release'
+    hold = {'op': 'step', 'step': 6, 'marker': str(held), 'block': True, 'release': str(release)}
+    pod = subprocess.Popen(cmd, env={**pod_env(tmp_path), **faults(hold)}, cwd=REPO, start_new_session=True,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for(held.exists, pod, 'step 6')
     pod.send_signal(signal.SIGTERM)  # what Kubernetes does: the first process only
-    out, _ = pod.communicate(timeout=90)
-    assert pod.returncode != 0, out[-3000:]
-    assert group_gone(pod.pid, timeout=30), 'nothing of the run is left running'
+    wait_for(lambda: 'SIGTERM received: saving' in (run / 'logs' / 'rank0.log').read_text(), pod, 'the signal is forwarded')
+    release.touch()
+    assert pod.wait(timeout=120) != 0
+    assert group_gone(pod.pid, timeout=120), 'nothing of the run is left running'
     step = torch.load(run / 'checkpoints' / 'latest.pt', weights_only=True)['global_step']
-    assert step == max(step_losses(run)) + 1 >= 6
+    assert step == max(step_losses(run)) + 1 == 6
     log = (run / 'logs' / 'pod-0.log').read_text()
-    assert 'SIGTERM received, forwarding it' in log and f'preempted at step {step}' in log
+    assert 'SIGTERM received, forwarding it' in log and 'preempted at step 6' in log
 
     again = subprocess.run(cmd, env=pod_env(tmp_path), cwd=REPO, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stdout[-3000:]

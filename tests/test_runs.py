@@ -8,11 +8,10 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, copy_run, run_env, run_train, smoke_args, step_losses, train_cmd
+from conftest import REPO, committed_step, copy_run, faults, run_env, run_train, smoke_args, train_cmd, wait_for
 
 from prefix.preemption import PREEMPTED_EXIT_CODE
 
@@ -30,34 +29,36 @@ def runs_json(root: Path) -> dict[str, dict]:
     return {r['name']: r for r in json.loads(result.stdout)}
 
 
-def wait_until(proc: subprocess.Popen, ready) -> None:
-    while not ready():
-        assert proc.poll() is None, 'the run ended before the moment the test waits for'
-        time.sleep(0.02)
-
-
 @pytest.fixture(scope='module')
 def runs(tmp_path_factory: pytest.TempPathFactory, dataset: Path, finished_run: Path) -> tuple[Path, dict]:
     """A runs_root with: done (completed), twice (SIGKILLed, restarted, then SIGTERMed), broken (failed on bad data),
-    halfway (a damaged run directory); and what ``prefix runs`` said while ``twice`` was training."""
+    halfway (a damaged run directory); and what ``prefix runs`` said while ``twice`` was training.
+
+    Each start of ``twice`` is held at a chosen step by the fault injector, so the kills land at known steps."""
     root = tmp_path_factory.mktemp('runs')
     copy_run(finished_run, root).rename(root / 'done')
 
     args = smoke_args(root, dataset, 'run_name=twice', 'max_duration=60ba', 'checkpoint.interval=10ba',
                       'checkpoint.periodic_interval=null')
     twice = root / 'twice'
-    proc = subprocess.Popen(train_cmd(*args), env=run_env(), cwd=REPO, start_new_session=True,
+    held, release = root.parent / 'held', root.parent / 'release'
+    # First start: held after 14 steps, once the checkpoint of step 10 is committed; SIGKILL loses steps 11-14.
+    hold = {'op': 'step', 'step': 14, 'marker': str(held), 'block': True}
+    proc = subprocess.Popen(train_cmd(*args), env=run_env(**faults(hold)), cwd=REPO, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wait_until(proc, lambda: max(step_losses(twice), default=-1) >= 13)  # past the checkpoint of step 10, not 20
+    wait_for(lambda: held.exists() and committed_step(twice) == 10, proc, 'step 14')
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    proc = subprocess.Popen(train_cmd(*args), env=run_env(), cwd=REPO, start_new_session=True,
+    # Second start: resumes at step 10, is listed while held after 23 steps, then preempted there.
+    held.unlink()
+    hold = {'op': 'step', 'step': 23, 'marker': str(held), 'block': True, 'release': str(release)}
+    proc = subprocess.Popen(train_cmd(*args), env=run_env(**faults(hold)), cwd=REPO, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wait_until(proc, lambda: (twice / 'meta' / 'starts.jsonl').read_text().count('"start"') == 2
-               and max(step_losses(twice), default=-1) >= 22)
+    wait_for(held.exists, proc, 'step 23')
     live = runs_json(root)
     os.killpg(proc.pid, signal.SIGTERM)
-    assert proc.wait(timeout=60) == PREEMPTED_EXIT_CODE
+    release.touch()
+    assert proc.wait() == PREEMPTED_EXIT_CODE
 
     # Bad data: a shard overwritten with garbage (token ids far beyond the vocabulary) fails inside training.
     bad = root.parent / 'bad-data'
@@ -81,15 +82,15 @@ def runs(tmp_path_factory: pytest.TempPathFactory, dataset: Path, finished_run: 
 
 def test_runs_lists_every_state_without_taking_locks(runs: tuple[Path, dict]) -> None:
     root, live = runs
-    assert live['twice']['state'] == 'running' and live['twice']['step'] >= 22 and live['twice']['starts'] == 2
+    assert live['twice']['state'] == 'running' and live['twice']['step'] == 23 and live['twice']['starts'] == 2
     listed = runs_json(root)
     assert listed['done']['state'] == 'completed' and listed['done']['step'] == 22
     assert listed['done']['checkpoint_step'] == 22 and listed['done']['tokens_seen'] == 22 * 8 * 128
 
     twice = listed['twice']
     assert twice['state'] == 'preempted' and twice['starts'] == 2 and twice['max_duration'] == '60ba'
-    assert twice['redone_steps'] >= 4  # killed past step 14, resumed from the checkpoint of step 10
-    assert twice['checkpoint_step'] == twice['step'] and isinstance(twice['last_loss'], float)
+    assert twice['redone_steps'] == 4  # killed after step 14, resumed from the checkpoint of step 10
+    assert twice['checkpoint_step'] == twice['step'] == 23 and isinstance(twice['last_loss'], float)
 
     assert listed['broken']['state'] == 'failed'
     assert listed['halfway']['problems'] and listed['halfway']['state'] in ('preempted', 'unreadable')

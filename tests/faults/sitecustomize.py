@@ -1,0 +1,187 @@
+"""Fault injection for the tests, loaded by every Python process whose ``PYTHONPATH`` holds this folder.
+
+The tests simulate the cluster's world here (slow or failing disks, a process held at a chosen
+moment) so that prefix's own code has no test hooks. ``PREFIX_TEST_FAULTS`` holds a JSON list of
+rules; with it unset this module does nothing. A rule:
+
+- ``op``: ``fsync`` | ``open`` | ``link`` | ``replace`` (the path is the file's), ``step`` (before
+  Composer runs ``event`` at the batch count ``step``), or ``call`` (``target`` is
+  ``module:qualname``, patched right after the module is imported; ``when`` is ``before`` or ``after``);
+- ``path``: an ``fnmatch`` pattern for the file's name (``open`` only matches files opened for writing);
+- ``rank``: only in the process of that global rank (``RANK``, 0 without a launcher);
+- ``skip``: let that many matches pass first; ``times``: act that many times at most (default: always);
+- what it does, in this order: ``marker`` (create that file, with a line per hit: the test waits
+  for it), ``sleep`` (seconds, or ``sleep_per_mb`` for fsync, like a slow volume), ``block`` (wait
+  until the file ``release`` exists, forever without one), ``error`` (raise ``OSError`` of that errno
+  name, or an exception class name of ``builtins`` such as ``MemoryError``).
+"""
+
+from __future__ import annotations
+
+import builtins
+import errno
+import fnmatch
+import importlib.abc
+import importlib.util
+import io
+import json
+import os
+import sys
+import time
+
+RULES = json.loads(os.environ.get('PREFIX_TEST_FAULTS') or '[]')
+_hits = [0] * len(RULES)
+
+
+def _rank() -> int:
+    return int(os.environ.get('RANK', '0'))
+
+
+def _act(index: int, path: str = '') -> None:
+    rule = RULES[index]
+    _hits[index] += 1
+    if _hits[index] <= rule.get('skip', 0):
+        return
+    if 'times' in rule and _hits[index] > rule.get('skip', 0) + rule['times']:
+        return
+    if 'marker' in rule:
+        with builtins_open(rule['marker'], 'a') as f:
+            f.write(f'{os.getpid()} {path}\n')
+    if 'sleep' in rule:
+        time.sleep(rule['sleep'])
+    if 'sleep_per_mb' in rule and path:
+        time.sleep(rule['sleep_per_mb'] * os.path.getsize(path) / 1e6)
+    if rule.get('block'):
+        release = rule.get('release')
+        while not (release and os.path.exists(release)):
+            time.sleep(0.05)
+    if 'error' in rule:
+        name = rule['error']
+        if hasattr(errno, name):
+            code = getattr(errno, name)
+            raise OSError(code, os.strerror(code), path or None)
+        raise getattr(builtins, name)(f'injected {name}')
+
+
+def _applies(index: int) -> bool:
+    return RULES[index].get('rank', _rank()) == _rank()
+
+
+def _matching(op: str, path: str) -> list[int]:
+    return [i for i, r in enumerate(RULES) if r['op'] == op and _applies(i)
+            and fnmatch.fnmatch(os.path.basename(path), r.get('path', '*'))]
+
+
+def _fd_path(fd: int) -> str:
+    try:
+        return os.readlink(f'/proc/self/fd/{fd}')
+    except OSError:
+        return ''
+
+
+builtins_open = builtins.open
+_originals = {'fsync': os.fsync, 'link': os.link, 'replace': os.replace}
+
+
+def _fsync(fd: int) -> None:
+    path = _fd_path(fd if isinstance(fd, int) else fd.fileno())
+    for index in _matching('fsync', path):
+        _act(index, path)
+    _originals['fsync'](fd)
+
+
+def _link(src, dst, *args, **kwargs) -> None:
+    for index in _matching('link', os.fspath(dst)):
+        _act(index, os.fspath(dst))
+    _originals['link'](src, dst, *args, **kwargs)
+
+
+def _replace(src, dst, *args, **kwargs) -> None:
+    for index in _matching('replace', os.fspath(dst)):
+        _act(index, os.fspath(dst))
+    _originals['replace'](src, dst, *args, **kwargs)
+
+
+def _open(file, mode='r', *args, **kwargs):
+    if isinstance(file, (str, bytes, os.PathLike)) and any(c in mode for c in 'wax+'):
+        for index in _matching('open', os.fsdecode(file)):
+            _act(index, os.fsdecode(file))
+    return builtins_open(file, mode, *args, **kwargs)
+
+
+class _PatchAfterImport(importlib.abc.MetaPathFinder):
+    """Run ``patch(module)`` for the modules named in ``patches`` as soon as they have been executed."""
+
+    def __init__(self, patches: dict[str, list]) -> None:
+        self.patches = patches
+
+    def find_spec(self, name, path, target=None):
+        if name not in self.patches:
+            return None
+        sys.meta_path.remove(self)
+        try:
+            spec = importlib.util.find_spec(name)
+        finally:
+            sys.meta_path.insert(0, self)
+        if spec is None or spec.loader is None:
+            return spec
+        exec_module = spec.loader.exec_module
+
+        def exec_and_patch(module) -> None:
+            exec_module(module)
+            for patch in self.patches[name]:
+                patch(module)
+
+        spec.loader.exec_module = exec_and_patch
+        return spec
+
+
+def _wrap_call(index: int, qualname: str):
+    """A patch that makes the function at ``qualname`` act on rule ``index`` before or after it runs."""
+    def patch(module) -> None:
+        *owners, attr = qualname.split('.')
+        owner = module
+        for part in owners:
+            owner = getattr(owner, part)
+        original = getattr(owner, attr)
+        when = RULES[index].get('when', 'before')
+
+        def wrapper(*args, **kwargs):
+            if when == 'before' and _applies(index):
+                _act(index)
+            result = original(*args, **kwargs)
+            if when == 'after' and _applies(index):
+                _act(index)
+            return result
+
+        setattr(owner, attr, wrapper)
+    return patch
+
+
+def _wrap_event(index: int):
+    """A patch of Composer's Engine that acts on rule ``index`` before ``event`` runs at batch count ``step``."""
+    def patch(module) -> None:
+        original = module.Engine.run_event
+        rule = RULES[index]
+
+        def run_event(self, event, *args, **kwargs):
+            if _applies(index) and str(getattr(event, 'value', event)) == rule.get('event', 'batch_checkpoint') \
+                    and int(self.state.timestamp.batch) == rule['step']:
+                _act(index)
+            return original(self, event, *args, **kwargs)
+
+        module.Engine.run_event = run_event
+    return patch
+
+
+if RULES:
+    os.fsync, os.link, os.replace = _fsync, _link, _replace
+    builtins.open = io.open = _open
+    patches: dict[str, list] = {}
+    for i, rule in enumerate(RULES):
+        if rule['op'] == 'call':
+            module_name, qualname = rule['target'].split(':')
+            patches.setdefault(module_name, []).append(_wrap_call(i, qualname))
+        elif rule['op'] == 'step':
+            patches.setdefault('composer.core.engine', []).append(_wrap_event(i))
+    sys.meta_path.insert(0, _PatchAfterImport(patches))
