@@ -47,13 +47,31 @@ log_dir="$runs_root/$run_name/logs"
 mkdir -p "$log_dir"
 echo "pod_train: $(date -u +%FT%TZ) node $node of $nnodes on $(hostname): ${cmd[*]}" | tee -a "$log_dir/pod-$node.log"
 
-# A session of its own, so one signal reaches the launcher, every rank and their workers.
-setsid "${cmd[@]}" > >(tee -a "$log_dir/pod-$node.log") 2>&1 &
+# The console goes to the pod's log through a tee of this script's own, so that the launcher's only
+# children are the training ranks; the training runs in a session of its own.
+exec 3> >(tee -a "$log_dir/pod-$node.log")
+setsid "${cmd[@]}" >&3 2>&1 &
 pid=$!
+# The launcher's children: the training ranks (/proc, so that the image needs no procps).
+# shellcheck disable=SC2329  # invoked by forward
+ranks() {
+  local stat fields ppid
+  for stat in /proc/[0-9]*/stat; do
+    fields=$(<"$stat") 2>/dev/null || continue
+    fields=${fields##*) }
+    read -r _ ppid _ <<<"$fields"
+    [ "$ppid" = "$pid" ] && echo "${stat//[^0-9]/}"
+  done
+}
+# To the ranks, not to the composer launcher: on SIGTERM the launcher passes it on and kills its ranks
+# 30 s later, which would cut a long final checkpoint short. Before the ranks exist, to the launcher.
 # shellcheck disable=SC2329  # invoked by the traps below
 forward() {
   echo "pod_train: $1 received, forwarding it to the training processes" | tee -a "$log_dir/pod-$node.log"
-  kill -TERM -- "-$pid" 2>/dev/null || true
+  local targets
+  targets=$(ranks)
+  # shellcheck disable=SC2086  # one pid per word
+  kill -TERM ${targets:-$pid} 2>/dev/null || true
 }
 trap 'forward SIGTERM' TERM
 trap 'forward SIGINT' INT
