@@ -6,12 +6,15 @@ The temporary name is fixed per target, so a leftover from a killed write is sim
 
 from __future__ import annotations
 
+import errno
 import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
 TMP_SUFFIX = '.tmp'
+# What os.link raises where a filesystem has no hard links (or no more for this file): copy instead.
+NO_HARD_LINKS = (errno.EPERM, errno.EXDEV, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK)
 
 
 def fsync_dir(folder: Path) -> None:
@@ -90,7 +93,9 @@ def atomic_link(src: Path, dst: Path) -> None:
     tmp.unlink(missing_ok=True)
     try:
         os.link(src, tmp)
-    except OSError:
+    except OSError as e:
+        if e.errno not in NO_HARD_LINKS:
+            raise
         with open(src, 'rb') as s, open(tmp, 'wb') as d:
             while chunk := s.read(1 << 24):
                 d.write(chunk)

@@ -22,22 +22,27 @@ from __future__ import annotations
 import logging
 import pickle
 import random
+import time
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, TypeVar
 
 import numpy as np
 import torch
 from composer.core import State
 from composer.utils import dist
 
+from prefix.agreement import together
 from prefix.atomic import TMP_SUFFIX
 
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
+READ_RETRY_S = (1.0, 2.0, 4.0, 8.0)  # waits before the next try of a read that failed with an OSError
+T = TypeVar('T')
 LATEST = 'latest'
 PERIODIC = 'periodic'
 
@@ -65,7 +70,8 @@ def capture_rng() -> dict[str, Any]:
     version, py_state, gauss_next = random.getstate()
     return {
         'torch': torch.get_rng_state(),
-        'cuda': torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        # This rank's own GPU only: a resume on a pod with fewer GPUs visible must still fit.
+        'cuda': torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
         'numpy': {'keys': torch.from_numpy(keys.astype(np.int64)), 'pos': int(pos),
                   'has_gauss': int(has_gauss), 'cached_gaussian': float(cached)},
         'python': {'version': version, 'state': torch.tensor(py_state, dtype=torch.int64), 'gauss_next': gauss_next},
@@ -74,12 +80,28 @@ def capture_rng() -> dict[str, Any]:
 
 def restore_rng(rng: dict[str, Any]) -> None:
     torch.set_rng_state(rng['torch'])
-    if rng['cuda'] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng['cuda'])
+    _restore_cuda_rng(rng.get('cuda'))
     n = rng['numpy']
     np.random.set_state(('MT19937', n['keys'].numpy().astype(np.uint32), n['pos'], n['has_gauss'], n['cached_gaussian']))
     p = rng['python']
     random.setstate((p['version'], tuple(int(x) for x in p['state'].tolist()), p['gauss_next']))
+
+
+def _restore_cuda_rng(state: Any) -> None:
+    """The current GPU's generator; a state that does not fit (saved elsewhere, or every GPU's by older files) is skipped."""
+    if not torch.cuda.is_available() or state is None or (isinstance(state, list) and not state):
+        return
+    device = torch.cuda.current_device()
+    if isinstance(state, list):  # files written before one GPU's state was kept: every visible GPU's
+        if device >= len(state):
+            log.warning('the saved CUDA RNG states cover %d GPUs and this rank uses GPU %d: dropout continues from '
+                        'a fresh CUDA RNG state', len(state), device)
+            return
+        state = state[device]
+    try:
+        torch.cuda.set_rng_state(state)
+    except (RuntimeError, TypeError, ValueError) as e:
+        log.warning('the saved CUDA RNG state does not fit this GPU (%s): dropout continues from a fresh one', e)
 
 
 # --- reading ----------------------------------------------------------------------------------
@@ -124,9 +146,21 @@ def verify_crc(path: Path) -> None:
         raise ValueError(f'record {bad} fails its CRC-32 check (the file is corrupt)')
 
 
+def _retrying(what: Path, read: Callable[[], T]) -> T:
+    """``read()``, tried again after an OSError (EIO or ESTALE on a network volume can pass); the last one is raised."""
+    for delay in (*READ_RETRY_S, None):
+        try:
+            return read()
+        except OSError as e:
+            if delay is None:
+                raise
+            log.warning('reading %s failed (%s); trying again in %.0f s', what, e, delay)
+            time.sleep(delay)
+    raise AssertionError('unreachable')
+
+
 def _read_header(path: Path) -> dict[str, Any]:
-    verify_crc(path)
-    ckpt = safe_load(path, mmap=True)
+    ckpt = safe_load(path, mmap=True)  # the tensors are not read: only the small records below
     return {
         'global_step': int(ckpt['global_step']),
         'timestamp': dict(ckpt['state']['timestamp']['Timestamp']),
@@ -135,20 +169,38 @@ def _read_header(path: Path) -> dict[str, Any]:
     }
 
 
+def _check(path: Path, header: bool) -> Optional[dict[str, Any]]:
+    """A node's leader reads ``path`` whole, once: the CRC check, which leaves it in the node's page cache
+    for every rank's memory-mapped load. Rank 0 also reads the header. None when the file does not exist."""
+    if not path.exists():
+        return None
+    _retrying(path, lambda: verify_crc(path))
+    return _retrying(path, lambda: _read_header(path)) if header else {}
+
+
 def _choose_global(folder: Path) -> Optional[dict[str, Any]]:
-    """Rank 0: the newest readable global checkpoint, falling back loudly from latest to periodic."""
+    """Every rank: the newest global checkpoint every node can read, falling back loudly from latest to periodic.
+
+    The check runs on each node's local leader, on a thread, while every rank polls it (``agreement.together``):
+    no collective waits for the read, whatever the checkpoint's size and the disk's speed.
+    """
     problems = []
+    leader = dist.get_local_rank() == 0
     for kind in (LATEST, PERIODIC):
         path = global_file(folder, kind)
-        if not path.exists():
-            continue
-        try:
-            return {'kind': kind, **_read_header(path)}
-        except CheckpointError:
-            raise
-        except (OSError, RuntimeError, ValueError, KeyError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError) as e:
-            problems.append(f'{path.name}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}')
-            log.warning(f'CHECKPOINT UNUSABLE: {path} cannot be read ({problems[-1]}); trying an older checkpoint')
+        outcomes = together((lambda p=path: _check(p, header=dist.get_global_rank() == 0)) if leader else None)
+        refused = next((o.error for o in outcomes if isinstance(o.error, CheckpointError)), None)
+        if refused is not None:
+            raise refused
+        if outcomes[0].error is None and outcomes[0].value is None:
+            continue  # rank 0 finds no such file
+        errors = [(r, o.error) for r, o in enumerate(outcomes) if o.error is not None]
+        if not errors:
+            return {'kind': kind, **outcomes[0].value}
+        r, error = errors[0]
+        problems.append(f'{path.name}: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ""}'
+                        + (f' (on rank {r})' if r else ''))
+        log.warning(f'CHECKPOINT UNUSABLE: {path} cannot be read ({problems[-1]}); trying an older checkpoint')
     if problems:
         raise CheckpointError(
             f'no usable checkpoint in {folder} ({"; ".join(problems)}). Refusing to start from step 0 over them: '
@@ -168,23 +220,14 @@ def remove_leftovers(folder: Path) -> list[Path]:
 
 def find_resume_point(folder: Path) -> Optional[ResumePoint]:
     """Agree on one checkpoint across ranks and load this rank's RNG states for its step."""
-    chosen: list[Any] = [None]
-    if dist.get_global_rank() == 0:
-        try:
-            chosen[0] = _choose_global(folder)
-        except CheckpointError as e:
-            chosen[0] = e
-    dist.broadcast_object_list(chosen, src=0)
-    if isinstance(chosen[0], CheckpointError):
-        raise chosen[0]
-    if chosen[0] is None:
+    chosen = _choose_global(folder)
+    if chosen is None:
         return None
-    point = ResumePoint(**chosen[0])
+    point = ResumePoint(**chosen)
     rank = dist.get_global_rank()
     path = rank_file(folder, rank, point.kind)
     try:
-        verify_crc(path)
-        saved = safe_load(path)
+        saved = _retrying(path, lambda: (verify_crc(path), safe_load(path))[1])
         point.rng = saved['rng'].get(point.global_step)
         if saved['world_size'] != dist.get_world_size():
             log.warning('the run had %d ranks and now has %d: the model, optimizer and data position carry over, '

@@ -1,7 +1,8 @@
 """When to checkpoint, and how one checkpoint is written: a Composer callback.
 
-After every step the ranks agree, in one small all-reduce, on four things: a preemption request,
-a checkpoint interval that is due, and whether a background write failed or is still busy. A
+After every step the ranks agree, in one small all-reduce, on a preemption request, a checkpoint
+interval that is due, and on the write in flight: has some rank failed (anything in prefix's
+callbacks, not only the write), is some rank still busy with a phase, is some rank not done. A
 checkpoint takes a snapshot of the state (in async mode the only moment training waits: tensors
 are copied to host memory, RNG and dataloader state captured) and hands it to a ``WriteJob``:
 
@@ -13,11 +14,14 @@ At most one write is in flight. A checkpoint that falls due while the previous w
 running waits for it (never skips: the interval bounds the work a kill can cost) and logs the
 wait. A preemption and the end of training wait for the write in flight, then write the final
 checkpoint synchronously. ``checkpoint.async_write=false`` makes every checkpoint synchronous.
+
+Waiting is never a collective: a rank waits for its own write in short local waits, each followed
+by the agreement all-reduce (``prefix.agreement``), so no collective waits on a disk however slow.
+A failure on any rank is agreed the same way and stops every rank with one line naming it.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 import time
 from dataclasses import dataclass
@@ -25,18 +29,17 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, Optional
 
-import composer.core.state
 import torch
 from composer.core import Callback, Event, State
 from composer.loggers import Logger
-from composer.utils import dist
 
+from prefix import agreement
+from prefix.agreement import POLL_S, RankFailures, any_rank
 from prefix.atomic import atomic_link, atomic_write, commit, temp_path, write_temp
 from prefix.checkpoint import (
     LATEST,
     PERIODIC,
     CheckpointError,
-    CheckpointWriteError,
     ResumePoint,
     capture_rng,
     global_file,
@@ -45,29 +48,21 @@ from prefix.checkpoint import (
     rank_state,
     restore_rng,
 )
-from prefix.config import CheckpointConfig, parse_duration
+from prefix.config import CheckpointConfig, parse_duration, seconds
 from prefix.meta import record_checkpoint
 from prefix.preemption import Preempted, PreemptionSignal
-from prefix.snapshot import HostSnapshot
+from prefix.snapshot import HostSnapshot, on_cpu
 from prefix.writer import WriteJob
 
 log = logging.getLogger(__name__)
 
-# Composer's State.state_dict() rescans its package's installed files for checkpoint metadata (about
-# 45 ms, which would be most of a small model's checkpoint) although the answer cannot change within
-# a process: ask once.
-composer.core.state.get_composer_env_dict = functools.cache(composer.core.state.get_composer_env_dict)
-
-
 class Interval:
     """``200ba`` (every 200 batches) or ``90s`` / ``10min`` / ``1h`` of wall-clock time."""
-
-    SECONDS = {'s': 1, 'min': 60, 'h': 3600}
 
     def __init__(self, spec: str) -> None:
         number, unit = parse_duration(spec)
         self.batches = number if unit == 'ba' else None
-        self.seconds = number * self.SECONDS[unit] if unit != 'ba' else None
+        self.seconds = seconds(spec) if unit != 'ba' else None
         self.last = time.monotonic()
 
     def due(self, step: int) -> bool:
@@ -80,15 +75,6 @@ class Interval:
         self.last = time.monotonic()
 
 
-def any_rank(state: State, flags: list[bool]) -> list[bool]:
-    """Element-wise OR of ``flags`` over all ranks (one tiny all-reduce), so every rank decides alike."""
-    if dist.get_world_size() == 1:
-        return flags
-    tensor = state.device.tensor_to_device(torch.tensor([int(f) for f in flags], dtype=torch.int32))
-    dist.all_reduce(tensor, reduce_operation='MAX')
-    return [bool(v) for v in tensor.cpu().tolist()]
-
-
 @dataclass
 class SaveRecord:
     """What one checkpoint cost this rank: the time training waited, the time the write took, its bytes."""
@@ -99,6 +85,44 @@ class SaveRecord:
     blocked_s: Optional[float] = None
     write_s: Optional[float] = None
     bytes: int = 0
+    committed: bool = False  # rank 0: latest.pt names this checkpoint now
+
+
+@dataclass
+class PendingSave:
+    """A checkpoint handed to its write, until every rank agrees the write is done."""
+
+    job: WriteJob
+    record: SaveRecord
+    rng: dict[str, Any]  # this rank's RNG states at the step: kept in the next rank file once committed
+
+
+@dataclass
+class Committed:
+    """The newest checkpoint every rank knows ``latest.pt`` holds."""
+
+    step: int
+    rng: Optional[dict[str, Any]]
+
+
+def _unmap_optimizer_state(state: State) -> None:
+    """Give CPU optimizer state memory of its own after a resume.
+
+    Checkpoints load memory-mapped (``train.main``), so the ranks of a node share one copy in the page
+    cache. The model copies its weights out, but an optimizer keeps the loaded tensors as they are
+    when they already have the parameter's device and dtype (CPU training): it would map the old
+    ``latest.pt`` for the whole run, holding its disk space (a ``.nfs`` file on NFS) once replaced.
+    """
+    for optimizer in state.optimizers:
+        for values in optimizer.state.values():
+            for key, value in values.items():
+                if isinstance(value, torch.Tensor) and value.device.type == 'cpu':
+                    values[key] = value.clone()
+
+
+def _position(state: State) -> tuple[int, int]:
+    """What a checkpoint must match to be the state's: the batch and the epoch (which ends after the last batch)."""
+    return int(state.timestamp.batch), int(state.timestamp.epoch)
 
 
 class Checkpointer(Callback):
@@ -111,12 +135,14 @@ class Checkpointer(Callback):
         config: dict[str, Any],
         resume: Optional[ResumePoint],
         preemption: PreemptionSignal,
+        failures: RankFailures,
         meta_dir: Optional[Path] = None,
     ) -> None:
         self.folder = folder
         self.meta_dir = meta_dir  # where rank 0 summarizes each committed checkpoint (meta/checkpoint.json)
         self._logger: Optional[Logger] = None
         self.preemption = preemption
+        self.failures = failures
         self.interval = Interval(cfg.interval)
         self.periodic = Interval(cfg.periodic_interval) if cfg.periodic_interval else None
         self.asynchronous = cfg.async_write
@@ -124,13 +150,10 @@ class Checkpointer(Callback):
         self.resume = resume
         self.saves: list[SaveRecord] = []
         self._snapshot = HostSnapshot()
-        self._job: Optional[WriteJob] = None
-        self._record: Optional[SaveRecord] = None
+        self._pending: Optional[PendingSave] = None
+        self._committed = Committed(resume.global_step, resume.rng) if resume else None
         self._pending_rng = resume.rng if resume else None
-        # (step, rng) of the last committed checkpoint: its RNG is kept in the next rank file too.
-        self._committed: Optional[tuple[int, Optional[dict[str, Any]]]] = (resume.global_step, resume.rng) if resume else None
-        self._commit_rng = self._committed  # becomes _committed when the write in flight is committed
-        self._submitted_step: Optional[int] = resume.global_step if resume else None
+        self._saved_position: Optional[tuple[int, int]] = None  # of the last checkpoint this start took
 
     # --- events ---------------------------------------------------------------------------------
 
@@ -143,6 +166,8 @@ class Checkpointer(Callback):
         wall = {k: timedelta(seconds=v) for k, v in self.resume.wall_clock.items()}
         if wall:
             state.timestamp = state.timestamp.copy(**wall)
+        _unmap_optimizer_state(state)
+        self._saved_position = _position(state)
         log.info('resumed from %s at step %d', self.resume.filename, step)
 
     def fit_start(self, state: State, logger: Logger) -> None:
@@ -154,20 +179,17 @@ class Checkpointer(Callback):
     def batch_start(self, state: State, logger: Logger) -> None:
         # The first batch after a resume draws exactly the random numbers the uninterrupted run drew.
         if self._pending_rng is not None:
-            restore_rng(self._pending_rng)
-            self._pending_rng = None
+            rng, self._pending_rng = self._pending_rng, None
+            with self.failures.guard('restoring its RNG states'):
+                restore_rng(rng)
 
     def batch_checkpoint(self, state: State, logger: Logger) -> None:
         step = int(state.timestamp.batch)
-        job = self._job
-        preempt, due, periodic, failed, busy = any_rank(state, [
+        preempt, due, periodic = self._agree(
             self.preemption.requested,
             self.interval.due(step),
             self.periodic is not None and self.periodic.due(step),
-            job is not None and job.error is not None,
-            job is not None and job.busy,
-        ])
-        self._advance(failed, busy)
+        )
         if preempt or due or periodic:
             self.save(state, periodic=periodic, wait=preempt)
         if preempt:
@@ -175,62 +197,118 @@ class Checkpointer(Callback):
         self.preemption.arm()  # a step exists that a stop signal should save
 
     def fit_end(self, state: State, logger: Logger) -> None:
-        self._drain(state)
-        if self._submitted_step != int(state.timestamp.batch):
+        self._drain()
+        if self._saved_position != _position(state):
             self.save(state, periodic=False, wait=True)
 
     def close(self, state: State, logger: Logger) -> None:
         """Training stopped with a write in flight (an error): finish it alone, or drop it uncommitted."""
-        job, self._job = self._job, None
-        if job is None:
+        pending, self._pending = self._pending, None
+        if pending is None:
             return
-        if dist.get_world_size() == 1:
-            job.wait()
+        if agreement.world_size() == 1:
+            pending.job.finish()
         else:
-            job.abort()  # the other ranks may be gone: never commit what they may not have written
+            pending.job.abort()  # the other ranks may be gone: never commit what they may not have written
+
+    # --- agreeing -------------------------------------------------------------------------------
+
+    def _agree(self, *flags: bool) -> list[bool]:
+        """OR ``flags`` over the ranks, in the same all-reduce as the state of the write in flight; act on that state."""
+        pending = self._pending
+        status = pending.job.status() if pending is not None else None
+        if pending is not None and status is not None and status.failed:
+            assert pending.job.error is not None
+            self.failures.record(f'writing the checkpoint of step {pending.record.step}', pending.job.error)
+        *agreed, failed, busy, unfinished = any_rank([
+            *flags, self.failures.failed, bool(status and status.busy), bool(status and not status.done)])
+        if failed:
+            self._stop()
+        if pending is not None:
+            if not busy:
+                pending.job.release()  # every rank has finished the phase: all start the next one
+            if not unfinished:
+                self._finished(pending)
+        return agreed
+
+    def _drain(self) -> None:
+        """Wait, every rank together, until the write in flight is committed everywhere (short local waits)."""
+        while self._pending is not None:  # the same on every rank: saves and their ends are agreed
+            self._pending.job.wait(POLL_S)
+            self._agree()
+
+    def _finished(self, pending: PendingSave) -> None:
+        self._pending = None
+        self._committed = Committed(pending.record.step, pending.rng)
+        record = pending.record
+        record.write_s = (pending.job.ended or time.monotonic()) - pending.job.started
+        self.saves.append(record)
+        if record.asynchronous:
+            self._report(record)
+
+    def _stop(self) -> None:
+        """Every rank: some rank failed. Write nothing more and raise one line naming it and what is intact."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.job.abort()
+        newest = self._committed.step if self._committed is not None else None
+        if agreement.gather(pending is not None and pending.record.committed)[0]:
+            newest = pending.record.step  # rank 0 renamed it into place before the failure
+        intact = f'the checkpoint of step {newest} is intact' if newest is not None else 'no checkpoint was written yet'
+        self.failures.stop(f'{intact}. Fix the cause, then run the same command again to resume')
 
     # --- saving ---------------------------------------------------------------------------------
 
     def save(self, state: State, periodic: bool, wait: bool) -> None:
         """Snapshot the state and hand it to a background write; ``wait`` (or sync mode) waits for the commit."""
         started = time.monotonic()
-        still_writing = self._job is not None and not self._job.finished
-        self._drain(state)
+        still_writing = self._pending is not None and not self._pending.job.status().done
+        self._drain()
         if still_writing:
             log.warning('checkpoint at step %d waited %.1f s for the previous write to finish; a longer '
                         'checkpoint.interval would avoid the wait', int(state.timestamp.batch), time.monotonic() - started)
-        wait = wait or not self.asynchronous
         step = int(state.timestamp.batch)
-        rank = dist.get_global_rank()
-        rng = capture_rng()
-        history: dict[int, Any] = {step: rng}
-        if self._committed is not None and self._committed[0] != step and self._committed[1] is not None:
-            history[self._committed[0]] = self._committed[1]
-        rank_payload = rank_state(step, history)
-        payload = global_state(state, self.config)  # every rank: gathering may be collective (FSDP)
-        if rank != 0:
-            payload = None
-        elif not wait:
-            payload = self._snapshot.copy(payload)  # training may change the live tensors from now on
-
-        record = SaveRecord(step, periodic, asynchronous=not wait)
-        self._record = record
-        self._job = WriteJob(step, self._phases(record, rank_payload, payload, periodic), dist.get_world_size())
-        self._submitted_step = step
-        self._commit_rng = (step, rng)
+        asynchronous = self.asynchronous and not wait
+        pending = None
+        with self.failures.guard(f'taking the checkpoint of step {step}'):
+            pending = self._submit(state, step, periodic, asynchronous)
+        if any_rank([self.failures.failed])[0]:
+            self._pending = pending
+            self._stop()
+        assert pending is not None
+        self._pending = pending
+        self._saved_position = _position(state)
         self.interval.reset()
         if periodic:
             assert self.periodic is not None
             self.periodic.reset()
-        if wait:
-            self._drain(state)
-        record.blocked_s = time.monotonic() - started
-        if wait:
-            self._report(record)
+        if not asynchronous:
+            self._drain()
+        pending.record.blocked_s = time.monotonic() - started
+        if not asynchronous:
+            self._report(pending.record)
+
+    def _submit(self, state: State, step: int, periodic: bool, asynchronous: bool) -> PendingSave:
+        rank = agreement.rank()
+        rng = capture_rng()
+        history: dict[int, Any] = {step: rng}
+        committed = self._committed
+        if committed is not None and committed.step != step and committed.rng is not None:
+            history[committed.step] = committed.rng
+        payload: Optional[dict[str, Any]] = global_state(state, self.config)  # every rank: gathering may be collective
+        if rank != 0:
+            payload = None
+        elif asynchronous:
+            payload = self._snapshot.copy(payload)  # training may change the live tensors from now on
+        else:
+            payload = on_cpu(payload)  # the file opens where there is no GPU
+        record = SaveRecord(step, periodic, asynchronous)
+        phases = self._phases(record, rank_state(step, history), payload, periodic)
+        return PendingSave(WriteJob(step, phases, agreement.world_size()), record, rng)
 
     def _phases(self, record: SaveRecord, rank_payload: dict[str, Any], payload: Optional[dict[str, Any]],
                 periodic: bool) -> list:
-        rank, world_size = dist.get_global_rank(), dist.get_world_size()
+        rank, world_size = agreement.rank(), agreement.world_size()
         latest = global_file(self.folder)
 
         def write() -> None:
@@ -243,6 +321,7 @@ class Checkpointer(Callback):
         def commit_latest() -> None:
             if rank == 0:
                 commit(temp_path(latest), latest)
+                record.committed = True
                 self._remove_rank_files_beyond(world_size, LATEST)
                 if self.meta_dir is not None and payload is not None:
                     record_checkpoint(self.meta_dir, record.step, payload['tokens_seen'], record.bytes)
@@ -255,55 +334,6 @@ class Checkpointer(Callback):
                     self._remove_rank_files_beyond(world_size, PERIODIC)
 
         return [write, commit_latest, link_periodic]
-
-    def _advance(self, failed: bool, busy: bool) -> None:
-        """Act on what the ranks agreed: stop all on a failure, pass a barrier when nobody is busy."""
-        job = self._job
-        if job is None:
-            return
-        if failed:
-            self._fail()
-        if not busy:
-            job.release()
-        if job.finished:
-            self._job = None
-            self._committed = self._commit_rng
-            assert self._record is not None
-            self._record.write_s = (job.ended or time.monotonic()) - job.started
-            self.saves.append(self._record)
-            if self._record.blocked_s is not None:  # known: this write ran in the background
-                self._report(self._record)
-
-    def _drain(self, state: State) -> None:
-        """Wait, every rank together, until the write in flight is committed everywhere.
-
-        Collective: every rank runs the same number of rounds, because whether to go on is agreed too.
-        """
-        while True:
-            job = self._job
-            if job is not None:
-                job.wait()  # until this rank has finished or waits at a barrier
-            failed, busy, unfinished = any_rank(state, [
-                job is not None and job.error is not None, job is not None and job.busy, job is not None and not job.finished,
-            ])
-            self._advance(failed, busy)
-            if not unfinished:
-                return
-
-    def _fail(self) -> None:
-        job, self._job = self._job, None
-        assert job is not None
-        if job.error is None:
-            job.abort()
-        elif not isinstance(job.error, OSError):
-            raise job.error
-        error = job.error
-        kept = (f'the checkpoint of step {self._committed[0]} is intact' if self._committed is not None
-                else 'no earlier checkpoint exists')
-        reason = (f'{error.strerror or error} ({error.filename or self.folder})' if isinstance(error, OSError)
-                  else 'another rank failed, see its log')
-        raise CheckpointWriteError(f'could not write the checkpoint of step {job.step}: {reason}; {kept}. '
-                                   'Free space or fix the folder, then run the same command again')
 
     def _report(self, record: SaveRecord) -> None:
         how = 'in the background' if record.asynchronous else 'synchronously'

@@ -85,6 +85,9 @@ class TrainConfig:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     fsdp: Optional[dict[str, Any]] = None
+    # How long one collective may wait for a rank before the run fails: a hung or lost peer. Checkpoint
+    # writes and reads never wait inside a collective, so this does not grow with the checkpoint.
+    dist_timeout: str = '5min'
     allow_config_change: bool = False
 
 
@@ -113,12 +116,21 @@ def _one_line(err: OmegaConfBaseException) -> str:
     return f'config key {key!r}: {msg}' if key else msg
 
 
+SECONDS = {'s': 1, 'min': 60, 'h': 3600}  # the wall-clock units
+
+
 def parse_duration(value: str) -> tuple[int, str]:
     """``'200ba'`` -> ``(200, 'ba')``; ValueError if it is not a number followed by a unit."""
     match = re.fullmatch(r'(\d+)([a-z]+)', value.strip())
     if not match:
         raise ValueError(f'{value!r} is not a duration')
     return int(match.group(1)), match.group(2)
+
+
+def seconds(value: str) -> float:
+    """``'90s'``, ``'10min'``, ``'1h'`` in seconds."""
+    number, unit = parse_duration(value)
+    return float(number * SECONDS[unit])
 
 
 def _parse_time(key: str, value: str, units: tuple[str, ...], allow_zero: bool = False) -> None:
@@ -136,9 +148,10 @@ def _validate(cfg: TrainConfig) -> None:
     _parse_time('eval_interval', cfg.eval_interval, ('ba', 'ep'))
     _parse_time('log_interval', cfg.log_interval, ('ba',))
     _parse_time('optimizer.warmup', cfg.optimizer.warmup, ('ba',), allow_zero=True)
-    _parse_time('checkpoint.interval', cfg.checkpoint.interval, ('ba', 's', 'min', 'h'))
+    _parse_time('checkpoint.interval', cfg.checkpoint.interval, ('ba', *SECONDS))
+    _parse_time('dist_timeout', cfg.dist_timeout, tuple(SECONDS))
     if cfg.checkpoint.periodic_interval is not None:
-        _parse_time('checkpoint.periodic_interval', cfg.checkpoint.periodic_interval, ('ba', 's', 'min', 'h'))
+        _parse_time('checkpoint.periodic_interval', cfg.checkpoint.periodic_interval, ('ba', *SECONDS))
     m = cfg.model
     for key in ('vocab_size', 'max_seq_len', 'd_model', 'n_heads', 'n_layers'):
         if getattr(m, key) <= 0:

@@ -12,7 +12,7 @@ import os
 import signal
 import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ import streaming.base.shared.prefix as streaming_prefix
 import torch
 from streaming import StreamingDataLoader, StreamingDataset
 
+from prefix.agreement import gather, rank, together
 from prefix.config import DataConfig
 from prefix.data import DataError
 
@@ -30,19 +31,14 @@ def count_tokens(batch: dict[str, torch.Tensor]) -> int:
     return batch['input_ids'][:, 1:].numel()
 
 
+# Shared by every prefix job on this machine (its own /dev/shm: a pod's, when each pod has one).
+MACHINE_LOCK = (Path('/dev/shm') if Path('/dev/shm').is_dir() else Path(tempfile.gettempdir())) / 'prefix-streaming.lock'
+
+
 def ignore_stop_signals(worker_id: int) -> None:
     """Workers leave SIGTERM/SIGINT to the main process, which saves and then shuts them down."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
-@contextmanager
-def _machine_lock() -> Iterator[None]:
-    """A lock shared by every prefix job on this machine, released by the kernel if the holder dies."""
-    shm = Path('/dev/shm')
-    with open((shm if shm.is_dir() else Path(tempfile.gettempdir())) / 'prefix-streaming.lock', 'a') as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        yield
 
 
 @contextmanager
@@ -54,7 +50,8 @@ def streaming_registration() -> Iterator[None]:
     registers or releases a prefix in between (two jobs starting on one machine) makes the ranks
     disagree: one fails with "shared memory registered does not match", or attaches to the other
     job's memory. Within this block only the local leader (LOCAL_RANK 0) searches, holding a
-    machine-wide lock until it has registered, and the node's other ranks take its answer.
+    machine-wide lock until it has registered (released by the kernel if it dies), and the node's
+    other ranks take its answer. The leader waits for the lock while its ranks poll, not in a collective.
     """
     search = streaming_prefix._check_and_find_retrying
     local_rank = int(os.environ.get('LOCAL_RANK', '0'))
@@ -66,20 +63,19 @@ def streaming_registration() -> Iterator[None]:
                 found = search(*args, **kwargs)
             except Exception as e:  # e.g. a reused local directory: every rank of the node raises it
                 found = e
-        if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-            answers: list[Any] = [None] * torch.distributed.get_world_size()
-            torch.distributed.all_gather_object(answers, found)
-            found = answers[torch.distributed.get_rank() - local_rank]
+        found = gather(found)[rank() - local_rank]
         if isinstance(found, Exception):
             raise found
         return found
 
-    streaming_prefix._check_and_find_retrying = leaders_answer
-    try:
-        with _machine_lock() if local_rank == 0 else nullcontext():
+    with ExitStack() as held:
+        lock = held.enter_context(open(MACHINE_LOCK, 'a')) if local_rank == 0 else None
+        together((lambda: fcntl.flock(lock, fcntl.LOCK_EX)) if lock is not None else None)
+        streaming_prefix._check_and_find_retrying = leaders_answer
+        try:
             yield
-    finally:
-        streaming_prefix._check_and_find_retrying = search
+        finally:
+            streaming_prefix._check_and_find_retrying = search
 
 
 def collate(samples: list[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:

@@ -47,7 +47,7 @@ def is_unsafe(key: str, new: dict[str, Any]) -> bool:
     return key.startswith(UNSAFE_PREFIXES)
 
 
-def check_and_record(old: dict[str, Any], new: dict[str, Any], step: int, meta_dir: Path, record: bool) -> None:
+def check_and_record(old: dict[str, Any], new: dict[str, Any], step: int, meta_dir: Path) -> None:
     """Raise ConfigDriftError for unsafe changes (unless allowed); record the accepted ones."""
     changes = diff(old, new)
     if not changes:
@@ -60,8 +60,7 @@ def check_and_record(old: dict[str, Any], new: dict[str, Any], step: int, meta_d
             f'the config differs from the checkpoint at step {step} in what makes resuming wrong ({listed}): '
             'use a new run_name, restore those values, or pass allow_config_change=true to resume anyway',
         )
-    if record:
-        append_record(meta_dir / CHANGES_FILE, {
-            'time': time.strftime('%Y-%m-%dT%H:%M:%S%z'), 'step': step, 'forced': bool(unsafe),
-            'changes': {k: {'old': o, 'new': n} for k, (o, n) in changes.items()},
-        })
+    append_record(meta_dir / CHANGES_FILE, {
+        'time': time.strftime('%Y-%m-%dT%H:%M:%S%z'), 'step': step, 'forced': bool(unsafe),
+        'changes': {k: {'old': o, 'new': n} for k, (o, n) in changes.items()},
+    })

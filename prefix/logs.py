@@ -15,11 +15,14 @@ from typing import Any, Optional
 from composer.core import State
 from composer.loggers import Logger, LoggerDestination
 
+from prefix.agreement import RankFailures
+
 
 def _ignore_signals() -> None:
-    # The tee must outlive a SIGTERM/SIGINT to the process group so the final save can still print.
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # The tee must outlive a SIGTERM/SIGINT to the process group so the final save can still print,
+    # and a console that went away (the launcher killed): it keeps writing the file.
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGPIPE):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def tee_output(log_dir: Path, rank: int) -> Path:
@@ -33,7 +36,7 @@ def tee_output(log_dir: Path, rank: int) -> Path:
     sys.stderr.flush()
     for fd in (1, 2):
         tee = subprocess.Popen(
-            ['tee', '-a', str(path)],
+            ['tee', '-p', '-a', str(path)],
             stdin=subprocess.PIPE,
             stdout=os.dup(fd),
             preexec_fn=_ignore_signals,
@@ -56,25 +59,31 @@ def _plain(value: Any) -> Any:
 
 
 class MetricsLogger(LoggerDestination):
-    """Append every metric Composer logs, with its step, to ``logs/metrics.jsonl`` (rank 0 only)."""
+    """Append every metric Composer logs, with its step, to ``logs/metrics.jsonl`` (rank 0 only).
 
-    def __init__(self, path: Path) -> None:
+    A failed write (a full disk) is held in ``failures``, so that every rank stops together.
+    """
+
+    def __init__(self, path: Path, failures: RankFailures) -> None:
         super().__init__()
         self.path = path
+        self.failures = failures
         self._file: Optional[Any] = None
 
     def init(self, state: State, logger: Logger) -> None:
         from composer.utils import dist
 
         if dist.get_global_rank() == 0:
-            self._file = self.path.open('a', buffering=1)
+            with self.failures.guard(f'opening {self.path}'):
+                self._file = self.path.open('a', buffering=1)
 
     def log_metrics(self, metrics: dict[str, Any], step: Optional[int] = None) -> None:
-        if self._file is None or not metrics:
+        if self._file is None or not metrics or self.failures.failed:
             return
         record = {'step': step, 'time': round(time.time(), 3)}
         record.update({k: _plain(v) for k, v in metrics.items()})
-        self._file.write(json.dumps(record) + '\n')
+        with self.failures.guard(f'writing {self.path}'):
+            self._file.write(json.dumps(record) + '\n')
 
     def close(self, state: State, logger: Logger) -> None:
         if self._file is not None:

@@ -24,6 +24,7 @@ from composer.core import Callback, State
 from composer.loggers import Logger
 from composer.utils import dist
 
+from prefix.agreement import RankFailures
 from prefix.atomic import atomic_write_text
 from prefix.process import started_at
 from prefix.rundir import CHECKPOINT_FILE, STARTS_FILE
@@ -104,16 +105,21 @@ class StartRecorder(Callback):
     """
 
     def __init__(self, meta_dir: Path, resumed_from: Optional[str], commit: Optional[str],
-                 previous: tuple[Optional[str], Optional[int]] = (None, None)) -> None:
+                 previous: tuple[Optional[str], Optional[int]], failures: RankFailures) -> None:
         self.path = meta_dir / STARTS_FILE
         self.resumed_from = resumed_from
         self.commit = commit
         self.previous = previous
+        self.failures = failures
         self.recorded = False  # an end record belongs only to a start that was recorded
 
     def fit_start(self, state: State, logger: Logger) -> None:
         if dist.get_global_rank() != 0:
             return
+        with self.failures.guard(f'recording this start in {self.path}'):
+            self._record(state)
+
+    def _record(self, state: State) -> None:
         now = time.time()
         process_start = started_at()
         step = int(state.timestamp.batch)

@@ -51,3 +51,14 @@ class HostSnapshot:
         buffer.copy_(t.detach(), non_blocking=t.is_cuda)
         seen[key] = buffer
         return buffer
+
+
+def on_cpu(obj: Any) -> Any:
+    """``obj`` with its GPU tensors copied to the CPU (CPU tensors as they are): what a synchronous save writes."""
+    if isinstance(obj, torch.Tensor):
+        return obj.cpu()
+    if isinstance(obj, dict):
+        return {k: on_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(on_cpu(v) for v in obj)
+    return obj

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
+import torch.utils.serialization.config
 from composer import Trainer
 from composer.algorithms import GradientClipping
 from composer.core import DataSpec, Evaluator
@@ -25,7 +26,9 @@ from composer.optim import CosineAnnealingWithWarmupScheduler, DecoupledAdamW
 from composer.utils import dist, reproducibility
 from streaming import StreamingDataLoader
 
+from prefix import composer_fixes  # noqa: F401  (applied on import)
 from prefix import config as config_lib
+from prefix.agreement import RankFailedError, RankFailures, describe, from_rank_zero
 from prefix.checkpoint import CheckpointError, ResumePoint, find_resume_point, is_complete, remove_leftovers
 from prefix.checkpointer import Checkpointer, never
 from prefix.composer_model import ComposerGPT
@@ -46,7 +49,7 @@ USAGE = 'usage: composer [-n N] -m prefix.train CONFIG.yaml [key=value ...]'
 def train(cfg: TrainConfig) -> int:
     preemption = PreemptionSignal().install()  # after Composer's import, so it replaces Composer's handler
     device = DeviceGPU() if torch.cuda.is_available() else DeviceCPU()
-    dist.initialize_dist(device)
+    dist.initialize_dist(device, timeout=config_lib.seconds(cfg.dist_timeout))
     rank, world_size = dist.get_global_rank(), dist.get_world_size()
     logging.basicConfig(level=logging.INFO, format=f'%(asctime)s [rank{rank}] %(name)s: %(message)s')
     logging.getLogger('streaming').setLevel(logging.WARNING)
@@ -65,16 +68,16 @@ def train(cfg: TrainConfig) -> int:
     )
 
     # One live process per run directory; then what a killed predecessor left, and where to resume.
+    # Rank 0's file work runs while the other ranks poll it (from_rank_zero): no collective waits on a disk.
     run = RunDir.for_run(cfg.runs_root, cfg.run_name).create()
     lock = acquire_on_rank_zero(run.meta)
     try:
         tee_output(run.logs, rank)
-        if rank == 0:
-            remove_leftovers(run.checkpoints)
+        from_rank_zero(lambda: remove_leftovers(run.checkpoints))
         resume = find_resume_point(run.checkpoints)
         config_dict = config_lib.to_dict(cfg)
         if resume is not None:
-            check_and_record(resume.config, config_dict, resume.global_step, run.meta, record=rank == 0)
+            from_rank_zero(lambda: check_and_record(resume.config, config_dict, resume.global_step, run.meta))
         if resume is not None and is_complete(resume.timestamp, cfg.max_duration):
             if rank == 0:
                 print(f'run {cfg.run_name} is already complete: step {resume.global_step} reached '
@@ -87,18 +90,10 @@ def train(cfg: TrainConfig) -> int:
 
 
 def acquire_on_rank_zero(meta_dir: Path) -> Optional[RunLock]:
-    """Rank 0 takes the run lock; every rank learns whether it may go on."""
-    outcome: list[Any] = [None]
-    lock = None
-    if dist.get_global_rank() == 0:
-        try:
-            lock = RunLock(meta_dir / LOCK_FILE).acquire()
-        except RunLockedError as e:
-            outcome[0] = str(e)
-    dist.broadcast_object_list(outcome, src=0)
-    if outcome[0] is not None:
-        raise RunLockedError(outcome[0])
-    return lock
+    """Rank 0 takes the run lock (which can mean watching it for seconds); every rank learns whether it may go on."""
+    taken: list[RunLock] = []
+    from_rank_zero(lambda: taken.append(RunLock(meta_dir / LOCK_FILE).acquire()))
+    return taken[0] if taken else None
 
 
 def fit(
@@ -112,9 +107,9 @@ def fit(
     preemption: PreemptionSignal,
 ) -> int:
     rank = dist.get_global_rank()
-    git = write_snapshots(run.meta, config_lib.to_yaml(cfg)) if rank == 0 else {}
-    recorder = StartRecorder(run.meta, resume.filename if resume else None, git.get('commit'),
-                             previous_start(run.root) if rank == 0 else (None, None))
+    git, previous = from_rank_zero(lambda: (write_snapshots(run.meta, config_lib.to_yaml(cfg)), previous_start(run.root)))
+    failures = RankFailures()  # what a callback of this rank hit, until the ranks agree to stop on it
+    recorder = StartRecorder(run.meta, resume.filename if resume else None, git.get('commit'), previous, failures)
 
     trainer = Trainer(
         **training_args(cfg, train_loader, val_loader, device),
@@ -125,28 +120,29 @@ def fit(
         save_latest_filename=resume.filename if resume else 'latest.pt',
         save_interval=never,
         callbacks=[
-            Checkpointer(run.checkpoints, cfg.checkpoint, config_dict, resume, preemption, run.meta),
+            Checkpointer(run.checkpoints, cfg.checkpoint, config_dict, resume, preemption, failures, run.meta),
             recorder,
         ],
-        loggers=[MetricsLogger(run.logs / METRICS_FILE)],
+        loggers=[MetricsLogger(run.logs / METRICS_FILE, failures)],
     )
     def ended(reason: str, error: Optional[BaseException] = None) -> None:
         if recorder.recorded:
-            message = f'{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ""}' if error else None
-            record_end(run.meta, reason, int(trainer.state.timestamp.batch), message)
+            with failures.guard('recording the end of this start'):
+                record_end(run.meta, reason, int(trainer.state.timestamp.batch), describe(error) if error else None)
 
     try:
         trainer.fit()
-    except Preempted as e:
+    except BaseException as e:
+        # Not Trainer.close(): its barrier would wait for ranks that may be in another collective, or gone.
+        trainer.engine.close()
+        if not isinstance(e, Preempted):
+            ended('failed', e)
+            raise
         ended('preempted')
         if rank == 0:
             print(f'run {cfg.run_name} {e}; run the same command to resume', flush=True)
         return PREEMPTED_EXIT_CODE
-    except Exception as e:
-        ended('failed', e)
-        raise
-    finally:
-        trainer.close()
+    trainer.close()
     ended('completed')
     if rank == 0:
         print(f'run {cfg.run_name} complete at step {int(trainer.state.timestamp.batch)} ({run.root})', flush=True)
@@ -190,15 +186,17 @@ def main(argv: Optional[list[str]] = None) -> int:
     if not argv or argv[0] in ('-h', '--help'):
         print(USAGE, file=sys.stderr)
         return 2
-    # Every torch.load in this process, Composer's included, is restricted to plain data.
+    # Every torch.load in this process, Composer's included, is restricted to plain data, and maps the
+    # file instead of reading it: the ranks of a node share one copy of a checkpoint in the page cache.
     os.environ['TORCH_FORCE_WEIGHTS_ONLY_LOAD'] = '1'
+    torch.utils.serialization.config.load.mmap = True
     try:
         cfg = config_lib.load_config(argv[0], argv[1:])
         return train(cfg)
     except ConfigError as e:
         print(f'prefix: config error: {e}', file=sys.stderr)
         return 2
-    except (DataError, CheckpointError, RunLockedError) as e:
+    except (DataError, CheckpointError, RunLockedError, RankFailedError) as e:
         print(f'prefix: error: {e}', file=sys.stderr)
         return 1
 

@@ -12,11 +12,19 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
-from typing import Optional
+from typing import NamedTuple, Optional
+
+
+class JobStatus(NamedTuple):
+    """One consistent look at a job: ``failed``, ``busy`` (working on a phase the ranks have released) and ``done``."""
+
+    failed: bool
+    busy: bool
+    done: bool
 
 
 class WriteJob:
-    """The phases of one checkpoint on a daemon thread; ``busy``/``waiting``/``finished`` drive the barriers."""
+    """The phases of one checkpoint on a daemon thread; ``status`` drives the barriers between them."""
 
     def __init__(self, step: int, phases: list[Callable[[], None]], world_size: int) -> None:
         self.step = step
@@ -51,16 +59,12 @@ class WriteJob:
                     self.ended = time.monotonic()
                 self._cond.notify_all()
 
-    @property
-    def busy(self) -> bool:
-        """Working on a phase: the other ranks must not pass the next barrier yet."""
+    def status(self) -> JobStatus:
+        """Read once, under the lock: deciding from two separate reads could miss an error that lands in between."""
         with self._cond:
-            return self.error is None and not self._aborted and self._done < self._allowed
-
-    @property
-    def finished(self) -> bool:
-        with self._cond:
-            return self.error is not None or self._aborted or self._done == len(self._phases)
+            failed = self.error is not None
+            return JobStatus(failed=failed, busy=not failed and not self._aborted and self._done < self._allowed,
+                             done=not failed and self._done == len(self._phases))
 
     def release(self) -> None:
         """Every rank has finished the current phase: start the next one (called on all ranks together)."""
@@ -69,15 +73,21 @@ class WriteJob:
                 self._allowed += 1
                 self._cond.notify_all()
 
-    def wait(self, timeout: Optional[float] = None) -> bool:
-        """Wait until this rank is finished or waits at a barrier; True when finished."""
+    def wait(self, timeout: Optional[float] = None) -> None:
+        """Wait, at most ``timeout`` seconds, until this rank is finished or waits at a barrier."""
         with self._cond:
             self._cond.wait_for(lambda: self.error is not None or self._aborted or self._done == self._allowed, timeout)
-        return self.finished
 
     def abort(self) -> None:
-        """Stop before the next phase (another rank failed): nothing more is written or committed."""
+        """Run no further phase (another rank failed): nothing more is written or committed.
+
+        A phase already running is not waited for: it may be a write of minutes, and the ranks are
+        stopping. Its temporary file is removed at the next start.
+        """
         with self._cond:
             self._aborted = True
             self._cond.notify_all()
+
+    def finish(self) -> None:
+        """Wait for every phase (one rank alone, so no barrier to pass)."""
         self._thread.join()

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from prefix.chaos import step_losses  # noqa: F401  (re-exported for the tests)
+from prefix.chaos import compare as assert_same_training  # noqa: F401  (re-exported for the tests)
+from prefix.chaos import step_losses  # noqa: F401
 from prefix.data import prepare
 from prefix.tokenizer import ByteTokenizer
 
@@ -81,6 +82,18 @@ def group_gone(pgid: int, timeout: float) -> bool:
             return True
         time.sleep(0.05)
     return False
+
+
+def signal_ranks(launcher: subprocess.Popen, sig: int) -> None:
+    """``sig`` to the ranks a ``composer`` launcher started, as a pod's first process forwards a preemption.
+
+    Not to the launcher: on SIGTERM it passes the signal on and kills its ranks 30 s later, however
+    long their final checkpoint takes.
+    """
+    import psutil
+
+    for rank in psutil.Process(launcher.pid).children():
+        rank.send_signal(sig)
 
 
 def run_env(**extra: str) -> dict[str, str]:

@@ -173,3 +173,22 @@ def test_leftovers_of_killed_writers_are_removed(finished_run: Path, tmp_path: P
     (ckpts / '._signal_file_node0_abc123').write_bytes(b'x')
     assert {p.name for p in remove_leftovers(ckpts)} == {'latest.pt.tmp', '._signal_file_node0_abc123'}
     assert sorted(p.name for p in ckpts.iterdir()) == ['latest.pt', 'latest_rank0.pt', 'periodic.pt', 'periodic_rank0.pt']
+
+
+def test_cuda_rng_is_this_gpus_only_and_a_state_that_does_not_fit_is_skipped(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """A fake CUDA: this rank uses GPU 2; files of older prefix versions hold every visible GPU's state."""
+    restored: list[torch.Tensor] = []
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    monkeypatch.setattr(torch.cuda, 'current_device', lambda: 2)
+    monkeypatch.setattr(torch.cuda, 'get_rng_state', lambda device='cuda': torch.full((16,), 2, dtype=torch.uint8))
+    monkeypatch.setattr(torch.cuda, 'set_rng_state', lambda state, device='cuda': restored.append(state))
+    rng = capture_rng()
+    assert torch.equal(rng['cuda'], torch.full((16,), 2, dtype=torch.uint8)), 'one GPU, not every visible one'
+    restore_rng(rng)
+    every_gpu = [torch.full((16,), g, dtype=torch.uint8) for g in range(4)]
+    restore_rng({**rng, 'cuda': every_gpu})  # an older file from a pod with 4 GPUs: GPU 2's is taken
+    assert [int(s[0]) for s in restored] == [2, 2]
+    with caplog.at_level(logging.WARNING):
+        restore_rng({**rng, 'cuda': every_gpu[:2]})  # from a pod with 2 GPUs: none is this GPU's
+    assert len(restored) == 2 and 'cover 2 GPUs and this rank uses GPU 2' in caplog.text

@@ -76,7 +76,7 @@ def test_a_failed_checkpoint_write_keeps_the_previous_checkpoint(finished_run: P
                             capture_output=True, text=True, timeout=300, preexec_fn=_limit_file_size(size // 2))
     assert result.returncode == 1, result.stderr[-2000:]
     error = result.stderr.strip().splitlines()[-1]
-    assert error.startswith('prefix: error: could not write the checkpoint of step 25: File too large')
+    assert error.startswith('prefix: error: rank 0 failed writing the checkpoint of step 25: File too large')
     assert 'the checkpoint of step 22 is intact' in error
     assert torch.load(run / 'checkpoints' / 'latest.pt', weights_only=True)['global_step'] == 22
     assert not any(p.name.endswith('.tmp') for p in (run / 'checkpoints').iterdir())
@@ -147,3 +147,32 @@ def test_a_killed_run_streaming_from_a_remote_restarts(tmp_path: Path, s3_datase
     result = run_train(*args, **env)
     assert result.returncode == 0, result.stderr[-3000:]
     assert starts(run)[-1]['start_step'] == 5 and max(step_losses(run)) == 15
+
+
+def test_a_transient_read_error_is_retried_not_taken_for_corruption(finished_run: Path, tmp_path: Path,
+                                                                    dataset: Path) -> None:
+    run = copy_run(finished_run, tmp_path)
+    flaky = {'op': 'open', 'mode': 'read', 'path': 'latest.pt', 'error': 'EIO', 'times': 2}
+    result = run_train(*smoke_args(tmp_path, dataset, 'max_duration=24ba'), **faults(flaky))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stderr.count('Input/output error') == 2 and 'trying again' in result.stderr
+    assert 'CHECKPOINT UNUSABLE' not in result.stderr
+    assert starts(run)[-1]['resumed_from'] == 'latest.pt' and starts(run)[-1]['start_step'] == 22
+
+
+def test_a_resumed_run_does_not_keep_the_checkpoint_it_loaded_mapped(finished_run: Path, tmp_path: Path,
+                                                                     dataset: Path) -> None:
+    """Checkpoints load memory-mapped (the ranks of a node share the page cache); once the next checkpoint
+    replaces latest.pt, no process may still map the old file (on NFS it would linger as a .nfs file)."""
+    run = copy_run(finished_run, tmp_path)
+    held = tmp_path / 'held'
+    proc = subprocess.Popen(train_cmd(*smoke_args(tmp_path, dataset, 'max_duration=40ba')), cwd=REPO,
+                            env=run_env(**faults({'op': 'step', 'step': 27, 'marker': str(held), 'block': True})),
+                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: held.exists() and committed_step(run) == 25, proc, 'step 27')
+        maps = Path(f'/proc/{proc.pid}/maps').read_text()
+        assert str(run / 'checkpoints') not in maps, [line for line in maps.splitlines() if 'checkpoints' in line]
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()

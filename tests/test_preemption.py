@@ -12,6 +12,7 @@ import pytest
 import torch
 from conftest import (
     REPO,
+    copy_run,
     faults,
     group_gone,
     run_env,
@@ -109,3 +110,37 @@ def test_a_launcher_killed_during_start_up_leaves_no_orphans(tmp_path: Path, dat
     proc.communicate(timeout=60)
     assert group_gone(proc.pid, timeout=120), 'ranks do not go on without their launcher'
     assert not (tmp_path / 'smoke').exists()
+
+
+def test_sigterm_before_the_first_step_of_a_resume_ends_it_at_once_without_writing(
+        finished_run: Path, tmp_path: Path, dataset: Path) -> None:
+    run = copy_run(finished_run, tmp_path)
+    before = {p.name: p.read_bytes() for p in (run / 'checkpoints').iterdir()}
+    held = tmp_path / 'held'
+    # Held after it chose the checkpoint to resume from, before Composer loads it and trains.
+    hold = {'op': 'call', 'target': 'prefix.checkpoint:find_resume_point', 'when': 'after', 'marker': str(held),
+            'block': True}
+    proc = start(smoke_args(tmp_path, dataset, 'max_duration=40ba'), env=faults(hold))
+    wait_for(held.exists, proc, 'the resume point is chosen')
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=120)
+    assert proc.returncode == -signal.SIGTERM, 'ended by the signal itself (a shell or Kubernetes reports 143)'
+    assert {p.name: p.read_bytes() for p in (run / 'checkpoints').iterdir()} == before, 'nothing written'
+    assert len(starts(run)) == 1
+
+
+def test_a_second_ctrl_c_exits_at_once_while_sigterm_repeats_wait_for_the_save(tmp_path: Path, dataset: Path) -> None:
+    run = tmp_path / 'smoke'
+    blocked = tmp_path / 'blocked'
+    # The first write of latest.pt never finishes: the save that Ctrl-C asks for waits for it forever.
+    hold = {'op': 'fsync', 'path': 'latest.pt.tmp', 'marker': str(blocked), 'block': True}
+    proc = start(smoke_args(tmp_path, dataset, 'max_duration=40ba', 'checkpoint.periodic_interval=null'), env=faults(hold))
+    wait_for(blocked.exists, proc, 'the first checkpoint write')
+    log = run / 'logs' / 'rank0.log'
+    proc.send_signal(signal.SIGINT)
+    wait_for(lambda: 'SIGINT received: saving' in log.read_text(), proc)
+    proc.send_signal(signal.SIGTERM)
+    wait_for(lambda: 'SIGTERM received again: already stopping' in log.read_text(), proc)
+    proc.send_signal(signal.SIGINT)
+    proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGINT and 'SIGINT received again: exiting now' in log.read_text()

@@ -21,9 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import torch
 from conftest import (
     REPO,
+    assert_same_training,
     committed_step,
     epoch_length,
     faults,
@@ -31,7 +31,6 @@ from conftest import (
     run_train,
     smoke_args,
     starts,
-    step_losses,
     train_cmd,
     two_epochs,
     wait_for,
@@ -91,16 +90,6 @@ def killed_run(root: Path, args: list[str], moments: list[Moment], nproc: int = 
         proc.wait()
     result = run_train(*args, nproc=nproc)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
-
-
-def assert_same_training(reference: Path, resumed: Path) -> None:
-    ref_losses, losses = step_losses(reference), step_losses(resumed)
-    assert sorted(losses) == sorted(ref_losses)
-    differing = [s for s in ref_losses if ref_losses[s] != losses[s]]
-    assert not differing, f'losses differ at steps {differing[:10]}'
-    a = torch.load(reference / 'checkpoints' / 'latest.pt', weights_only=True)['state']['model']
-    b = torch.load(resumed / 'checkpoints' / 'latest.pt', weights_only=True)['state']['model']
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 @pytest.mark.parametrize('async_write', ['true', 'false'])

@@ -72,3 +72,16 @@ def test_bad_input_is_one_line_and_touches_nothing(tmp_path: Path, dataset: Path
     assert result.returncode == code
     assert message in result.stderr and result.stderr.strip().count('\n') == 0, result.stderr[-2000:]
     assert not (tmp_path / 'runs').exists()
+
+
+def test_a_run_measured_in_epochs_completes_and_is_not_trained_again(tmp_path: Path, dataset: Path) -> None:
+    args = smoke_args(tmp_path, dataset, 'max_duration=1ep', 'eval_interval=1ep')
+    first = run_train(*args)
+    assert first.returncode == 0, first.stderr[-3000:]
+    run = tmp_path / 'smoke'
+    latest = torch.load(run / 'checkpoints' / 'latest.pt', weights_only=True)
+    assert latest['state']['timestamp']['Timestamp']['epoch'] == 1, 'the final checkpoint is after the epoch ended'
+    again = run_train(*args)
+    assert again.returncode == 0 and 'already complete' in again.stdout, again.stderr[-3000:]
+    records = [json.loads(line) for line in (run / 'meta' / 'starts.jsonl').read_text().splitlines()]
+    assert [r['event'] for r in records] == ['start', 'end'], 'no second start, no evaluation redone'

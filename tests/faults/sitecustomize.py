@@ -7,11 +7,11 @@ rules; with it unset this module does nothing. A rule:
 - ``op``: ``fsync`` | ``open`` | ``link`` | ``replace`` (the path is the file's), ``step`` (before
   Composer runs ``event`` at the batch count ``step``), or ``call`` (``target`` is
   ``module:qualname``, patched right after the module is imported; ``when`` is ``before`` or ``after``);
-- ``path``: an ``fnmatch`` pattern for the file's name (``open`` only matches files opened for writing);
+- ``path``: an ``fnmatch`` pattern for the file's name; ``mode``: ``write`` (default) or ``read``, for ``open``;
 - ``rank``: only in the process of that global rank (``RANK``, 0 without a launcher);
 - ``skip``: let that many matches pass first; ``times``: act that many times at most (default: always);
 - what it does, in this order: ``marker`` (create that file, with a line per hit: the test waits
-  for it), ``sleep`` (seconds, or ``sleep_per_mb`` for fsync, like a slow volume), ``block`` (wait
+  for it), ``sleep`` (seconds: a slow volume), ``block`` (wait
   until the file ``release`` exists, forever without one), ``error`` (raise ``OSError`` of that errno
   name, or an exception class name of ``builtins`` such as ``MemoryError``).
 """
@@ -49,8 +49,6 @@ def _act(index: int, path: str = '') -> None:
             f.write(f'{os.getpid()} {path}\n')
     if 'sleep' in rule:
         time.sleep(rule['sleep'])
-    if 'sleep_per_mb' in rule and path:
-        time.sleep(rule['sleep_per_mb'] * os.path.getsize(path) / 1e6)
     if rule.get('block'):
         release = rule.get('release')
         while not (release and os.path.exists(release)):
@@ -103,9 +101,11 @@ def _replace(src, dst, *args, **kwargs) -> None:
 
 
 def _open(file, mode='r', *args, **kwargs):
-    if isinstance(file, (str, bytes, os.PathLike)) and any(c in mode for c in 'wax+'):
+    if isinstance(file, (str, bytes, os.PathLike)):
+        writing = any(c in mode for c in 'wax+')
         for index in _matching('open', os.fsdecode(file)):
-            _act(index, os.fsdecode(file))
+            if (RULES[index].get('mode', 'write') == 'write') == writing:
+                _act(index, os.fsdecode(file))
     return builtins_open(file, mode, *args, **kwargs)
 
 

@@ -1,0 +1,169 @@
+"""What the ranks decide together, so that no rank waits inside a collective while another does slow work.
+
+A collective waits for its slowest rank, and fails after ``dist_timeout``. File I/O on a network
+volume can take minutes, so prefix never enters a collective while some rank does I/O: the slow
+work runs on a thread (``together``) and every rank polls it in short local waits, each followed by
+one tiny all-reduce, until every rank's work is done; only then are the (small) results exchanged.
+
+A rank-local failure becomes an agreed stop the same way: ``RankFailures`` holds the first
+exception a rank hit in prefix's own callbacks, the ranks learn of it from the flag in their
+per-step all-reduce, and every rank then raises one ``RankFailedError`` naming the failing rank.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, Optional
+
+import torch
+import torch.distributed as tdist
+
+log = logging.getLogger(__name__)
+
+POLL_S = 0.5  # the longest a rank waits on its own before the ranks compare notes
+
+
+class RankFailedError(RuntimeError):
+    """Some rank failed; every rank raises this, with one line naming the rank and what failed."""
+
+
+def world_size() -> int:
+    return tdist.get_world_size() if tdist.is_available() and tdist.is_initialized() else 1
+
+
+def rank() -> int:
+    return tdist.get_rank() if world_size() > 1 else 0
+
+
+def _device() -> torch.device:
+    """Where a collective's tensor must live: the current GPU for NCCL, else the CPU."""
+    if tdist.get_backend() == 'nccl':
+        return torch.device('cuda', torch.cuda.current_device())
+    return torch.device('cpu')
+
+
+def any_rank(flags: list[bool]) -> list[bool]:
+    """Element-wise OR of ``flags`` over all ranks (one tiny all-reduce), so every rank decides alike."""
+    if world_size() == 1:
+        return flags
+    tensor = torch.tensor([int(f) for f in flags], dtype=torch.int32, device=_device())
+    tdist.all_reduce(tensor, op=tdist.ReduceOp.MAX)
+    return [bool(v) for v in tensor.cpu().tolist()]
+
+
+def gather(obj: Any) -> list[Any]:
+    """Every rank's ``obj`` (small, picklable), on every rank."""
+    if world_size() == 1:
+        return [obj]
+    out: list[Any] = [None] * world_size()
+    tdist.all_gather_object(out, obj)
+    return out
+
+
+class Outcome:
+    """What ``work`` returned on one rank, or the exception it raised (None when the rank had no work)."""
+
+    def __init__(self, value: Any = None, error: Optional[BaseException] = None) -> None:
+        self.value, self.error = value, error
+
+    def get(self) -> Any:
+        if self.error is not None:
+            raise self.error
+        return self.value
+
+
+def wait_until_done(done: Callable[[float], bool]) -> None:
+    """Poll ``done(timeout)`` (True once this rank's work is over) with every rank until all are over.
+
+    Every rank runs the same number of rounds, because whether to go on is agreed too.
+    """
+    while any_rank([not done(POLL_S)])[0]:
+        pass
+
+
+def together(work: Optional[Callable[[], Any]]) -> list[Outcome]:
+    """Run ``work`` on the ranks that have some, on a thread, and give every rank every rank's outcome.
+
+    No rank waits in a collective for more than ``POLL_S`` plus the others' lag, however long the work.
+    """
+    outcome = Outcome()
+    thread = None
+    if work is not None:
+        def run() -> None:
+            try:
+                outcome.value = work()
+            except BaseException as e:
+                outcome.error = e
+        thread = threading.Thread(target=run, name='prefix-together', daemon=True)
+        thread.start()
+    if world_size() == 1:
+        if thread is not None:
+            thread.join()
+        return [outcome]
+
+    def done(timeout: float) -> bool:
+        if thread is None:
+            return True
+        thread.join(timeout)
+        return not thread.is_alive()
+
+    wait_until_done(done)
+    return gather(_picklable(outcome))
+
+
+def from_rank_zero(work: Callable[[], Any]) -> Any:
+    """``work`` runs on rank 0 alone; every rank returns its result, or raises its exception."""
+    return together(work if rank() == 0 else None)[0].get()
+
+
+def _picklable(outcome: Outcome) -> Outcome:
+    if outcome.error is None:
+        return outcome
+    try:
+        import pickle
+
+        pickle.dumps(outcome.error)
+        return outcome
+    except Exception:
+        return Outcome(error=RuntimeError(describe(outcome.error)))
+
+
+def describe(error: BaseException) -> str:
+    """One line: an OSError's reason and file, else the exception's type and first line."""
+    if isinstance(error, OSError) and error.strerror:
+        return f'{error.strerror} ({error.filename})' if error.filename else error.strerror
+    text = str(error).splitlines()[0] if str(error) else ''
+    return f'{type(error).__name__}: {text}' if text else type(error).__name__
+
+
+class RankFailures:
+    """The first exception this rank hit in prefix's callbacks, held until the ranks agree to stop on it."""
+
+    def __init__(self) -> None:
+        self.what: Optional[str] = None
+
+    @property
+    def failed(self) -> bool:
+        return self.what is not None
+
+    def record(self, doing: str, error: BaseException) -> None:
+        if self.what is None:
+            self.what = f'{doing}: {describe(error)}'
+            log.error('rank %d failed %s', rank(), self.what, exc_info=error)
+
+    @contextmanager
+    def guard(self, doing: str) -> Iterator[None]:
+        """Record an exception raised inside instead of raising it: other ranks must not be left in a collective."""
+        try:
+            yield
+        except Exception as e:
+            self.record(doing, e)
+
+    def stop(self, intact: str) -> None:
+        """Called by every rank once they agreed that some rank failed: raise one line naming the rank(s)."""
+        failed = [(r, what) for r, what in enumerate(gather(self.what)) if what is not None]
+        ranks = ', '.join(f'rank {r} failed {what}' for r, what in failed)
+        raise RankFailedError(f'{ranks}; {intact}')

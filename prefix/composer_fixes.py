@@ -1,0 +1,53 @@
+"""Narrow corrections to Composer 0.32.1, applied on import (``prefix.train`` imports this module).
+
+Each names the function it corrects and why, so that a Composer upgrade knows what to re-check.
+"""
+
+from __future__ import annotations
+
+import functools
+import random
+from typing import Optional
+
+import composer.core.state
+import composer.trainer.trainer
+import torch
+from composer.utils import dist
+
+# composer.core.state.get_composer_env_dict: State.state_dict() rescans the installed packages for
+# checkpoint metadata (about 45 ms, most of a small model's checkpoint), although the answer cannot
+# change within a process. Ask once.
+composer.core.state.get_composer_env_dict = functools.cache(composer.core.state.get_composer_env_dict)
+
+
+# composer.utils.dist.get_node_signal_file_name: the file the ranks of one node wait for during
+# autoresume is named by rank 0 and broadcast, so it has the same name on every node. In a save folder
+# the nodes share (one PVC), every node's local rank 0 then writes and removes the same file, and all
+# but one fail (FileNotFoundError in Trainer._get_autoresume_checkpoint). Keep rank 0's random part
+# and name the file after this node again.
+_signal_file_name = dist.get_node_signal_file_name
+
+
+def _signal_file_of_this_node(rng: Optional[random.Random] = None) -> str:
+    shared = _signal_file_name(rng)
+    return f'._signal_file_node{dist.get_node_rank()}_{shared.rsplit("_", 1)[1]}'
+
+
+dist.get_node_signal_file_name = _signal_file_of_this_node
+
+
+# composer.distributed.dist_strategy.prepare_ddp_module (as composer.trainer.trainer calls it) wraps the
+# model in DistributedDataParallel with find_unused_parameters=False, under which DDP regroups its
+# gradient buckets after the first step of each process. A resumed process thus all-reduces its first
+# steps in another bucket layout than the uninterrupted run did at the same steps, and with 3 or more
+# ranks the per-element sums come out in another order: not bit-exact (measured with 4 ranks).
+# find_unused_parameters=True keeps the first layout for the whole run, in every process (DDP then
+# also walks the autograd graph once per step to find unused parameters).
+_prepare_ddp_module = composer.trainer.trainer.prepare_ddp_module
+
+
+def _prepare_ddp_module_with_fixed_buckets(module: torch.nn.Module, find_unused_parameters: bool) -> torch.nn.Module:
+    return _prepare_ddp_module(module, find_unused_parameters=True)
+
+
+composer.trainer.trainer.prepare_ddp_module = _prepare_ddp_module_with_fixed_buckets
