@@ -34,6 +34,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import psutil
 from composer import Trainer
 from composer.core import Callback
 from composer.devices import DeviceCPU
@@ -154,13 +155,12 @@ def io_of_descendants(cmd: list[str]) -> dict[str, int]:
         lines = Path('/proc/self/io').read_text().splitlines()
         return {key: int(value) for key, value in (line.split(': ') for line in lines)}
 
+    ours = {child.pid for child in psutil.Process().children()}  # e.g. multiprocessing's resource tracker
     before = counters()
     subprocess.run(cmd, check=True, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    while True:
-        try:
-            os.waitpid(-1, 0)
-        except ChildProcessError:
-            break
+    while orphans := [child.pid for child in psutil.Process().children() if child.pid not in ours]:
+        for pid in orphans:
+            os.waitpid(pid, 0)
     after = counters()
     return {key: after[key] - before[key] for key in ('rchar', 'read_bytes')}
 
@@ -188,11 +188,11 @@ def startup(size: str, data: Path, root: Path, nproc: int) -> dict[str, float]:
 
     fresh, fresh_reads = start('2ba')
     files = list((run / 'checkpoints').glob('latest*.pt'))
+    size_bytes = sum(p.stat().st_size for p in files)
     for path in files:
         drop_cache(path)
     resumed, resumed_reads = start('4ba')
     shutil.rmtree(run, ignore_errors=True)
-    size_bytes = sum(p.stat().st_size for p in files)
     return {'fresh_s': fresh, 'resumed_s': resumed, 'checkpoint_bytes': size_bytes,
             **{f'extra_{key}': resumed_reads[key] - fresh_reads[key] for key in fresh_reads}}
 
