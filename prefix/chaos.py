@@ -28,6 +28,9 @@ from pathlib import Path
 
 import torch
 
+from prefix.checkpoint import referenced_shards
+from prefix.export import whole_checkpoint
+
 CONTRACT = re.compile(r'^(latest|periodic)(_rank\d+)?\.pt$')
 KILLS = ('SIGKILL all', 'SIGTERM all', 'SIGTERM first')
 
@@ -81,10 +84,11 @@ def run_to_end(cmd: list[str], console: Path) -> None:
 
 def check_contract(run: Path, nproc: int) -> None:
     names = sorted(p.name for p in (run / 'checkpoints').iterdir())
-    stray = [n for n in names if not CONTRACT.match(n)]
+    named = referenced_shards(run / 'checkpoints') or set()  # the shard folders latest.pt and periodic.pt name
+    stray = [n for n in names if not CONTRACT.match(n) and n not in named]
     expected = {'latest.pt', *(f'latest_rank{r}.pt' for r in range(nproc))}
-    if stray or not expected <= set(names):
-        raise AssertionError(f'checkpoints/ holds {names}: expected {sorted(expected)} (+ periodic), no others')
+    if stray or not expected <= set(names) or not named <= set(names):
+        raise AssertionError(f'checkpoints/ holds {names}: expected {sorted(expected | named)} (+ periodic), no others')
     if (run / 'meta' / 'lock.json').exists():
         raise AssertionError('meta/lock.json was left behind by a completed run')
 
@@ -96,8 +100,8 @@ def compare(reference: Path, run: Path) -> None:
     differing = [s for s in ref if ref[s] != got[s]]
     if differing:
         raise AssertionError(f'losses differ at steps {differing[:10]}')
-    a = torch.load(reference / 'checkpoints' / 'latest.pt', weights_only=True)['state']['model']
-    b = torch.load(run / 'checkpoints' / 'latest.pt', weights_only=True)['state']['model']
+    a = whole_checkpoint(reference / 'checkpoints')['state']['model']
+    b = whole_checkpoint(run / 'checkpoints')['state']['model']
     if a.keys() != b.keys() or not all(torch.equal(a[k], b[k]) for k in a):
         raise AssertionError('final weights differ from the uninterrupted run')
 

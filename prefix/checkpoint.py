@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import pickle
 import random
+import shutil
 import time
 import zipfile
 from collections.abc import Callable
@@ -35,6 +36,7 @@ import torch
 from composer.core import State
 from composer.utils import dist
 
+from prefix import shards
 from prefix.agreement import together
 from prefix.atomic import TMP_SUFFIX
 
@@ -131,6 +133,7 @@ class ResumePoint:
     timestamp: dict[str, int]
     wall_clock: dict[str, float]
     config: dict[str, Any]
+    shards: Optional[str] = None  # the folder of the model's and optimizer's shards (sharded format)
     rng: Optional[dict[str, Any]] = field(default=None, repr=False)
 
     @property
@@ -166,16 +169,21 @@ def _read_header(path: Path) -> dict[str, Any]:
         'timestamp': dict(ckpt['state']['timestamp']['Timestamp']),
         'wall_clock': dict(ckpt.get('wall_clock', {})),
         'config': ckpt['config'],
+        'shards': ckpt.get('shards'),
     }
 
 
-def _check(path: Path, header: bool) -> Optional[dict[str, Any]]:
+def _check(path: Path) -> Optional[dict[str, Any]]:
     """A node's leader reads ``path`` whole, once: the CRC check, which leaves it in the node's page cache
-    for every rank's memory-mapped load. Rank 0 also reads the header. None when the file does not exist."""
+    for every rank's memory-mapped load; then its header, and that every shard it names is whole.
+    None when the file does not exist."""
     if not path.exists():
         return None
     _retrying(path, lambda: verify_crc(path))
-    return _retrying(path, lambda: _read_header(path)) if header else {}
+    header = _retrying(path, lambda: _read_header(path))
+    if header['shards'] is not None:
+        _retrying(path, lambda: shards.check(path.parent / header['shards']))
+    return header
 
 
 def _choose_global(folder: Path) -> Optional[dict[str, Any]]:
@@ -188,7 +196,7 @@ def _choose_global(folder: Path) -> Optional[dict[str, Any]]:
     leader = dist.get_local_rank() == 0
     for kind in (LATEST, PERIODIC):
         path = global_file(folder, kind)
-        outcomes = together((lambda p=path: _check(p, header=dist.get_global_rank() == 0)) if leader else None)
+        outcomes = together((lambda p=path: _check(p)) if leader else None)
         refused = next((o.error for o in outcomes if isinstance(o.error, CheckpointError)), None)
         if refused is not None:
             raise refused
@@ -210,12 +218,34 @@ def _choose_global(folder: Path) -> Optional[dict[str, Any]]:
 
 
 def remove_leftovers(folder: Path) -> list[Path]:
-    """Delete what killed writers leave behind: our ``*.tmp`` files and Composer's autoresume signal files."""
+    """Delete what killed writers leave behind: ``*.tmp`` files and folders, shard folders no checkpoint
+    names, Composer's autoresume signal files."""
     leftovers = [p for p in folder.iterdir() if p.name.endswith(TMP_SUFFIX) or p.name.startswith('._signal_file')]
     for path in leftovers:
         log.warning('removing %s, left by an interrupted start', path)
-        path.unlink(missing_ok=True)
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+    keep = referenced_shards(folder)
+    if keep is not None:
+        for path in shards.remove_unreferenced(folder, keep):
+            log.warning('removed %s, which no checkpoint names', path)
     return leftovers
+
+
+def referenced_shards(folder: Path) -> Optional[set[str]]:
+    """The shard folders that latest.pt and periodic.pt name; None if one of them cannot be read now (keep all)."""
+    names = set()
+    for kind in (LATEST, PERIODIC):
+        path = global_file(folder, kind)
+        if not path.exists():
+            continue
+        try:
+            names.add(safe_load(path, mmap=True).get('shards'))
+        except Exception:
+            return None
+    return names - {None}
 
 
 def find_resume_point(folder: Path) -> Optional[ResumePoint]:
@@ -270,9 +300,12 @@ def plain(obj: Any, where: str = 'state') -> Any:
     raise CheckpointError(f'cannot store {where} ({type(obj).__qualname__}) as plain data in a checkpoint')
 
 
-def global_state(state: State, config: dict[str, Any]) -> dict[str, Any]:
-    """The contents of latest.pt: Composer's state dict made plain, plus our header."""
-    composer_state = state.state_dict()
+def global_state(state: State, config: dict[str, Any], shards_folder: Optional[str] = None) -> dict[str, Any]:
+    """The contents of latest.pt: Composer's state dict made plain, plus our header.
+
+    With ``shards_folder`` the model and optimizer are left out: they are in that folder (``prefix.shards``).
+    """
+    composer_state = state.state_dict() if shards_folder is None else shards.state_dict_without_tensors(state)
     ts = composer_state['timestamp']['Timestamp']
     wall_clock = {k: ts.pop(k).total_seconds() for k in list(ts) if isinstance(ts[k], timedelta)}
     return {
@@ -282,6 +315,7 @@ def global_state(state: State, config: dict[str, Any]) -> dict[str, Any]:
         'config': config,
         'wall_clock': wall_clock,
         'state': plain(composer_state),
+        **({'shards': shards_folder} if shards_folder is not None else {}),
     }
 
 

@@ -30,11 +30,12 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
+import torch.distributed as tdist
 from composer.core import Callback, Event, State
 from composer.loggers import Logger
 
-from prefix import agreement
-from prefix.agreement import POLL_S, RankFailures, any_rank
+from prefix import agreement, shards
+from prefix.agreement import POLL_S, RankFailures, any_rank, together
 from prefix.atomic import atomic_link, atomic_write, commit, temp_path, write_temp
 from prefix.checkpoint import (
     LATEST,
@@ -46,7 +47,9 @@ from prefix.checkpoint import (
     global_state,
     rank_file,
     rank_state,
+    referenced_shards,
     restore_rng,
+    safe_load,
 )
 from prefix.config import CheckpointConfig, parse_duration, seconds
 from prefix.meta import record_checkpoint
@@ -137,8 +140,11 @@ class Checkpointer(Callback):
         preemption: PreemptionSignal,
         failures: RankFailures,
         meta_dir: Optional[Path] = None,
+        shards_group: Optional[tdist.ProcessGroup] = None,
     ) -> None:
         self.folder = folder
+        self.sharded = cfg.format == 'sharded'
+        self.shards_group = shards_group  # DCP's own collectives (prefix.shards)
         self.meta_dir = meta_dir  # where rank 0 summarizes each committed checkpoint (meta/checkpoint.json)
         self._logger: Optional[Logger] = None
         self.preemption = preemption
@@ -160,6 +166,8 @@ class Checkpointer(Callback):
     def after_load(self, state: State, logger: Logger) -> None:
         if self.resume is None:
             return
+        if self.resume.shards is not None:
+            self._load_shards(state, logger)
         step = int(state.timestamp.batch)
         if step != self.resume.global_step:
             raise CheckpointError(f'Composer resumed at step {step} but {self.resume.filename} is at {self.resume.global_step}')
@@ -169,6 +177,17 @@ class Checkpointer(Callback):
         _unmap_optimizer_state(state)
         self._saved_position = _position(state)
         log.info('resumed from %s at step %d', self.resume.filename, step)
+
+    def _load_shards(self, state: State, logger: Logger) -> None:
+        """Load a sharded checkpoint (Composer's autoresume reads only whole ones): every rank reads the
+        pieces of the shard folder it holds now, on a thread while the ranks poll it, then Composer
+        loads the rest from latest.pt."""
+        assert self.resume is not None and self.resume.shards is not None
+        tensors = shards.tensors_of(state)
+        folder = self.folder / self.resume.shards
+        together(lambda: shards.load(tensors, folder, self.shards_group))[agreement.rank()].get()
+        rest = safe_load(global_file(self.folder, self.resume.kind), mmap=True)['state']
+        state.load_state_dict({**rest, **tensors}, logger)
 
     def fit_start(self, state: State, logger: Logger) -> None:
         self._logger = logger
@@ -295,19 +314,27 @@ class Checkpointer(Callback):
         committed = self._committed
         if committed is not None and committed.step != step and committed.rng is not None:
             history[committed.step] = committed.rng
-        payload: Optional[dict[str, Any]] = global_state(state, self.config)  # every rank: gathering may be collective
+        tensors, name = None, None
+        if self.sharded:
+            name = agreement.gather(shards.new_name(step) if rank == 0 else None)[0]  # one folder for every rank
+            payload: Optional[dict[str, Any]] = global_state(state, self.config, name)
+            tensors = shards.tensors_of(state)
+            if asynchronous:
+                tensors = self._snapshot.copy(tensors)  # this rank's shards: training changes the live ones
+        else:
+            payload = global_state(state, self.config)  # every rank: gathering is collective under FSDP
         if rank != 0:
             payload = None
-        elif asynchronous:
+        elif asynchronous and not state.fsdp_enabled:  # FSDP gathered a fresh copy already: no second one
             payload = self._snapshot.copy(payload)  # training may change the live tensors from now on
         else:
             payload = on_cpu(payload)  # the file opens where there is no GPU
         record = SaveRecord(step, periodic, asynchronous)
-        phases = self._phases(record, rank_state(step, history), payload, periodic)
+        phases = self._phases(record, rank_state(step, history), payload, tensors, name, periodic)
         return PendingSave(WriteJob(step, phases, agreement.world_size()), record, rng)
 
     def _phases(self, record: SaveRecord, rank_payload: dict[str, Any], payload: Optional[dict[str, Any]],
-                periodic: bool) -> list:
+                tensors: Optional[dict[str, Any]], shards_name: Optional[str], periodic: bool) -> list:
         rank, world_size = agreement.rank(), agreement.world_size()
         latest = global_file(self.folder)
 
@@ -315,6 +342,8 @@ class Checkpointer(Callback):
             path = rank_file(self.folder, rank)
             atomic_write(path, lambda f: torch.save(rank_payload, f))
             record.bytes += path.stat().st_size
+            if tensors is not None and shards_name is not None:  # every rank its shards, whole once all return
+                record.bytes += shards.write(tensors, self.folder / shards_name, self.shards_group)
             if payload is not None:
                 record.bytes += write_temp(latest, lambda f: torch.save(payload, f)).stat().st_size
 
@@ -323,6 +352,7 @@ class Checkpointer(Callback):
                 commit(temp_path(latest), latest)
                 record.committed = True
                 self._remove_rank_files_beyond(world_size, LATEST)
+                self._remove_unreferenced_shards()
                 if self.meta_dir is not None and payload is not None:
                     record_checkpoint(self.meta_dir, record.step, payload['tokens_seen'], record.bytes)
 
@@ -332,6 +362,7 @@ class Checkpointer(Callback):
                 if rank == 0:
                     atomic_link(latest, global_file(self.folder, PERIODIC))
                     self._remove_rank_files_beyond(world_size, PERIODIC)
+                    self._remove_unreferenced_shards()
 
         return [write, commit_latest, link_periodic]
 
@@ -343,6 +374,12 @@ class Checkpointer(Callback):
         if self._logger is not None:
             self._logger.log_metrics({'checkpoint/step': record.step, 'checkpoint/blocked_s': record.blocked_s,
                                       'checkpoint/write_s': record.write_s, 'checkpoint/bytes': record.bytes})
+
+    def _remove_unreferenced_shards(self) -> None:
+        """Rank 0, once latest.pt or periodic.pt moved on: the shard folder neither names any more goes."""
+        keep = referenced_shards(self.folder)
+        if keep is not None:
+            shards.remove_unreferenced(self.folder, keep)
 
     def _remove_rank_files_beyond(self, world_size: int, kind: str) -> None:
         """Rank files of ranks a smaller world no longer has belong to no checkpoint once the global file moved on."""

@@ -11,6 +11,7 @@ COMMANDS = {
     'runs': 'list the runs under runs_root: state, progress, checkpoints, preemptions [--root DIR] [--json]',
     'show': "one run's config, starts, checkpoints and goodput: show RUN [--root DIR] [--json]",
     'plot': "write a run's loss curve, resumes marked, to its logs/loss.png: plot RUN [--root DIR]",
+    'export': "a run's newest checkpoint as one whole latest.pt-format file: export RUN OUT.pt [--root DIR]",
 }
 
 
@@ -27,6 +28,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     if command == 'train':
         from prefix.train import main as train_main
         return train_main(rest)
+    if command == 'export':
+        from prefix.export import main as export_main
+        return export_main(rest)
     from prefix.runs import main as runs_main
     return runs_main(command, rest)
 

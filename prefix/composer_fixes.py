@@ -7,10 +7,14 @@ from __future__ import annotations
 
 import functools
 import random
-from typing import Optional
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Optional, Union
 
 import composer.core.state
+import composer.distributed.prepare_distributed
 import composer.trainer.trainer
+import composer.utils.checkpoint
 import torch
 from composer.utils import dist
 
@@ -51,3 +55,39 @@ def _prepare_ddp_module_with_fixed_buckets(module: torch.nn.Module, find_unused_
 
 
 composer.trainer.trainer.prepare_ddp_module = _prepare_ddp_module_with_fixed_buckets
+
+
+# composer.utils.checkpoint._torch_load_with_validation: every rank torch.loads the whole checkpoint into
+# memory of its own. Memory-mapped, the ranks of a node share one copy in the page cache, which the
+# CRC check of the node's local rank 0 has just filled (prefix.checkpoint): latest.pt is read once per
+# node, whatever the number of ranks.
+def _load_mapped(checkpoint_filepath: Union[Path, str], map_location: str) -> Any:
+    path = composer.utils.checkpoint._ensure_valid_checkpoint(checkpoint_filepath)
+    return torch.load(path, map_location=map_location, weights_only=True, mmap=True)
+
+
+composer.utils.checkpoint._torch_load_with_validation = _load_mapped
+
+
+# composer.distributed.param_init.meta_init (as prepare_distributed calls it): materializes a module
+# built on the meta device with to_empty(device='cuda'), so FSDP2's meta-device initialization fails
+# on a CPU run. The same walk (children first, each module's own param_init_fn), on this rank's
+# device.
+
+
+def _meta_init_on_this_device(module: torch.nn.Module, param_init_fn: Optional[Callable[[torch.nn.Module], None]] = None,
+                              ) -> None:
+    init = getattr(module, 'param_init_fn', param_init_fn)
+    for child in module.children():
+        _meta_init_on_this_device(child, init)
+    own = [*module.parameters(recurse=False), *module.buffers(recurse=False)]
+    if any(t.is_meta for t in own):
+        if init is None:
+            raise ValueError(f'{type(module).__name__} was built on the meta device but nothing can initialize it: '
+                             'give the model a param_init_fn(module)')
+        module.to_empty(device=torch.device('cuda', torch.cuda.current_device()) if torch.cuda.is_available() else 'cpu',
+                        recurse=False)
+        init(module)
+
+
+composer.distributed.prepare_distributed.meta_init = _meta_init_on_this_device

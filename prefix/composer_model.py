@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
@@ -15,9 +16,11 @@ from prefix.model import GPT, ModelConfig
 class ComposerGPT(ComposerModel):
     """Composer wrapper: batches are ``{'input_ids': (B, L+1)}``; predicts tokens 1..L from 0..L-1."""
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, seed: int = 0, on_meta: bool = False) -> None:
+        """``on_meta``: build the GPT on the meta device, for FSDP to shard and initialize (the metrics stay real)."""
         super().__init__()
-        self.model = GPT(cfg)
+        with torch.device('meta') if on_meta else contextlib.nullcontext():
+            self.model = GPT(cfg, seed)
         self.train_metrics: dict[str, Any] = {}  # the training loss is logged already
         self.val_metrics = {
             'LanguageCrossEntropy': LanguageCrossEntropy(),

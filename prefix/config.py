@@ -60,12 +60,26 @@ class CheckpointConfig:
     """``interval`` for latest.pt (batches ``200ba`` or wall clock ``10min``); ``periodic_interval`` for the fallback.
 
     ``async_write``: training waits only for a copy of the state in host memory, the write runs in
-    the background; ``false`` makes training wait for the whole write.
+    the background; ``false`` makes training wait for the whole write. ``format``: ``sharded`` (the
+    model and optimizer in a folder of shards that every rank writes; the default under FSDP) or
+    ``full`` (everything in latest.pt, written by rank 0; the default otherwise).
     """
 
     interval: str = '5min'
     periodic_interval: Optional[str] = None
     async_write: bool = True
+    format: Optional[str] = None
+
+
+@dataclass
+class FSDPConfig:
+    """FSDP2 through Composer: every rank holds a shard of each weight and its optimizer state, and a block's
+    weights are gathered whole only while it computes (``fsdp: null`` is plain data parallelism)."""
+
+    reshard_after_forward: bool = True  # free a block's gathered weights after its forward (less memory, one more gather)
+    mixed_precision: str = 'DEFAULT'  # Composer's FSDP2 mixed precision: DEFAULT, PURE or FULL
+    activation_checkpointing: bool = False  # recompute each block's activations in the backward pass
+    activation_cpu_offload: bool = False  # keep saved activations in host memory
 
 
 @dataclass
@@ -84,7 +98,7 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    fsdp: Optional[dict[str, Any]] = None
+    fsdp: Optional[FSDPConfig] = None
     # How long one collective may wait for a rank before the run fails: a hung or lost peer. Checkpoint
     # writes and reads never wait inside a collective, so this does not grow with the checkpoint.
     dist_timeout: str = '5min'
@@ -164,6 +178,12 @@ def _validate(cfg: TrainConfig) -> None:
         raise ConfigError(f'config key global_batch_size: must be positive, got {cfg.global_batch_size}')
     if cfg.precision not in (None, 'fp32', 'amp_bf16', 'amp_fp16'):
         raise ConfigError(f'config key precision: {cfg.precision!r} is not one of null, fp32, amp_bf16, amp_fp16')
+    if cfg.checkpoint.format not in ('full', 'sharded'):
+        raise ConfigError(f"config key checkpoint.format: {cfg.checkpoint.format!r} is not one of null, 'full', 'sharded'")
+    if cfg.checkpoint.format == 'sharded' and cfg.fsdp is None:
+        raise ConfigError('config key checkpoint.format: sharded checkpoints need fsdp (set fsdp: {} or checkpoint.format=full)')
+    if cfg.fsdp is not None and cfg.fsdp.mixed_precision not in ('DEFAULT', 'PURE', 'FULL'):
+        raise ConfigError(f'config key fsdp.mixed_precision: {cfg.fsdp.mixed_precision!r} is not one of DEFAULT, PURE, FULL')
 
 
 def load_config(path: str, overrides: list[str]) -> TrainConfig:
@@ -192,6 +212,8 @@ def load_config(path: str, overrides: list[str]) -> TrainConfig:
         raise ConfigError(_one_line(e)) from None
     if cfg.runs_root is None:
         cfg.runs_root = os.environ.get('PREFIX_RUNS_ROOT') or './runs'
+    if cfg.checkpoint.format is None:
+        cfg.checkpoint.format = 'sharded' if cfg.fsdp is not None else 'full'
     _validate(cfg)
     return cfg
 

@@ -17,7 +17,7 @@ from prefix.meta import append_record
 
 CHANGES_FILE = 'config_changes.jsonl'
 UNSAFE_PREFIXES = ('model.', 'seed', 'global_batch_size', 'data.remote', 'data.train_split', 'data.shuffle',
-                   'data.num_canonical_nodes')
+                   'data.num_canonical_nodes', 'checkpoint.format')
 IGNORED = ('allow_config_change',)
 
 
@@ -52,7 +52,8 @@ def check_and_record(old: dict[str, Any], new: dict[str, Any], step: int, meta_d
     changes = diff(old, new)
     if not changes:
         return
-    unsafe = [k for k in changes if is_unsafe(k, new)]
+    known = _flatten(old)
+    unsafe = [k for k in changes if is_unsafe(k, new) and k in known]  # a key newer than the checkpoint is no change
     allowed = bool(new.get('allow_config_change'))
     if unsafe and not allowed:
         listed = '; '.join(f'{k}: {changes[k][0]!r} -> {changes[k][1]!r}' for k in unsafe)

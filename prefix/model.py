@@ -7,11 +7,13 @@ used where only torch is installed; ``prefix.composer_model`` wraps it for train
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 
 @dataclass
@@ -64,9 +66,13 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    """Built on the meta device (``torch.device('meta')``), it allocates nothing: FSDP shards it, then
+    ``param_init_fn`` gives each rank its shard of the same initial weights as a model built whole."""
+
+    def __init__(self, cfg: ModelConfig, seed: int = 0) -> None:
         super().__init__()
         self.cfg = cfg
+        self.seed = seed
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.pos_emb = nn.Embedding(cfg.max_seq_len, cfg.d_model)
         self.drop = nn.Dropout(cfg.dropout)
@@ -74,14 +80,39 @@ class GPT(nn.Module):
         self.ln_f = nn.LayerNorm(cfg.d_model)
         self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.head.weight = self.tok_emb.weight
-        self.apply(self._init_weights)
+        # Each parameter by (module, name) -> its first name: a tied weight is initialized by one name.
+        first: dict[int, str] = {}
+        self._names = {
+            (module, name): first.setdefault(id(param), f'{prefix}.{name}' if prefix else name)
+            for prefix, module in self.named_modules() for name, param in module.named_parameters(recurse=False)
+        }
+        if not any(p.is_meta for p in self.parameters()):
+            for module in self.modules():
+                self.param_init_fn(module)
 
-    @staticmethod
-    def _init_weights(module: nn.Module) -> None:
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
-        if isinstance(module, nn.Linear) and module.bias is not None:
-            nn.init.zeros_(module.bias)
+    def param_init_fn(self, module: nn.Module) -> None:
+        """Initialize ``module``'s own parameters, whole or as this rank's shard (a DTensor) of the same values.
+
+        Every parameter draws from a generator seeded with the model's seed and its name, so the values
+        do not depend on the order modules are initialized in, nor on how the model is sharded.
+        """
+        for name, param in module.named_parameters(recurse=False):
+            fqn = self._names[(module, name)]
+            value = initial_value(module, name, tuple(param.shape), _seed_of(self.seed, fqn))
+            with torch.no_grad():
+                if isinstance(param, DTensor):
+                    shard = distribute_tensor(value, param.device_mesh, param.placements, src_data_rank=None)
+                    param.to_local().copy_(shard.to_local())
+                else:
+                    param.copy_(value)
+
+    def fsdp_wrap_fn(self, module: nn.Module) -> bool:
+        """FSDP shards each block apart (Composer asks), so one block at a time is gathered whole."""
+        return isinstance(module, Block)
+
+    def activation_checkpointing_fn(self, module: nn.Module) -> bool:
+        """With activation checkpointing on, each block's activations are recomputed in the backward pass."""
+        return isinstance(module, Block)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         t = idx.shape[1]
@@ -92,3 +123,16 @@ class GPT(nn.Module):
         for block in self.blocks:
             x = block(x)
         return self.head(self.ln_f(x))
+
+
+def _seed_of(seed: int, name: str) -> int:
+    return int.from_bytes(hashlib.sha256(f'{seed}/{name}'.encode()).digest()[:8], 'little')
+
+
+def initial_value(module: nn.Module, name: str, shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    """A parameter's initial value, whole: N(0, 0.02) weights of linear and embedding layers, zero biases, unit norms."""
+    if name == 'weight' and isinstance(module, (nn.Linear, nn.Embedding)):
+        return torch.empty(shape).normal_(0.0, 0.02, generator=torch.Generator().manual_seed(seed))
+    if name == 'weight' and isinstance(module, nn.LayerNorm):
+        return torch.ones(shape)
+    return torch.zeros(shape)

@@ -63,6 +63,17 @@ class PreemptionSignal:
                 signal.signal(sig, self._handle)
             self.armed = True
 
+    def ignore(self) -> None:
+        """Training is over: ignore stop signals while the process exits, with the code it exits with.
+
+        The ``composer`` launcher sends SIGTERM to the other ranks as soon as one rank exits, and
+        Python puts its own handlers back to the default action while it shuts down: a rank that
+        had saved and was exiting could be killed by it (and the run end with 241 instead of 143).
+        Ignored signals stay ignored through the shutdown.
+        """
+        for sig in self.SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
+
     def _handle(self, signum: int, frame: Optional[FrameType]) -> None:
         name = signal.Signals(signum).name
         if self.requested:

@@ -1,5 +1,8 @@
 """A consistent copy of the training state in host memory, so the write can happen while training goes on.
 
+Sharded tensors (FSDP's DTensors) are copied as this rank's shard: the copy takes one copy of what
+the rank holds, never of the whole model.
+
 The copy goes into buffers kept from one checkpoint to the next (pinned memory for GPU tensors):
 after the first checkpoint a snapshot is a plain memory copy, with no allocation and no page faults,
 and the host holds one extra copy of the state at most. A buffer is reused only once the write
@@ -11,6 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch.distributed.tensor import DTensor
 
 
 class HostSnapshot:
@@ -40,6 +44,9 @@ class HostSnapshot:
         return obj
 
     def _tensor(self, t: torch.Tensor, path: str, seen: dict[tuple, torch.Tensor]) -> torch.Tensor:
+        if isinstance(t, DTensor):  # a shard: copy this rank's part, keep where it sits in the whole
+            local = self._tensor(t.to_local(), path, seen)
+            return DTensor.from_local(local, t.device_mesh, t.placements, shape=t.shape, stride=t.stride(), run_check=False)
         # Tied weights appear under two names with one storage: copy once, so the file stores them once.
         key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype, t.device)
         if key in seen:

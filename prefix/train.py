@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
-import torch.utils.serialization.config
 from composer import Trainer
 from composer.algorithms import GradientClipping
 from composer.core import DataSpec, Evaluator
@@ -36,12 +35,14 @@ from prefix.config import ConfigError, TrainConfig
 from prefix.data import DataError
 from prefix.dataloader import build_dataloader, count_tokens
 from prefix.drift import check_and_record
+from prefix.fsdp import average_gradients_on_gloo, parallelism_config
 from prefix.logs import MetricsLogger, tee_output
 from prefix.meta import StartRecorder, record_end, write_snapshots
 from prefix.preemption import PREEMPTED_EXIT_CODE, Preempted, PreemptionSignal
 from prefix.rundir import METRICS_FILE, RunDir
 from prefix.runinfo import previous_start
 from prefix.runlock import LOCK_FILE, RunLock, RunLockedError
+from prefix.shards import checkpoint_group
 
 USAGE = 'usage: composer [-n N] -m prefix.train CONFIG.yaml [key=value ...]'
 
@@ -87,6 +88,7 @@ def train(cfg: TrainConfig) -> int:
     finally:
         if lock is not None:
             lock.release()
+        preemption.ignore()  # what is left is exiting: a launcher's SIGTERM to a rank still exiting must not kill it
 
 
 def acquire_on_rank_zero(meta_dir: Path) -> Optional[RunLock]:
@@ -110,21 +112,24 @@ def fit(
     git, previous = from_rank_zero(lambda: (write_snapshots(run.meta, config_lib.to_yaml(cfg)), previous_start(run.root)))
     failures = RankFailures()  # what a callback of this rank hit, until the ranks agree to stop on it
     recorder = StartRecorder(run.meta, resume.filename if resume else None, git.get('commit'), previous, failures)
+    checkpointer = Checkpointer(run.checkpoints, cfg.checkpoint, config_dict, resume, preemption, failures, run.meta,
+                                checkpoint_group())
+    sharded_resume = resume is not None and resume.shards is not None
 
     trainer = Trainer(
         **training_args(cfg, train_loader, val_loader, device),
         run_name=cfg.run_name,
-        # Resume goes through Composer's autoresume; our Checkpointer writes the files it reads.
-        autoresume=True,
+        # Resume goes through Composer's autoresume; our Checkpointer writes the files it reads, and
+        # loads a sharded checkpoint itself (Composer's autoresume reads whole ones only).
+        autoresume=not sharded_resume,
         save_folder=str(run.checkpoints),
+        save_overwrite=sharded_resume,  # Composer's saver, idle, would otherwise refuse a folder with files
         save_latest_filename=resume.filename if resume else 'latest.pt',
         save_interval=never,
-        callbacks=[
-            Checkpointer(run.checkpoints, cfg.checkpoint, config_dict, resume, preemption, failures, run.meta),
-            recorder,
-        ],
+        callbacks=[checkpointer, recorder],
         loggers=[MetricsLogger(run.logs / METRICS_FILE, failures)],
     )
+    average_gradients_on_gloo(trainer.state.model)
     def ended(reason: str, error: Optional[BaseException] = None) -> None:
         if recorder.recorded:
             with failures.guard('recording the end of this start'):
@@ -153,9 +158,10 @@ def training_args(
     cfg: TrainConfig, train_loader: StreamingDataLoader, val_loader: StreamingDataLoader, device: Device,
 ) -> dict[str, Any]:
     """The Trainer arguments that make the training math: model, optimizer, schedule, data, precision."""
-    # Model: seeded just before construction so that the initial weights depend on the seed alone.
+    # Model: the initial weights depend on the seed alone; under FSDP it is built on the meta device and
+    # every rank initializes only its shards.
     reproducibility.seed_all(cfg.seed)
-    model = ComposerGPT(cfg.model)
+    model = ComposerGPT(cfg.model, cfg.seed, on_meta=cfg.fsdp is not None)
     opt = cfg.optimizer
     on_terminal = sys.stderr.isatty()
     return {
@@ -172,7 +178,7 @@ def training_args(
         'device': device,
         'precision': cfg.precision or ('amp_bf16' if isinstance(device, DeviceGPU) else 'fp32'),
         'device_train_microbatch_size': cfg.device_microbatch_size or cfg.global_batch_size // dist.get_world_size(),
-        'parallelism_config': {'fsdp': cfg.fsdp} if cfg.fsdp else None,
+        'parallelism_config': parallelism_config(cfg),
         'seed': cfg.seed,
         'progress_bar': on_terminal,
         'log_to_console': not on_terminal,
@@ -186,10 +192,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     if not argv or argv[0] in ('-h', '--help'):
         print(USAGE, file=sys.stderr)
         return 2
-    # Every torch.load in this process, Composer's included, is restricted to plain data, and maps the
-    # file instead of reading it: the ranks of a node share one copy of a checkpoint in the page cache.
+    # Every torch.load in this process, Composer's included, is restricted to plain data.
     os.environ['TORCH_FORCE_WEIGHTS_ONLY_LOAD'] = '1'
-    torch.utils.serialization.config.load.mmap = True
     try:
         cfg = config_lib.load_config(argv[0], argv[1:])
         return train(cfg)

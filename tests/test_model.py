@@ -37,3 +37,17 @@ def test_eval_metrics() -> None:
     for metric in model.get_metrics(is_train=False).values():
         model.update_metric(batch, out, metric)
         assert torch.isfinite(metric.compute())
+
+
+def test_initial_weights_depend_on_the_seed_and_each_name_alone() -> None:
+    a, b = GPT(CFG, seed=3), GPT(CFG, seed=3)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
+    assert not torch.equal(GPT(CFG, seed=4).tok_emb.weight, a.tok_emb.weight)
+    assert a.head.weight is a.tok_emb.weight, 'tied'
+    with torch.device('meta'):
+        meta = GPT(CFG, seed=3)
+    assert all(p.is_meta for p in meta.parameters()), 'nothing allocated: FSDP materializes the shards'
+    meta.to_empty(device='cpu')
+    for module in reversed(list(meta.modules())):  # any order gives the same values
+        meta.param_init_fn(module)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), meta.state_dict().values(), strict=True))

@@ -31,3 +31,21 @@ def test_buffers_are_reused_from_one_checkpoint_to_the_next() -> None:
     second = snapshot.copy({'w': torch.full((4,), 2.0)})['w']
     assert second.data_ptr() == first.data_ptr() and torch.equal(second, torch.full((4,), 2.0))
     assert snapshot.nbytes == 16
+
+
+def test_a_shard_is_copied_as_this_ranks_part_of_the_whole(tmp_path) -> None:
+    """FSDP's DTensors: the copy holds this rank's shard, and where it sits in the whole tensor."""
+    import torch.distributed as tdist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+
+    tdist.init_process_group('gloo', init_method=f'file://{tmp_path}/store', rank=0, world_size=1)
+    try:
+        whole = torch.arange(12.0).reshape(4, 3)
+        live = distribute_tensor(whole, init_device_mesh('cpu', (1,)), [Shard(0)])
+        snap = HostSnapshot().copy({'w': live})['w']
+        live.to_local().add_(1)
+        assert isinstance(snap, DTensor) and snap.placements == live.placements and snap.shape == live.shape
+        assert torch.equal(snap.full_tensor(), whole)
+    finally:
+        tdist.destroy_process_group()

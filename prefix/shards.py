@@ -1,0 +1,139 @@
+"""Sharded checkpoints: the model and optimizer of an FSDP run in a folder that every rank writes its shards to.
+
+A checkpoint's tensors go to ``checkpoints/shards-<step>-<token>/`` through PyTorch's distributed
+checkpoint (DCP): each rank writes its own files, rank 0 the ``.metadata`` that indexes them, and a
+later start with any number of ranks reads back the pieces it holds now (DCP reshards). The folder
+is written as ``<name>.tmp`` and renamed once complete; ``latest.pt`` (written by rank 0, the commit
+point) names it, so a folder is never named before it is whole. DCP's own collectives run on a gloo
+group of their own, off the training thread, so a slow disk never holds a training collective.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.distributed as tdist
+import torch.distributed.checkpoint as dcp
+from composer.core import State
+from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+from prefix.atomic import TMP_SUFFIX, fsync_dir
+
+PREFIX = 'shards-'
+METADATA = '.metadata'
+# DCP waits for every rank's writes inside its own collectives (on this group, on a writer thread):
+# long enough for a 100 GB checkpoint on a slow volume, short enough that a lost rank is noticed.
+GROUP_TIMEOUT = timedelta(hours=2)
+
+
+def new_name(step: int) -> str:
+    """A folder name no earlier checkpoint has: two checkpoints can be taken at one step (an epoch's end)."""
+    return f'{PREFIX}{step:09d}-{uuid.uuid4().hex[:8]}'
+
+
+def checkpoint_group() -> Optional[tdist.ProcessGroup]:
+    """DCP's own gloo group; every rank calls this together, once. None when not distributed."""
+    if not tdist.is_initialized() or tdist.get_world_size() == 1:
+        return None
+    return tdist.new_group(backend='gloo', timeout=GROUP_TIMEOUT)
+
+
+def write(tensors: dict[str, Any], folder: Path, group: Optional[tdist.ProcessGroup]) -> int:
+    """Every rank: write this rank's shards of ``tensors`` into ``folder`` (through ``<folder>.tmp``); its bytes.
+
+    Returns once every rank has written (DCP gathers on ``group``); rank 0 then renames the folder into place.
+    """
+    tmp = folder.with_name(folder.name + TMP_SUFFIX)
+    metadata = dcp.save(tensors, storage_writer=dcp.FileSystemWriter(tmp, sync_files=True), process_group=group,
+                        no_dist=group is None)
+    rank = tdist.get_rank(group) if group is not None else 0
+    written = sum(info.length for info in metadata.storage_data.values() if info.relative_path.startswith(f'__{rank}_'))
+    if rank == 0:
+        fsync_dir(tmp)
+        os.replace(tmp, folder)
+        fsync_dir(folder.parent)
+    return written
+
+
+def check(folder: Path) -> None:
+    """Raise ValueError unless ``folder`` holds every byte its metadata indexes (a torn write, a lost file)."""
+    if not (folder / METADATA).is_file():
+        raise ValueError(f'{folder.name} has no {METADATA}: its write did not finish')
+    needed: dict[str, int] = {}
+    for info in dcp.FileSystemReader(folder).read_metadata().storage_data.values():
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
+    for name, size in sorted(needed.items()):
+        path = folder / name
+        if not path.is_file():
+            raise ValueError(f'{folder.name}/{name} is missing')
+        if path.stat().st_size < size:
+            raise ValueError(f'{folder.name}/{name} is truncated ({path.stat().st_size} of {size} bytes)')
+
+
+def load(tensors: dict[str, Any], folder: Path, group: Optional[tdist.ProcessGroup]) -> None:
+    """Every rank: fill ``tensors`` (this rank's shards, in the current layout) from ``folder``, in place."""
+    dcp.load(tensors, storage_reader=dcp.FileSystemReader(folder), process_group=group, no_dist=group is None)
+
+
+def read_whole(folder: Path) -> dict[str, Any]:
+    """The folder's tensors as whole tensors, in one process (``prefix export``).
+
+    As torch's own ``format_utils.dcp_to_torch_save`` does, less its torch.save (2.7 has no public form).
+    """
+    tensors: dict[str, Any] = {}
+    _load_state_dict(tensors, storage_reader=dcp.FileSystemReader(folder), planner=_EmptyStateDictLoadPlanner(),
+                     no_dist=True)
+    return tensors
+
+
+def remove_unreferenced(checkpoints: Path, keep: set[str]) -> list[Path]:
+    """Delete shard folders that no checkpoint names (older ones, and those of killed writes)."""
+    gone = [p for p in checkpoints.glob(f'{PREFIX}*') if p.is_dir() and p.name not in keep]
+    for path in gone:
+        shutil.rmtree(path, ignore_errors=True)
+    return gone
+
+
+TENSORS = ('model', 'optimizers')  # what of Composer's state dict goes to the shard folder
+
+
+def tensors_of(state: State) -> dict[str, Any]:
+    """The model's and optimizer's state as this rank's shards, in the layout of Composer's state dict.
+
+    The live tensors, not copies (no cpu_offload, unlike Composer's own ``State.state_dict``): a save
+    copies them once into host memory, a load fills them in place.
+    """
+    options = StateDictOptions(full_state_dict=False, cpu_offload=False)
+    optimizer = state.optimizers[0]
+    return {'model': get_model_state_dict(state.model, options=options),
+            'optimizers': {type(optimizer).__qualname__: get_optimizer_state_dict(state.model, optimizer, options=options)}}
+
+
+def state_dict_without_tensors(state: State) -> dict[str, Any]:
+    """Composer's ``State.state_dict`` but the model and optimizer (not gathered, not copied)."""
+    attributes = state.serialized_attributes
+    state.serialized_attributes = [a for a in attributes if a not in TENSORS]
+    try:
+        return state.state_dict()
+    finally:
+        state.serialized_attributes = attributes
+
+
+def nbytes(tensors: Any) -> int:
+    """Bytes of the tensors a rank holds (its shards), for the memory and write sizes prefix reports."""
+    if isinstance(tensors, torch.Tensor):
+        local = tensors.to_local() if hasattr(tensors, 'to_local') else tensors
+        return local.numel() * local.element_size()
+    if isinstance(tensors, dict):
+        return sum(nbytes(v) for v in tensors.values())
+    if isinstance(tensors, (list, tuple)):
+        return sum(nbytes(v) for v in tensors)
+    return 0
