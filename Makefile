@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DATA := data/stdlib
 
-.PHONY: venv data train test lint bench
+.PHONY: venv data train test lint bench gpu-check
 
 # The venv is (re)installed only when missing or when pyproject.toml changed.
 $(STAMP): pyproject.toml
@@ -37,3 +37,7 @@ lint: venv
 # Checkpoint cost and resume time (benchmarks/README.md); not part of the tests.
 bench: venv data
 	$(BIN)/python benchmarks/checkpoint_bench.py --data $(DATA)
+
+# The CUDA paths on a machine with one GPU, in a few minutes (benchmarks/gpu_check.py); not part of the tests.
+gpu-check: venv data
+	$(BIN)/python benchmarks/gpu_check.py

@@ -15,7 +15,7 @@ is the time the window grew over ``none``, divided by c. Then, in subprocesses, 
 the time from process start to the first training step, fresh and resumed with a cold page cache,
 next to the disk's sequential bandwidth measured on the same folder; and what the resume read beyond
 the fresh start, summed over every process: bytes through read(), and bytes from storage.
-``--resume-only`` skips the timed variants.
+``--parts`` picks the measurements, ``--variants`` the timed variants.
 """
 
 from __future__ import annotations
@@ -35,9 +35,11 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+import sizing
+import torch
 from composer import Trainer
 from composer.core import Callback
-from composer.devices import DeviceCPU
+from composer.devices import DeviceCPU, DeviceGPU
 from composer.utils import dist
 
 from prefix import composer_fixes  # noqa: F401  (applied on import)
@@ -58,8 +60,15 @@ SIZES: dict[str, tuple[str, list[str], int, int]] = {
     'smoke': ('yamls/smoke.yaml', [], 10, 5),
     'gpt-57m': ('yamls/base.yaml', ['model.d_model=768', 'model.n_heads=12', 'model.n_layers=8', 'model.dropout=0.0',
                                      'global_batch_size=2'], 3, 2),
+    # for make gpu-check: 1.0 B parameters (a 12 GB checkpoint with AdamW)
+    'gpt-1b': ('yamls/base.yaml', ['model.d_model=2048', 'model.n_heads=16', 'model.n_layers=20', 'model.dropout=0.0',
+                                    'global_batch_size=4'], 3, 2),
 }
 VARIANTS = ('none', 'prefix-idle', 'composer', 'prefix-sync', 'prefix-async')
+
+
+def device() -> DeviceCPU | DeviceGPU:
+    return DeviceGPU() if torch.cuda.is_available() else DeviceCPU()
 
 
 def load(size: str, data: Path, root: Path) -> Any:
@@ -124,7 +133,7 @@ def time_variant(size: str, variant: str, data: Path, root: Path, loaders: dict[
                                     config_lib.to_dict(cfg), None, PreemptionSignal(), failures)
         kwargs['callbacks'] += [checkpointer, StartRecorder(folder, None, None, (None, None), failures)]
         kwargs['loggers'] = [MetricsLogger(folder / 'metrics.jsonl', failures)]
-    args = training_args(cfg, loaders['train'], loaders['val'], DeviceCPU())
+    args = training_args(cfg, loaders['train'], loaders['val'], device())
     args.update(progress_bar=False, log_to_console=False)
     trainer = Trainer(**args, **kwargs)
     trainer.fit()
@@ -197,17 +206,61 @@ def startup(size: str, data: Path, root: Path, nproc: int) -> dict[str, float]:
             **{f'extra_{key}': resumed_reads[key] - fresh_reads[key] for key in fresh_reads}}
 
 
+def peak_rss(cmd: list[str]) -> int:
+    """Bytes: the largest resident set of any process of ``cmd``, measured by a fresh parent that waits for all."""
+    probe = ('import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True, stdout=subprocess.DEVNULL, '
+             'stderr=subprocess.DEVNULL); print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)')
+    out = subprocess.run([sys.executable, '-c', probe, *cmd], check=True, cwd=REPO, capture_output=True, text=True)
+    return int(out.stdout.split()[-1]) * 1024
+
+
+def memory(size: str, data: Path, root: Path, params: int) -> None:
+    """Peak host memory per rank (2 ranks) that checkpoints add, full (DDP) and sharded (FSDP), next to the formulas.
+
+    Three runs each: no checkpoint but the last (the baseline), asynchronous checkpoints (save), and a
+    resume of that run; the save's and the resume's peaks minus the baseline's, the largest rank's.
+    """
+    _, overrides, _, _ = SIZES[size]
+    config = str(REPO / SIZES[size][0])
+    launcher = [str(Path(sys.executable).parent / 'composer'), '-n', '2', '-m', 'prefix.train', config, *overrides,
+                f'data.local={data}', f'runs_root={root}', 'eval_interval=100000ba', 'checkpoint.periodic_interval=null']
+    print(f'\n{size}: host memory per rank that checkpoints add, 2 ranks (peak resident set of the largest rank)')
+    print('| format | checkpoint MB (formula) | written per rank MB (formula) | save: +MB (formula) | resume: +MB (formula) |')
+    print('| --- | --- | --- | --- | --- |')
+    for sharded in (False, True):
+        extra = ['fsdp={}'] if sharded else []
+        name = f'memory-{size}-{"sharded" if sharded else "full"}'
+        shutil.rmtree(root / name, ignore_errors=True)
+        base = peak_rss([*launcher, *extra, f'run_name={name}-base', 'max_duration=4ba', 'checkpoint.interval=1h'])
+        save = peak_rss([*launcher, *extra, f'run_name={name}', 'max_duration=4ba', 'checkpoint.interval=1ba'])
+        folder = root / name / 'checkpoints'
+        files = [p for p in folder.rglob('*') if p.is_file()]
+        total = sum(p.stat().st_size for p in files)
+        per_rank = (max(sum(p.stat().st_size for p in files if p.name.startswith(f'__{r}_')) for r in (0, 1))
+                    if sharded else (folder / 'latest.pt').stat().st_size)
+        resume = peak_rss([*launcher, *extra, f'run_name={name}', 'max_duration=5ba', 'checkpoint.interval=1h'])
+        shutil.rmtree(root / name, ignore_errors=True)
+        shutil.rmtree(root / f'{name}-base', ignore_errors=True)
+        mb = 1e6
+        print(f'| {"sharded" if sharded else "full"} | {total / mb:.0f} ({sizing.checkpoint_bytes(params) / mb:.0f}) '
+              f'| {per_rank / mb:.0f} ({sizing.written_per_rank(params, 2, sharded) / mb:.0f}) '
+              f'| {(save - base) / mb:.0f} ({sizing.host_memory_at_save(params, 2, sharded) / mb:.0f}) '
+              f'| {(resume - base) / mb:.0f} ({sizing.host_memory_at_resume(params, 2, 2, sharded) / mb:.0f}) |', flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--data', type=Path, default=REPO / 'data' / 'stdlib')
     parser.add_argument('--folder', type=Path, default=None, help='where checkpoints are written (default: a temp dir)')
     parser.add_argument('--reps', type=int, default=3)
     parser.add_argument('--sizes', default=','.join(SIZES))
-    parser.add_argument('--resume-only', action='store_true', help='only the start-up and resume measurements')
+    parser.add_argument('--parts', default='timing,memory,resume',
+                        help='timing (what a checkpoint costs), memory (2 ranks), resume (1 and 2 ranks); default: all')
+    parser.add_argument('--variants', default=','.join(VARIANTS), help='the timed variants (default: all)')
     opts = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     ctypes.CDLL(None).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
-    dist.initialize_dist(DeviceCPU())
+    dist.initialize_dist(device())
     root = Path(tempfile.mkdtemp(prefix='prefix-bench-', dir=opts.folder))
     write_bw, read_bw = disk_bandwidth(root)
     print(f'disk under {root}: sequential write {write_bw / 1e6:.0f} MB/s (fsynced), cold read {read_bw / 1e6:.0f} MB/s')
@@ -220,10 +273,10 @@ def main() -> None:
                                            train=split == 'train', max_seq_len=cfg.model.max_seq_len)
                    for split in ('train', 'val')}
         params = sum(p.numel() for p in GPT(cfg.model).parameters())
-        if not opts.resume_only:
-            runs: dict[str, list[dict[str, Any]]] = {v: [] for v in VARIANTS}
+        if 'timing' in opts.parts:
+            runs: dict[str, list[dict[str, Any]]] = {v: [] for v in opts.variants.split(',')}
             for rep in range(opts.reps):
-                for variant in VARIANTS:  # interleaved, so drift of the machine hits every variant alike
+                for variant in runs:  # interleaved, so drift of the machine hits every variant alike
                     runs[variant].append(time_variant(size, variant, opts.data, root, loaders))
                 print(f'  {size}: repetition {rep + 1}/{opts.reps} done', flush=True)
             report(size, params, runs, interval_s, base_interval)
@@ -231,6 +284,10 @@ def main() -> None:
         print('| ranks | checkpoint MB | first step: fresh | resumed | resumed / (fresh + read at bandwidth) '
               '| extra read() bytes / checkpoint | extra storage reads / checkpoint |')
         print('| --- | --- | --- | --- | --- | --- | --- |')
+        if 'memory' in opts.parts:
+            memory(size, opts.data, root, params)
+        if 'resume' not in opts.parts:
+            continue
         for nproc in (1, 2):
             s = startup(size, opts.data, root, nproc)
             at_bw = s['checkpoint_bytes'] / read_bw

@@ -49,3 +49,15 @@ def test_allow_config_change_forces_and_is_not_itself_a_change(tmp_path: Path) -
     check_and_record(config(), config(seed=3, allow_config_change=True), 5, tmp_path)
     record = json.loads((tmp_path / 'config_changes.jsonl').read_text())
     assert record['forced'] and set(record['changes']) == {'seed'}
+
+
+def test_the_checkpoint_format_is_unsafe_fsdp_placement_is_not_and_a_newer_key_is_no_change(tmp_path: Path) -> None:
+    old = config(**{'checkpoint.format': 'full'})
+    with pytest.raises(ConfigDriftError, match="checkpoint.format: 'full' -> 'sharded'"):
+        check_and_record(old, config(**{'checkpoint.format': 'sharded'}), 5, tmp_path)
+    sharded, placed_otherwise = config(), config()
+    sharded['fsdp'], placed_otherwise['fsdp'] = {'mixed_precision': 'DEFAULT'}, {'mixed_precision': 'PURE'}
+    check_and_record(sharded, placed_otherwise, 5, tmp_path)
+    older = config()  # written before checkpoint.format existed
+    del older['checkpoint']['format']
+    check_and_record(older, config(**{'checkpoint.format': 'full'}), 5, tmp_path)

