@@ -54,6 +54,7 @@ from prefix.checkpoint import (
 from prefix.config import CheckpointConfig, parse_duration, seconds
 from prefix.meta import record_checkpoint
 from prefix.preemption import Preempted, PreemptionSignal
+from prefix.runlock import LockLostError, RunLock
 from prefix.snapshot import HostSnapshot, on_cpu
 from prefix.writer import WriteJob
 
@@ -141,8 +142,10 @@ class Checkpointer(Callback):
         failures: RankFailures,
         meta_dir: Optional[Path] = None,
         shards_group: Optional[tdist.ProcessGroup] = None,
+        lock: Optional[RunLock] = None,
     ) -> None:
         self.folder = folder
+        self.lock = lock  # rank 0's run lock: a holder that lost it commits nothing more
         self.sharded = cfg.format == 'sharded'
         self.shards_group = shards_group  # DCP's own collectives (prefix.shards)
         self.meta_dir = meta_dir  # where rank 0 summarizes each committed checkpoint (meta/checkpoint.json)
@@ -234,6 +237,8 @@ class Checkpointer(Callback):
 
     def _agree(self, *flags: bool) -> list[bool]:
         """OR ``flags`` over the ranks, in the same all-reduce as the state of the write in flight; act on that state."""
+        if self.lock is not None and self.lock.lost is not None:
+            self.failures.record('holding the run lock', LockLostError(self.lock.lost))
         pending = self._pending
         status = pending.job.status() if pending is not None else None
         if pending is not None and status is not None and status.failed:
@@ -349,6 +354,8 @@ class Checkpointer(Callback):
 
         def commit_latest() -> None:
             if rank == 0:
+                if self.lock is not None:
+                    self.lock.verify()  # fencing: never commit over a run another process now holds
                 commit(temp_path(latest), latest)
                 record.committed = True
                 self._remove_rank_files_beyond(world_size, LATEST)

@@ -102,6 +102,9 @@ class TrainConfig:
     # How long one collective may wait for a rank before the run fails: a hung or lost peer. Checkpoint
     # writes and reads never wait inside a collective, so this does not grow with the checkpoint.
     dist_timeout: str = '5min'
+    # How long a start waits for the run's lock while its holder saves after SIGTERM (or, in a pod, is
+    # still running): the old pod of a preempted run can still be in its grace period.
+    lock_wait: str = '15min'
     allow_config_change: bool = False
 
 
@@ -164,6 +167,7 @@ def _validate(cfg: TrainConfig) -> None:
     _parse_time('optimizer.warmup', cfg.optimizer.warmup, ('ba',), allow_zero=True)
     _parse_time('checkpoint.interval', cfg.checkpoint.interval, ('ba', *SECONDS))
     _parse_time('dist_timeout', cfg.dist_timeout, tuple(SECONDS))
+    _parse_time('lock_wait', cfg.lock_wait, tuple(SECONDS), allow_zero=True)
     if cfg.checkpoint.periodic_interval is not None:
         _parse_time('checkpoint.periodic_interval', cfg.checkpoint.periodic_interval, ('ba', *SECONDS))
     m = cfg.model

@@ -1,4 +1,4 @@
-"""Facts about a process read from ``/proc``: when it started, told apart from a later process of the same pid."""
+"""Facts about a process read from ``/proc``: when it started, on which boot, in which PID namespace."""
 
 from __future__ import annotations
 
@@ -29,3 +29,19 @@ def started_at(pid: Optional[int] = None) -> float:
     if ticks is None:
         raise ProcessLookupError(pid)
     return time.time() - (time.clock_gettime(time.CLOCK_BOOTTIME) - ticks / CLOCK_TICKS)
+
+
+def boot_id() -> str:
+    """This machine's boot, told apart from another machine's or a reboot's (a hostname is neither)."""
+    try:
+        return Path('/proc/sys/kernel/random/boot_id').read_text().strip()
+    except OSError:
+        return ''
+
+
+def pid_namespace() -> str:
+    """This process's PID namespace: two containers on one host each have theirs, so a pid means nothing across them."""
+    try:
+        return os.readlink('/proc/self/ns/pid')
+    except OSError:
+        return ''

@@ -71,7 +71,7 @@ def train(cfg: TrainConfig) -> int:
     # One live process per run directory; then what a killed predecessor left, and where to resume.
     # Rank 0's file work runs while the other ranks poll it (from_rank_zero): no collective waits on a disk.
     run = RunDir.for_run(cfg.runs_root, cfg.run_name).create()
-    lock = acquire_on_rank_zero(run.meta)
+    lock = acquire_on_rank_zero(run.meta, config_lib.seconds(cfg.lock_wait), preemption)
     try:
         tee_output(run.logs, rank)
         from_rank_zero(lambda: remove_leftovers(run.checkpoints))
@@ -84,17 +84,23 @@ def train(cfg: TrainConfig) -> int:
                 print(f'run {cfg.run_name} is already complete: step {resume.global_step} reached '
                       f'max_duration={cfg.max_duration} ({run.root}); nothing to do', flush=True)
             return 0
-        return fit(cfg, config_dict, run, resume, train_loader, val_loader, device, preemption)
+        return fit(cfg, config_dict, run, resume, train_loader, val_loader, device, preemption, lock)
     finally:
         if lock is not None:
             lock.release()
         preemption.ignore()  # what is left is exiting: a launcher's SIGTERM to a rank still exiting must not kill it
 
 
-def acquire_on_rank_zero(meta_dir: Path) -> Optional[RunLock]:
-    """Rank 0 takes the run lock (which can mean watching it for seconds); every rank learns whether it may go on."""
+def acquire_on_rank_zero(meta_dir: Path, wait: float, preemption: PreemptionSignal) -> Optional[RunLock]:
+    """Rank 0 takes the run lock (which can mean waiting minutes for a predecessor); every rank learns whether it may go on.
+
+    A start in a pod (``PREFIX_POD``, set by runai/pod_train.sh) waits for a live holder too: it is the
+    replacement of a pod that may still be in its grace period.
+    """
     taken: list[RunLock] = []
-    from_rank_zero(lambda: taken.append(RunLock(meta_dir / LOCK_FILE).acquire()))
+    lock = RunLock(meta_dir / LOCK_FILE, wait=wait, wait_for_live='PREFIX_POD' in os.environ,
+                   stopping=lambda: preemption.requested)
+    from_rank_zero(lambda: taken.append(lock.acquire()))
     return taken[0] if taken else None
 
 
@@ -107,13 +113,14 @@ def fit(
     val_loader: StreamingDataLoader,
     device: Device,
     preemption: PreemptionSignal,
+    lock: Optional[RunLock],
 ) -> int:
     rank = dist.get_global_rank()
     git, previous = from_rank_zero(lambda: (write_snapshots(run.meta, config_lib.to_yaml(cfg)), previous_start(run.root)))
     failures = RankFailures()  # what a callback of this rank hit, until the ranks agree to stop on it
     recorder = StartRecorder(run.meta, resume.filename if resume else None, git.get('commit'), previous, failures)
     checkpointer = Checkpointer(run.checkpoints, cfg.checkpoint, config_dict, resume, preemption, failures, run.meta,
-                                checkpoint_group())
+                                checkpoint_group(), lock)
     sharded_resume = resume is not None and resume.shards is not None
 
     trainer = Trainer(
