@@ -9,7 +9,8 @@
 #   PREFIX_RUNS_ROOT  runs root on the PVC                      (default /home/apluser/runs)
 #   PREFIX_GPUS       training processes in this pod            (default: the GPUs visible, or 1)
 #   PREFIX_NNODES     pods in the workload                      (default 1)
-#   RANK, MASTER_ADDR, MASTER_PORT                              set by the PyTorch operator when PREFIX_NNODES > 1
+#   PREFIX_OVERRIDES  more key=value overrides, as a JSON list  (submit_train.sh passes them so)
+#   RANK, MASTER_ADDR, MASTER_PORT, and PET_NNODES or WORLD_SIZE (pods): set by the PyTorch operator
 set -uo pipefail
 
 if [ $# -lt 2 ]; then
@@ -27,6 +28,18 @@ fi
 runs_root=${PREFIX_RUNS_ROOT:-/home/apluser/runs}
 nnodes=${PREFIX_NNODES:-1}
 node=0
+# The operator counts the workload's pods: a pod that thinks otherwise would train alone, or wait forever.
+operator_pods=${PET_NNODES:-${WORLD_SIZE:-}}
+if [ -n "$operator_pods" ] && [ "$operator_pods" != "$nnodes" ]; then
+  echo "pod_train: the PyTorch operator runs $operator_pods pods (PET_NNODES/WORLD_SIZE) but PREFIX_NNODES is $nnodes: refusing to start; submit with runai/submit_train.sh --nodes $operator_pods" >&2
+  exit 2
+fi
+if [ -n "${PREFIX_OVERRIDES:-}" ]; then
+  mapfile -d '' -t from_env < <(python3 -c 'import json, os, sys; sys.stdout.write("".join(a + "\0" for a in json.loads(os.environ["PREFIX_OVERRIDES"])))')
+  set -- "$@" "${from_env[@]}"
+fi
+# A start in a pod is a cluster's: it waits for a predecessor still in its grace period (prefix.runlock).
+export PREFIX_POD=${HOSTNAME:-pod}
 if [ -z "${PREFIX_GPUS:-}" ]; then
   PREFIX_GPUS=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
   [ "$PREFIX_GPUS" -ge 1 ] 2>/dev/null || PREFIX_GPUS=1

@@ -13,9 +13,10 @@
 #   --nodes N            PREFIX_NODES       pods; more than 1 submits a distributed PyTorch workload (1)
 #   --cpu N              PREFIX_CPU         CPU cores requested per pod (8)
 #   --memory SIZE        PREFIX_MEMORY      memory requested per pod (32G)
+#   --grace DURATION     PREFIX_GRACE       termination grace period: time a preempted pod has to save (600s)
 #   --node-pool NAME     PREFIX_NODE_POOL   Run:ai node pool (any)
 #   --env KEY=VALUE      PREFIX_EXTRA_ENV   extra environment in the pod; repeatable (space-separated in the variable)
-#   --cli new|old|auto   PREFIX_RUNAI_CLI   'runai training ...' (v2.18+) or 'runai submit ...' (auto: ask runai)
+#   --cli new|old|auto   PREFIX_RUNAI_CLI   'runai training ...' (Run:ai 2.18+) or 'runai submit ...' (auto: ask runai)
 #   --dry-run                               print the runai commands, run none
 set -euo pipefail
 
@@ -27,6 +28,10 @@ die() {
   echo "submit_train: $*" >&2
   exit 2
 }
+fail() {
+  echo "submit_train: $*" >&2
+  exit 1
+}
 
 image=${PREFIX_IMAGE:-prefix:latest}
 project=${RUNAI_PROJECT:-}
@@ -36,6 +41,8 @@ gpus=${PREFIX_GPUS:-1}
 nodes=${PREFIX_NODES:-1}
 cpu=${PREFIX_CPU:-8}
 memory=${PREFIX_MEMORY:-32G}
+grace=${PREFIX_GRACE:-600s}
+grace_given=${PREFIX_GRACE:+1}
 node_pool=${PREFIX_NODE_POOL:-}
 cli=${PREFIX_RUNAI_CLI:-auto}
 dry_run=0
@@ -51,6 +58,7 @@ while [ $# -gt 0 ]; do
     --nodes) nodes=${2:?--nodes needs a value}; shift 2 ;;
     --cpu) cpu=${2:?--cpu needs a value}; shift 2 ;;
     --memory) memory=${2:?--memory needs a value}; shift 2 ;;
+    --grace) grace=${2:?--grace needs a duration}; grace_given=1; shift 2 ;;
     --node-pool) node_pool=${2:?--node-pool needs a value}; shift 2 ;;
     --env) extra_env+=("${2:?--env needs KEY=VALUE}"); shift 2 ;;
     --cli) cli=${2:?--cli needs new, old or auto}; shift 2 ;;
@@ -73,6 +81,7 @@ if [ $# -ge 1 ] && [[ $1 != *=* ]]; then
   shift
 fi
 [ -f "$config" ] || die "config file $config does not exist (paths are relative to the prefix checkout, also in the pod)"
+[[ $config =~ ^[A-Za-z0-9._/-]+$ ]] || die "config path '$config' may hold only letters, digits, '.', '_', '-' and '/'"
 for override in "$@"; do
   [[ $override == *=* ]] || die "override '$override' is not of the form key=value"
   case $override in
@@ -82,63 +91,122 @@ done
 for setting in "gpus=$gpus" "nodes=$nodes" "cpu=$cpu"; do
   [[ ${setting#*=} =~ ^[1-9][0-9]*$ ]] || die "--${setting%%=*} must be a positive whole number, got '${setting#*=}'"
 done
+[[ $grace =~ ^[1-9][0-9]*(s|m|h)$ ]] || die "--grace must be a duration like 600s, 10m or 1h, got '$grace'"
 for kv in ${extra_env[@]+"${extra_env[@]}"}; do
   [[ $kv =~ ^[A-Za-z_][A-Za-z0-9_]*= ]] || die "--env '$kv' is not of the form KEY=VALUE"
 done
 case $cli in new|old|auto) ;; *) die "--cli must be new, old or auto, got '$cli'" ;; esac
 
-# A Kubernetes name (lowercase letters, digits, '-'), stable for a run name. Run:ai adds suffixes for
-# pods, so it stays short; a run name that had to be changed gets a hash so that 'a_b' and 'a.b' differ.
+# A Kubernetes Service name (Run:ai makes one per distributed workload): lowercase letters, digits and
+# '-', starting with a letter, short (Run:ai adds suffixes for pods). Stable for a run name; a name
+# that had to change gets a hash of the run name, so that 'a_b' and 'a.b' differ.
 workload=${run_name//[._]/-}
+[[ $workload =~ ^[a-z] ]] || workload="run-$workload"
 workload=${workload:0:32}
 workload=${workload%-}
 if [ "$workload" != "$run_name" ]; then
-  workload="$workload-$(printf '%s' "$run_name" | cksum | cut -c1-6)"
+  crc=$(printf '%s' "$run_name" | cksum)
+  workload="$workload-$(printf '%06d' "$(( ${crc%% *} % 1000000 ))")"
 fi
 
-if ! command -v runai >/dev/null 2>&1; then
-  [ "$dry_run" = 1 ] || { echo "submit_train: the runai CLI is not on PATH; install it and log in (runai login)" >&2; exit 1; }
-  [ "$cli" != auto ] || cli=new
-elif [ "$cli" = auto ]; then
-  if runai training --help >/dev/null 2>&1; then cli=new; else cli=old; fi
-fi
+# The overrides travel to the pod as JSON in the environment, so spaces and quotes reach the trainer intact.
+overrides_json=$(python3 -c 'import json, sys; print(json.dumps(sys.argv[1:]))' "$@")
 
-project_args=()
-[ -z "$project" ] || project_args=(-p "$project")
-pod_env=(-e "PREFIX_RUNS_ROOT=/home/apluser/runs" -e "PREFIX_GPUS=$gpus" -e "PREFIX_NNODES=$nodes")
-for kv in ${extra_env[@]+"${extra_env[@]}"}; do
-  pod_env+=(-e "$kv")
-done
-pool_args=()
-pod_command=(--command -- bash runai/pod_train.sh "$run_name" "$config" "$@")
+have_runai=1
+command -v runai >/dev/null 2>&1 || have_runai=0
+[ "$have_runai" = 1 ] || [ "$dry_run" = 1 ] || fail "the runai CLI is not on PATH; install it and log in (runai login)"
+
+# What the cluster's CLI documents, asked of the exact subcommand (flags differ between versions).
+help_of() {
+  [ "$have_runai" = 1 ] || return 1
+  runai "$@" --help 2>/dev/null
+}
+knows() {  # knows "HELP TEXT" FLAG
+  grep -Eq -- "(^|[ ,])$2([ =,]|\$)" <<< "$1"
+}
+
+if [ "$cli" = auto ]; then
+  if [ "$have_runai" = 0 ] || help_of training submit >/dev/null; then cli=new; else cli=old; fi
+fi
 
 if [ "$cli" = new ]; then
-  [ -z "$node_pool" ] || pool_args=(--node-pools "$node_pool")
-  common=("${project_args[@]+"${project_args[@]}"}" -i "$image" -g "$gpus" --cpu-core-request "$cpu"
-          --cpu-memory-request "$memory" "${pool_args[@]+"${pool_args[@]}"}"
-          --existing-pvc "claimname=$pvc,path=/home/apluser" --working-dir "$workdir" "${pod_env[@]}")
   if [ "$nodes" -gt 1 ]; then
     kind=(training pytorch)
-    submit=(runai training pytorch submit "$workload" --workers "$((nodes - 1))" --master-gpu-devices-request "$gpus"
-            "${common[@]}" "${pod_command[@]}")
   else
     kind=(training)
-    submit=(runai training submit "$workload" "${common[@]}" "${pod_command[@]}")
   fi
-  describe=(runai "${kind[@]}" describe "$workload" "${project_args[@]+"${project_args[@]}"}" -o json)
-  delete=(runai "${kind[@]}" delete "$workload" "${project_args[@]+"${project_args[@]}"}")
+  if ! help=$(help_of "${kind[@]}" submit) && [ "$have_runai" = 1 ]; then
+    if [ "$nodes" -gt 1 ] && help_of distributed submit >/dev/null; then
+      fail "this runai CLI (Run:ai 2.18) has 'runai distributed submit' but not 'runai training pytorch submit', which multi-node runs need to give the master pod the workers' command: upgrade the CLI, or use --nodes 1"
+    fi
+    fail "this runai CLI has no 'runai ${kind[*]} submit': use --cli old, or upgrade it"
+  fi
+  [ "$have_runai" = 1 ] || help='--termination-grace-period --master-environment-variable --master-command --master-cpu-core-request --master-cpu-memory-request --master-gpu-devices-request'
+  env_flag=-e
+  submit=(runai "${kind[@]}" submit "$workload")
+  [ -z "$project" ] || submit+=(-p "$project")
+  submit+=(-i "$image" -g "$gpus" --cpu-core-request "$cpu" --cpu-memory-request "$memory" --large-shm
+           --existing-pvc "claimname=$pvc,path=/home/apluser" --working-dir "$workdir")
+  [ -z "$node_pool" ] || submit+=(--node-pools "$node_pool")
 else
-  [ -z "$node_pool" ] || pool_args=(--node-pools "$node_pool")
-  common=("${project_args[@]+"${project_args[@]}"}" -i "$image" -g "$gpus" --cpu "$cpu" --memory "$memory"
-          "${pool_args[@]+"${pool_args[@]}"}" --existing-pvc "claimname=$pvc,path=/home/apluser"
-          --working-dir "$workdir" --preemptible "${pod_env[@]}")
+  kind=()
   if [ "$nodes" -gt 1 ]; then
-    submit=(runai submit-dist pytorch "$workload" --workers "$((nodes - 1))" "${common[@]}" "${pod_command[@]}")
+    sub=(submit-dist pytorch)
   else
-    submit=(runai submit "$workload" "${common[@]}" "${pod_command[@]}")
+    sub=(submit)
   fi
-  describe=(runai describe job "$workload" "${project_args[@]+"${project_args[@]}"}" -o json)
-  delete=(runai delete job "$workload" "${project_args[@]+"${project_args[@]}"}")
+  if ! help=$(help_of "${sub[@]}") && [ "$have_runai" = 1 ]; then
+    fail "this runai CLI has no 'runai ${sub[*]}': use --cli new, or check the CLI"
+  fi
+  [ "$have_runai" = 1 ] || help='--existing-pvc --name'
+  env_flag=-e
+  if knows "$help" --name; then name_args=(--name "$workload"); else name_args=("$workload"); fi
+  if knows "$help" --existing-pvc; then pvc_flag=--existing-pvc; else pvc_flag=--pvc-exists; fi
+  submit=(runai "${sub[@]}" "${name_args[@]}")
+  [ -z "$project" ] || submit+=(-p "$project")
+  submit+=(-i "$image" -g "$gpus" --cpu "$cpu" --memory "$memory" --large-shm
+           "$pvc_flag" "claimname=$pvc,path=/home/apluser" --working-dir "$workdir")
+  [ -z "$node_pool" ] || submit+=(--node-pools "$node_pool")
+fi
+[ "$nodes" -le 1 ] || submit+=(--workers "$((nodes - 1))")
+
+if knows "$help" --termination-grace-period; then
+  submit+=(--termination-grace-period "$grace")
+elif [ -n "$grace_given" ]; then
+  fail "this runai CLI has no --termination-grace-period: the pods keep Kubernetes' 30 s, too short for --grace $grace; upgrade the CLI"
+else
+  echo "submit_train: warning: this runai CLI has no --termination-grace-period; a preempted pod has Kubernetes' 30 s to save" >&2
+fi
+
+pod_env=("PREFIX_RUNS_ROOT=/home/apluser/runs" "PREFIX_GPUS=$gpus" "PREFIX_NNODES=$nodes"
+         "PREFIX_OVERRIDES=$overrides_json" ${extra_env[@]+"${extra_env[@]}"})
+for kv in "${pod_env[@]}"; do
+  submit+=("$env_flag" "$kv")
+done
+pod_command=(bash runai/pod_train.sh "$run_name" "$config")
+
+# The PyTorch master pod gets what the workers get; each of these is needed, so a CLI without one is refused.
+if [ "$cli" = new ] && [ "$nodes" -gt 1 ]; then
+  if knows "$help" --master-environment-variable; then master_env=--master-environment-variable; else master_env=--master-environment; fi
+  for flag in --master-command --master-gpu-devices-request --master-cpu-core-request --master-cpu-memory-request "$master_env"; do
+    knows "$help" "$flag" || fail "this runai CLI's 'runai training pytorch submit' has no $flag, so the master pod would not train like the workers: upgrade the CLI (Run:ai 2.22+), or use --nodes 1"
+  done
+  submit+=(--master-command "${pod_command[*]}" --master-gpu-devices-request "$gpus"
+           --master-cpu-core-request "$cpu" --master-cpu-memory-request "$memory")
+  for kv in "${pod_env[@]}"; do
+    submit+=("$master_env" "$kv")
+  done
+fi
+submit+=(--command -- "${pod_command[@]}")
+
+if [ "$cli" = new ]; then
+  describe=(runai "${kind[@]}" describe "$workload" ${project:+-p "$project"} -o json)
+  delete=(runai "${kind[@]}" delete "$workload" ${project:+-p "$project"})
+  logs=(runai "${kind[@]}" logs "$workload" ${project:+-p "$project"} -f)
+else
+  describe=(runai describe job "$workload" ${project:+-p "$project"} -o json)
+  delete=(runai delete job "$workload" ${project:+-p "$project"})
+  logs=(runai logs "$workload" ${project:+--project "$project"} -f)
 fi
 
 show() {
@@ -147,24 +215,47 @@ show() {
 }
 
 if [ "$dry_run" = 1 ]; then
-  echo "# workload $workload for run $run_name ($cli Run:ai CLI); an existing finished or failed workload of that name is deleted first:"
+  echo "# workload $workload for run $run_name ($cli Run:ai CLI); an existing workload of that name in a final state is deleted first:"
   show "${delete[@]}"
   show "${submit[@]}"
   exit 0
 fi
 
-# A workload of this name from an earlier submission: still active means the run is training now,
-# so refuse; finished or failed means it only holds the name, so delete it and submit again.
-if status=$("${describe[@]}" 2>/dev/null); then
-  if grep -Eqi '"?(status|phase)"?[": ]+"?(running|pending|initializing|creating|containercreating|scheduled|queued|resuming|restarting|terminating)' <<< "$status"; then
-    echo "submit_train: workload $workload is still active, training run $run_name; follow it with: runai $([ "$cli" = new ] && echo 'training ')logs $workload" >&2
-    echo "submit_train: to restart it anyway (it checkpoints on SIGTERM), delete it first: $(show "${delete[@]}")" >&2
-    exit 1
-  fi
-  echo "submit_train: deleting the finished or failed workload $workload (the run itself is safe on the PVC)"
+# The workload's state, from the top-level status field of its description ('' when there is none).
+state_of() {
+  local json
+  json=$("${describe[@]}" 2>/dev/null) || return 1
+  python3 -c '
+import json, sys
+record = json.loads(sys.stdin.read() or "{}")
+fields = {k.lower(): v for k, v in record.items()} if isinstance(record, dict) else {}
+state = fields.get("status", fields.get("phase"))
+print(state if isinstance(state, str) else "")' <<< "$json"
+}
+
+# A workload of this name from an earlier submission. Only one in a final state is replaced (it only
+# holds the name); any other state, an unknown one included, means it may still be training: refuse.
+if state=$(state_of); then
+  normal=$(tr '[:upper:]' '[:lower:]' <<< "$state" | tr -d ' _-')
+  case $normal in
+    completed|succeeded|failed|stopped|timedout|preempted|deleted) ;;
+    *)
+      echo "submit_train: workload $workload of run $run_name is ${state:-in an unknown state}, not finished: refusing to replace it" >&2
+      echo "submit_train: follow it with: $(show "${logs[@]}")" >&2
+      echo "submit_train: to restart it anyway (it checkpoints on SIGTERM), delete it first: $(show "${delete[@]}")" >&2
+      exit 1 ;;
+  esac
+  echo "submit_train: deleting the $state workload $workload (the run itself is safe on the PVC)"
   "${delete[@]}"
+  # Deleting takes a while: the name is taken until it is gone.
+  for (( waited = 0; ; waited += 2 )); do
+    state=$(state_of) || break
+    [ "$waited" -lt 300 ] || fail "workload $workload is still there (${state:-deleting}) 300 s after its delete; run the same command again later"
+    (( waited % 10 )) || echo "submit_train: waiting for workload $workload to be deleted (${state:-deleting})"
+    sleep 2
+  done
 fi
 echo "submit_train: submitting run $run_name as workload $workload"
 show "${submit[@]}"
 "${submit[@]}"
-echo "submit_train: follow it with: runai $([ "$cli" = new ] && echo 'training ')logs $workload -f; outputs in /home/apluser/runs/$run_name/ on PVC $pvc"
+echo "submit_train: follow it with: $(show "${logs[@]}"); outputs in /home/apluser/runs/$run_name/ on PVC $pvc"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, faults, group_gone, starts, step_losses, wait_for
+from conftest import REPO, assert_same_training, faults, free_port, group_gone, starts, step_losses, wait_for
 
 SCRIPTS = sorted(REPO.glob('runai/*.sh')) + [REPO / '.ci' / 'run']
 
@@ -55,110 +56,188 @@ def test_pod_command_forwards_sigterm_and_resumes(tmp_path: Path, dataset: Path)
     assert sorted(step_losses(run)) == list(range(30))
 
 
-FAKE_RUNAI = '''#!{python}
-import json, os, sys
-args = sys.argv[1:]
-with open(os.environ['RUNAI_LOG'], 'a') as log:
-    log.write(json.dumps(args) + '\\n')
-if os.environ.get('FAKE_GEN') == 'old' and args[:1] == ['training']:
-    sys.exit(1)
-if 'describe' in args:
-    status = os.environ.get('FAKE_STATUS')
-    if not status:
-        print('workload not found', file=sys.stderr)
-        sys.exit(1)
-    print(json.dumps({{'name': args[-3], 'status': status}}))
-'''
+NODE = 'mount -t tmpfs -o size=256m tmpfs /dev/shm && exec "$@"'
 
 
-def submit(tmp_path: Path, *args: str, runai: bool = True, **env: str) -> tuple[subprocess.CompletedProcess, list]:
+def pods(runs: Path, tmp: Path, args: list[str], env: dict[str, str] | None = None) -> list[subprocess.Popen]:
+    """Two pods of a PyTorch workload on loopback, as the operator starts them: each its own /dev/shm."""
+    port = str(free_port())
+    started = []
+    for rank in (0, 1):
+        (tmp / f'pod{rank}-tmp').mkdir(exist_ok=True)
+        operator = {'RANK': str(rank), 'WORLD_SIZE': '2', 'PET_NNODES': '2', 'MASTER_ADDR': '127.0.0.1',
+                    'MASTER_PORT': port, 'HOSTNAME': f'pod-{rank}', 'TMPDIR': str(tmp / f'pod{rank}-tmp')}
+        started.append(subprocess.Popen(
+            ['unshare', '--mount', 'sh', '-c', NODE, 'pod', 'bash', str(REPO / 'runai' / 'pod_train.sh'), *args],
+            env={**pod_env(runs), 'PREFIX_NNODES': '2', **operator, **(env or {})}, cwd=REPO, start_new_session=True,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    return started
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which('unshare') is None, reason='needs root and unshare')
+def test_two_pods_preempted_by_sigterm_save_and_the_resubmission_resumes_bit_exact(tmp_path: Path, dataset: Path) -> None:
+    args = ['two-pods', str(REPO / 'yamls' / 'smoke.yaml'), f'data.local={dataset}', 'max_duration=16ba',
+            'checkpoint.interval=1h', 'checkpoint.periodic_interval=null']
+    reference = pods(tmp_path / 'reference', tmp_path, args)
+    assert [p.wait(timeout=300) for p in reference] == [0, 0]
+    run = tmp_path / 'runs' / 'two-pods'
+    held, release = tmp_path / 'held', tmp_path / 'release'
+    first = pods(tmp_path / 'runs', tmp_path, args,
+                 faults({'op': 'step', 'step': 8, 'marker': str(held), 'block': True, 'release': str(release)}))
+    wait_for(lambda: held.exists() and len(held.read_text().splitlines()) == 2, first[0], 'both pods at step 8')
+    for pod in first:
+        pod.send_signal(signal.SIGTERM)  # what Kubernetes does: each pod's first process only
+    wait_for(lambda: all('SIGTERM received: saving' in (run / 'logs' / f'rank{r}.log').read_text() for r in (0, 1)))
+    release.touch()
+    assert all(pod.wait(timeout=180) != 0 for pod in first)
+    assert all(group_gone(pod.pid, timeout=120) for pod in first)
+    assert torch.load(run / 'checkpoints' / 'latest.pt', weights_only=True)['global_step'] == 8
+    assert all('SIGTERM received, forwarding it' in (run / 'logs' / f'pod-{r}.log').read_text() for r in (0, 1))
+
+    again = pods(tmp_path / 'runs', tmp_path, args)
+    assert [p.wait(timeout=300) for p in again] == [0, 0]
+    assert [(s['start_step'], s['world_size']) for s in starts(run)] == [(0, 2), (8, 2)]
+    assert_same_training(tmp_path / 'reference' / 'two-pods', run)
+
+
+def test_a_pod_whose_node_count_disagrees_with_the_operator_refuses_to_start(tmp_path: Path) -> None:
+    # The master pod of a workload submitted without PREFIX_NNODES would otherwise train alone.
+    env = {**pod_env(tmp_path), 'RANK': '0', 'WORLD_SIZE': '2', 'PET_NNODES': '2'}
+    env.pop('PREFIX_NNODES', None)
+    result = subprocess.run(['bash', str(REPO / 'runai' / 'pod_train.sh'), 'r', 'yamls/smoke.yaml'], env=env, cwd=REPO,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and 'runs 2 pods' in result.stderr and 'PREFIX_NNODES is 1' in result.stderr
+
+
+STANDIN = Path(__file__).resolve().parent / 'runai_standin.py'
+
+
+def submit(tmp_path: Path, *args: str, version: str = '2.22', existing: dict | None = None, runai: bool = True,
+           **env: str) -> tuple[subprocess.CompletedProcess, list, dict]:
+    """Run submit_train.sh against the stand-in runai of ``version``; its calls and the workloads it holds after."""
     bin_dir = tmp_path / 'bin'
     bin_dir.mkdir(exist_ok=True)
+    (bin_dir / 'runai').unlink(missing_ok=True)
     if runai:
-        fake = bin_dir / 'runai'
-        fake.write_text(FAKE_RUNAI.format(python=sys.executable))
-        fake.chmod(0o755)
-    log = tmp_path / 'runai.log'
+        (bin_dir / 'runai').write_text(f'#!/bin/sh\nexec {sys.executable} {STANDIN} "$@"\n')
+        (bin_dir / 'runai').chmod(0o755)
+    log, state = tmp_path / 'runai.log', tmp_path / 'workloads.json'
     log.write_text('')
-    full_env = {'PATH': f'{bin_dir}:/usr/bin:/bin', 'RUNAI_LOG': str(log), 'HOME': str(tmp_path), **env}
+    state.write_text(json.dumps(existing or {}))
+    full_env = {'PATH': f'{bin_dir}:{Path(sys.executable).parent}:/usr/bin:/bin', 'RUNAI_LOG': str(log),
+                'FAKE_RUNAI_STATE': str(state), 'FAKE_RUNAI_VERSION': version, 'HOME': str(tmp_path), **env}
     result = subprocess.run(['bash', str(REPO / 'runai' / 'submit_train.sh'), *args], cwd=REPO, env=full_env,
-                            capture_output=True, text=True, timeout=30)
-    return result, [json.loads(line) for line in log.read_text().splitlines()]
+                            capture_output=True, text=True, timeout=120)
+    return result, [json.loads(line) for line in log.read_text().splitlines()], json.loads(state.read_text())
 
 
 def value(args: list[str], flag: str) -> str:
     return args[args.index(flag) + 1]
 
 
-def test_single_node_current_cli(tmp_path: Path) -> None:
-    result, calls = submit(tmp_path, '--project', 'team', 'exp1', 'yamls/smoke.yaml', 'optimizer.lr=1e-3',
-                           'model.dropout=0.2')
+def values(args: list[str], flag: str) -> list[str]:
+    return [args[i + 1] for i, a in enumerate(args) if a == flag]
+
+
+def submitted(calls: list) -> list[str]:
+    return next(c for c in reversed(calls) if 'submit' in c and '--help' not in c)
+
+
+@pytest.mark.parametrize('version', ['2.22', '2.20', '2.18', '2.16'])
+@pytest.mark.parametrize('nodes', ['1', '3'])
+@pytest.mark.parametrize('existing', ['none', 'finished', 'live'])
+def test_every_cli_version_nodes_and_workload_state(tmp_path: Path, version: str, nodes: str, existing: str) -> None:
+    """The stand-in refuses every flag its version does not document, so each submission that goes
+    through used documented flags only; a CLI that lacks what a run needs is refused with the reason."""
+    workload = {'none': {}, 'finished': {'exp1': {'status': 'Completed'}},
+                'live': {'exp1': {'status': 'Running'}}}[existing]
+    result, calls, workloads = submit(tmp_path, '--nodes', nodes, '--gpus', '8', 'exp1', 'yamls/smoke.yaml',
+                                      'optimizer.lr=1e-3', version=version, existing=workload)
+    multi = nodes != '1'
+    if multi and version in ('2.20', '2.18'):  # no way to give the master the workers' CPU and memory / command
+        assert result.returncode == 1, result.stderr
+        assert ('Run:ai 2.18' in result.stderr if version == '2.18' else 'has no --master-cpu-core-request'
+                in result.stderr)
+        assert workloads == workload, 'nothing submitted, nothing deleted'
+        return
+    if existing == 'live':
+        assert result.returncode == 1 and 'exp1 of run exp1 is Running, not finished' in result.stderr
+        assert workloads == workload and not any('delete' in c for c in calls)
+        return
     assert result.returncode == 0, result.stderr
-    assert calls[0] == ['training', '--help'] and calls[1][:3] == ['training', 'describe', 'exp1']
-    sub = calls[-1]
-    assert sub[:3] == ['training', 'submit', 'exp1'] and len(calls) == 3
-    assert value(sub, '-p') == 'team' and value(sub, '-i') == 'prefix:latest' and value(sub, '-g') == '1'
-    assert value(sub, '--existing-pvc') == 'claimname=home-apluser,path=/home/apluser'
-    assert value(sub, '--working-dir') == '/home/apluser/prefix'
-    assert 'PREFIX_RUNS_ROOT=/home/apluser/runs' in sub and 'PREFIX_NNODES=1' in sub
-    assert sub[sub.index('--command'):] == ['--command', '--', 'bash', 'runai/pod_train.sh', 'exp1', 'yamls/smoke.yaml',
-                                            'optimizer.lr=1e-3', 'model.dropout=0.2']
+    sub = workloads['exp1']['args']
+    if existing == 'finished':
+        assert any('delete' in c for c in calls) and 'waiting for workload exp1 to be deleted' in result.stdout
+    assert 'exp1' in sub and value(sub, '-g') == '8' and '--large-shm' in sub
+    assert sub[sub.index('--command'):] == ['--command', '--', 'bash', 'runai/pod_train.sh', 'exp1', 'yamls/smoke.yaml']
+    environment = values(sub, '-e')
+    assert {'PREFIX_NNODES=' + nodes, 'PREFIX_GPUS=8', 'PREFIX_RUNS_ROOT=/home/apluser/runs'} <= set(environment)
+    assert json.loads(next(e for e in environment if e.startswith('PREFIX_OVERRIDES='))[17:]) == ['optimizer.lr=1e-3']
+    if version == '2.18':
+        assert '--termination-grace-period' not in sub and 'no --termination-grace-period' in result.stderr
+    elif version != '2.16':
+        assert value(sub, '--termination-grace-period') == '600s'
+    if multi:
+        assert value(sub, '--workers') == '2'
+        if version == '2.22':  # the master trains like the workers
+            assert value(sub, '--master-command') == 'bash runai/pod_train.sh exp1 yamls/smoke.yaml'
+            assert value(sub, '--master-gpu-devices-request') == '8' and value(sub, '--master-cpu-core-request') == '8'
+            assert values(sub, '--master-environment-variable') == environment
+    if version == '2.16':
+        assert value(sub, '--pvc-exists') == 'claimname=home-apluser,path=/home/apluser'
+        assert '--preemptible' not in sub  # only meaningful with --interactive, unknown to submit-dist
+    else:
+        assert value(sub, '--existing-pvc') == 'claimname=home-apluser,path=/home/apluser'
 
 
-def test_several_nodes_current_cli(tmp_path: Path) -> None:
-    result, calls = submit(tmp_path, '--nodes', '3', '--gpus', '8', '--node-pool', 'h100', '--env', 'WANDB_MODE=offline',
-                           'big-run', PREFIX_IMAGE='registry/prefix:1.2')
+@pytest.mark.parametrize(('state', 'replaced'), [
+    ('Completed', True), ('succeeded', True), ('Failed', True), ('Stopped', True), ('TimedOut', True),
+    ('Preempted', True), ('Deleted', True), ('Running', False), ('Pending', False), ('Degraded', False),
+    ('Stopping', False), ('Deleting', False), ('Updating', False), ('Initializing', False), ('Error', False),
+    ('SomethingNew', False),
+])
+def test_only_a_workload_in_a_final_state_is_replaced(tmp_path: Path, state: str, replaced: bool) -> None:
+    result, calls, workloads = submit(tmp_path, 'exp1', existing={'exp1': {'status': state, 'left': 99}})
+    assert (result.returncode == 0) == replaced, result.stderr
+    if not replaced:
+        assert f'is {state}, not finished' in result.stderr and workloads['exp1']['status'] == state
+
+
+def test_the_top_level_status_decides_not_a_pods(tmp_path: Path) -> None:
+    # A failed workload whose worker pod still runs is finished; a running one whose pod failed is not.
+    result, _, _ = submit(tmp_path, 'exp1', existing={'exp1': {'status': 'Failed', 'pods': 'Running'}})
     assert result.returncode == 0, result.stderr
-    sub = calls[-1]
-    assert sub[:4] == ['training', 'pytorch', 'submit', 'big-run']
-    assert value(sub, '--workers') == '2' and value(sub, '--master-gpu-devices-request') == '8' and value(sub, '-g') == '8'
-    assert value(sub, '--node-pools') == 'h100' and value(sub, '-i') == 'registry/prefix:1.2'
-    assert {'PREFIX_NNODES=3', 'PREFIX_GPUS=8', 'WANDB_MODE=offline'} <= set(sub)
-    assert sub[-3:] == ['runai/pod_train.sh', 'big-run', 'yamls/base.yaml']
+    result, _, _ = submit(tmp_path, 'exp1', existing={'exp1': {'status': 'Running', 'pods': 'Failed'}})
+    assert result.returncode == 1
 
 
-@pytest.mark.parametrize(('nodes', 'head'), [('1', ['submit', 'r1']), ('2', ['submit-dist', 'pytorch', 'r1'])])
-def test_older_cli(tmp_path: Path, nodes: str, head: list[str]) -> None:
-    result, calls = submit(tmp_path, '--nodes', nodes, 'r1', 'x.y=1', FAKE_GEN='old')
-    assert result.returncode == 0, result.stderr
-    assert calls[1][:3] == ['describe', 'job', 'r1']
-    sub = calls[-1]
-    assert sub[:len(head)] == head and '--preemptible' in sub and value(sub, '--cpu') == '8'
-    assert sub[-2:] == ['yamls/base.yaml', 'x.y=1']
-
-
-def test_a_finished_workload_is_replaced(tmp_path: Path) -> None:
-    result, calls = submit(tmp_path, 'exp1', FAKE_STATUS='Completed')
-    assert result.returncode == 0, result.stderr
-    assert [c[:2] for c in calls[1:]] == [['training', 'describe'], ['training', 'delete'], ['training', 'submit']]
-    result, calls = submit(tmp_path, 'exp1', FAKE_STATUS='Failed')
-    assert result.returncode == 0 and calls[-1][:2] == ['training', 'submit']
-
-
-def test_an_active_workload_is_left_alone(tmp_path: Path) -> None:
-    result, calls = submit(tmp_path, 'exp1', FAKE_STATUS='Running')
-    assert result.returncode == 1 and 'still active' in result.stderr
-    assert not any(c[1] in ('delete', 'submit') for c in calls[1:])
-
-
-def test_workload_names_are_valid_and_stable(tmp_path: Path) -> None:
+def test_names_are_valid_kubernetes_service_names_and_stable(tmp_path: Path) -> None:
     import re
 
     names = set()
-    for run_name in ('my_run.1', 'my_run.1', 'my-run-1', 'a' * 63):
-        result, calls = submit(tmp_path, run_name)
+    for run_name in ('my_run.1', 'my_run.1', 'my-run-1', '7b-run', 'a' * 63):
+        result, _, workloads = submit(tmp_path, run_name)
         assert result.returncode == 0, result.stderr
-        name = calls[-1][2]
-        assert re.fullmatch(r'[a-z0-9]([a-z0-9-]*[a-z0-9])?', name) and len(name) <= 40
+        (name,) = workloads
+        assert re.fullmatch(r'[a-z]([a-z0-9-]*[a-z0-9])?', name) and len(name) <= 40, name
         names.add(name)
-    assert len(names) == 3, 'same run name, same workload; different run names, different workloads'
+    assert len(names) == 4, 'same run name, same workload; different run names, different workloads'
+
+
+def test_overrides_with_spaces_and_quotes_reach_the_trainer_intact(tmp_path: Path) -> None:
+    overrides = ['optimizer.lr=1e-3', 'run_note=two words', 'quoted="yes" and \'no\'']
+    result, calls, _ = submit(tmp_path, 'exp1', 'yamls/smoke.yaml', *overrides)
+    assert result.returncode == 0, result.stderr
+    env = values(submitted(calls), '-e')
+    assert json.loads(next(e for e in env if e.startswith('PREFIX_OVERRIDES='))[17:]) == overrides
 
 
 def test_dry_run_submits_nothing(tmp_path: Path) -> None:
-    result, calls = submit(tmp_path, '--dry-run', 'exp1', 'yamls/smoke.yaml', 'a.b=1')
-    assert result.returncode == 0
-    assert 'runai training submit exp1' in result.stdout and 'runai/pod_train.sh exp1 yamls/smoke.yaml a.b=1' in result.stdout
-    assert all(c[0] != 'submit' and c[1:2] != ['submit'] and 'describe' not in c for c in calls)
+    result, calls, workloads = submit(tmp_path, '--dry-run', 'exp1', 'yamls/smoke.yaml', 'a.b=1')
+    assert result.returncode == 0, result.stderr
+    assert 'runai training submit exp1' in result.stdout and 'runai/pod_train.sh exp1 yamls/smoke.yaml' in result.stdout
+    assert workloads == {} and all('--help' in c for c in calls)
 
 
 @pytest.mark.parametrize(('args', 'message'), [
@@ -169,15 +248,21 @@ def test_dry_run_submits_nothing(tmp_path: Path) -> None:
     (('exp1', 'yamls/base.yaml', 'oops'), "'oops' is not of the form key=value"),
     (('exp1', 'runs_root=/tmp'), 'cannot be overridden'),
     (('--gpus', 'two', 'exp1'), '--gpus must be a positive whole number'),
+    (('--grace', 'soon', 'exp1'), '--grace must be a duration'),
     (('--env', 'novalue', 'exp1'), 'is not of the form KEY=VALUE'),
     (('--bogus', 'exp1'), 'unknown option --bogus'),
 ])
 def test_bad_input_never_reaches_runai(tmp_path: Path, args: tuple, message: str) -> None:
-    result, calls = submit(tmp_path, *args)
+    result, calls, _ = submit(tmp_path, *args)
     assert result.returncode == 2 and message in result.stderr
     assert calls == []
 
 
 def test_no_runai_on_path(tmp_path: Path) -> None:
-    result, calls = submit(tmp_path, 'exp1', runai=False)
+    result, calls, _ = submit(tmp_path, 'exp1', runai=False)
     assert result.returncode == 1 and 'runai CLI is not on PATH' in result.stderr
+
+
+def test_an_explicit_grace_period_the_cli_cannot_set_is_refused(tmp_path: Path) -> None:
+    result, _, workloads = submit(tmp_path, '--grace', '20m', 'exp1', version='2.18')
+    assert result.returncode == 1 and 'no --termination-grace-period' in result.stderr and workloads == {}

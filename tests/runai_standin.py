@@ -1,0 +1,172 @@
+"""A stand-in for the ``runai`` CLI: each version knows only the subcommands and flags its reference documents.
+
+It refuses any other flag as cobra does (``Error: unknown flag: --x``, exit 1), answers ``--help``
+with the flags it knows, and keeps workloads between calls in a state file: a submission exists
+from then on, a delete leaves the name in ``Deleting`` for a few more calls, ``describe -o json``
+prints the workload with a top-level status and its pods' own statuses nested.
+
+Environment: ``FAKE_RUNAI_VERSION`` (below), ``FAKE_RUNAI_STATE`` (the state file), ``RUNAI_LOG``
+(every call's arguments, one JSON list a line).
+
+Where each flag list comes from (the Run:ai CLI reference):
+- 2.22: docs.nvidia.com/run-ai self-hosted CLI reference (``runai training pytorch submit``; its
+  master flags as on the same release's xgboost page: ``--master-environment-variable``,
+  ``--master-cpu-core-request``, ``--master-cpu-memory-request``, ``--preemptibility``), and
+  ``runai training submit``, ``describe``, ``delete``, ``logs``.
+- 2.20: github.com/run-ai/docs ``docs/Researcher/cli-reference/new-cli/runai_pytorch_submit.md`` and
+  ``runai_training_submit.md`` (commit 090b17d): ``--master-environment``, ``--master-command``,
+  no master CPU or memory flags, ``-e`` is ``--environment``.
+- 2.18: the same repository's ``runai_distributed_submit.md`` (commit 990c712): distributed
+  workloads are ``runai distributed submit --framework PyTorch``; ``runai training submit`` has no
+  ``--termination-grace-period`` (commit 7b38f49).
+- 2.16: the same repository's ``runai-submit.md`` and ``runai-submit-dist-pytorch.md`` (2.10 and
+  later): ``--name``, ``--pvc-exists``, ``--cpu``, ``--memory``, ``--preemptible`` (submit only),
+  ``runai describe job NAME -o json``, ``runai delete job``, ``runai logs``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+BOOL = object()  # a flag that takes no value
+
+COMMON_NEW = {'-p': '--project', '-i': '--image', '-g': '--gpu-devices-request', '--cpu-core-request': 1,
+              '--cpu-memory-request': 1, '--node-pools': 1, '--existing-pvc': 1, '--working-dir': 1,
+              '--large-shm': BOOL, '--command': BOOL, '--project': 1, '--image': 1, '--gpu-devices-request': 1}
+NEW_22 = {
+    ('training', 'submit'): {**COMMON_NEW, '-e': '--environment-variable', '--environment-variable': 1,
+                             '--termination-grace-period': 1, '--preemptibility': 1},
+    ('training', 'pytorch', 'submit'): {**COMMON_NEW, '-e': '--environment-variable', '--environment-variable': 1,
+                                        '--termination-grace-period': 1, '--workers': 1, '--no-master': BOOL,
+                                        '--master-command': 1, '--master-args': 1, '--master-gpu-devices-request': 1,
+                                        '--master-cpu-core-request': 1, '--master-cpu-memory-request': 1,
+                                        '--master-environment-variable': 1},
+}
+NEW_20 = {
+    ('training', 'submit'): {**COMMON_NEW, '-e': '--environment', '--environment': 1, '--termination-grace-period': 1},
+    ('training', 'pytorch', 'submit'): {**COMMON_NEW, '-e': '--environment', '--environment': 1,
+                                        '--termination-grace-period': 1, '--workers': 1, '--no-master': BOOL,
+                                        '--master-command': 1, '--master-args': 1, '--master-gpu-devices-request': 1,
+                                        '--master-environment': 1},
+}
+NEW_18 = {
+    ('training', 'submit'): {**COMMON_NEW, '-e': '--environment', '--environment': 1},
+    ('distributed', 'submit'): {**COMMON_NEW, '-e': '--environment', '--environment': 1, '-f': '--framework',
+                                '--framework': 1, '--workers': 1, '--master-args': 1, '--master-gpu-devices-request': 1},
+}
+QUERIES_NEW = {
+    ('training', 'describe'): {'-p': '--project', '--project': 1, '-o': '--output', '--output': 1},
+    ('training', 'pytorch', 'describe'): {'-p': '--project', '--project': 1, '-o': '--output', '--output': 1},
+    ('training', 'delete'): {'-p': '--project', '--project': 1},
+    ('training', 'pytorch', 'delete'): {'-p': '--project', '--project': 1},
+    ('training', 'logs'): {'-p': '--project', '--project': 1, '-f': '--follow', '--follow': BOOL},
+    ('training', 'pytorch', 'logs'): {'-p': '--project', '--project': 1, '-f': '--follow', '--follow': BOOL},
+}
+COMMON_OLD = {'--name': 1, '-p': '--project', '--project': 1, '-i': '--image', '--image': 1, '-g': '--gpu', '--gpu': 1,
+              '--cpu': 1, '--memory': 1, '--node-pools': 1, '--pvc-exists': 1, '-e': '--environment', '--environment': 1,
+              '--working-dir': 1, '--large-shm': BOOL, '--command': BOOL}
+OLD_16 = {
+    ('submit',): {**COMMON_OLD, '--interactive': BOOL, '--preemptible': BOOL},
+    ('submit-dist', 'pytorch'): {**COMMON_OLD, '--workers': 1},
+    ('describe', 'job'): {'-p': '--project', '--project': 1, '-o': '--output', '--output': 1},
+    ('delete', 'job'): {'-p': '--project', '--project': 1},
+    ('logs',): {'--project': 1, '-f': '--follow', '--follow': BOOL},
+}
+VERSIONS = {'2.22': {**NEW_22, **QUERIES_NEW}, '2.20': {**NEW_20, **QUERIES_NEW}, '2.18': {**NEW_18, **QUERIES_NEW},
+            '2.16': OLD_16}
+DELETE_TAKES = 3  # describe calls that still see a deleted workload (Deleting) before it is gone
+
+
+def parse(flags: dict, args: list[str]) -> tuple[list[str], dict[str, list[str]], list[str]]:
+    """Positional arguments, flags (long names) and the command after ``--``; exit 1 on an unknown flag."""
+    positional, seen, command = [], {}, []
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg == '--':
+            command = args[i + 1:]
+            break
+        if arg.startswith('-'):
+            name, _, inline = arg.partition('=')
+            kind = flags.get(name)
+            if isinstance(kind, str):  # a short alias
+                name, kind = kind, flags[kind]
+            if kind is None:
+                print(f'Error: unknown flag: {name}', file=sys.stderr)
+                sys.exit(1)
+            if kind is BOOL:
+                seen.setdefault(name, []).append('true')
+            else:
+                if not inline:
+                    i += 1
+                    if i >= len(args):
+                        print(f'Error: flag needs an argument: {name}', file=sys.stderr)
+                        sys.exit(1)
+                    inline = args[i]
+                seen.setdefault(name, []).append(inline)
+        else:
+            positional.append(arg)
+        i += 1
+    return positional, seen, command
+
+
+def main() -> int:
+    args = sys.argv[1:]
+    with open(os.environ['RUNAI_LOG'], 'a') as log:
+        log.write(json.dumps(args) + '\n')
+    version = os.environ.get('FAKE_RUNAI_VERSION', '2.22')
+    commands = VERSIONS[version]
+    path = next((p for p in sorted(commands, key=len, reverse=True) if tuple(args[:len(p)]) == p), None)
+    if path is None:
+        print(f'Error: unknown command "{" ".join(args[:2])}" for "runai"', file=sys.stderr)
+        return 1
+    flags = commands[path]
+    rest = args[len(path):]
+    if '--help' in rest or '-h' in rest:
+        print(f'Usage:\n  runai {" ".join(path)} [flags]\n\nFlags:')
+        for name, kind in sorted(flags.items()):
+            if name.startswith('--'):
+                short = next((s for s, long in flags.items() if long == name), None)
+                print(f'  {short + ", " if short else "    "}{name}{"" if kind is BOOL else " string"}')
+        return 0
+    positional, seen, command = parse(flags, rest)
+    state_file = Path(os.environ['FAKE_RUNAI_STATE'])
+    state = json.loads(state_file.read_text()) if state_file.exists() else {}
+    name = seen.get('--name', positional)[0] if (seen.get('--name') or positional) else None
+    verb = next(v for v in ('submit', 'describe', 'delete', 'logs') if any(part.startswith(v) for part in path))
+    workload = state.get(name)
+    if verb == 'submit':
+        if workload is not None:
+            print(f'Error: workload {name} already exists', file=sys.stderr)
+            return 1
+        state[name] = {'status': 'Pending', 'args': args}
+    elif verb == 'describe':
+        if workload is None:
+            print(f'Error: workload {name} not found', file=sys.stderr)
+            return 1
+        if workload['status'] == 'Deleting':
+            workload['left'] -= 1
+            if workload['left'] < 0:
+                del state[name]
+                state_file.write_text(json.dumps(state))
+                print(f'Error: workload {name} not found', file=sys.stderr)
+                return 1
+        pods = [{'name': f'{name}-{role}-0', 'status': workload.get('pods', workload['status'])}
+                for role in ('master', 'worker')]
+        key = 'instances' if version == '2.16' else 'pods'
+        print(json.dumps({'name': name, 'status': workload['status'], key: pods,
+                          'conditions': [{'type': 'Running', 'status': 'True'}]}))
+    elif verb == 'delete':
+        if workload is None:
+            print(f'Error: workload {name} not found', file=sys.stderr)
+            return 1
+        workload.update(status='Deleting', left=DELETE_TAKES)
+    state_file.write_text(json.dumps(state))
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
