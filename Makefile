@@ -11,7 +11,7 @@ DATA := data/stdlib
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet -e '.[test,trackers]'
 	touch $(STAMP)
 
 venv: $(STAMP)

@@ -380,7 +380,8 @@ class Checkpointer(Callback):
                  record.write_s or 0.0, record.bytes / 1e6)
         if self._logger is not None:
             self._logger.log_metrics({'checkpoint/step': record.step, 'checkpoint/blocked_s': record.blocked_s,
-                                      'checkpoint/write_s': record.write_s, 'checkpoint/bytes': record.bytes})
+                                      'checkpoint/write_s': record.write_s, 'checkpoint/bytes': record.bytes},
+                                     step=record.step)  # the checkpoint's step, not the one its background write ended at
 
     def _remove_unreferenced_shards(self) -> None:
         """Rank 0, once latest.pt or periodic.pt moved on: the shard folder neither names any more goes."""

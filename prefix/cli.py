@@ -11,7 +11,8 @@ COMMANDS = {
     'runs': 'list the runs under runs_root: state, progress, checkpoints, preemptions [--root DIR] [--json]',
     'show': "one run's config, starts, checkpoints and goodput: show RUN [--root DIR] [--json]",
     'plot': "write a run's loss curve, resumes marked, to its logs/loss.png: plot RUN [--root DIR]",
-    'export': "a run's newest checkpoint as one whole latest.pt-format file: export RUN OUT.pt [--root DIR]",
+    'export': "a run's newest checkpoint as one latest.pt-format file (OUT.pt) or, for a Hugging Face model, "
+              'a save_pretrained folder (OUT): export RUN OUT [--root DIR]',
 }
 
 

@@ -83,6 +83,36 @@ class FSDPConfig:
 
 
 @dataclass
+class TensorBoardConfig:
+    """TensorBoard event files in ``logs/tensorboard/`` (``tensorboard: {}`` turns it on; it has no settings)."""
+
+
+@dataclass
+class MLflowConfig:
+    """An MLflow run that this prefix run continues at every start."""
+
+    tracking_uri: Optional[str] = None  # default: $MLFLOW_TRACKING_URI, else a file store in logs/mlruns
+    experiment_name: str = 'prefix'
+
+
+@dataclass
+class WandBConfig:
+    """A W&B run that this prefix run continues at every start (``WANDB_MODE=offline`` and W&B's other variables apply)."""
+
+    project: str = 'prefix'
+    entity: Optional[str] = None
+
+
+@dataclass
+class LoggersConfig:
+    """Experiment trackers, any combination; metrics always go to ``logs/metrics.jsonl`` too."""
+
+    tensorboard: Optional[TensorBoardConfig] = None
+    mlflow: Optional[MLflowConfig] = None
+    wandb: Optional[WandBConfig] = None
+
+
+@dataclass
 class TrainConfig:
     run_name: str = MISSING
     runs_root: Optional[str] = None
@@ -99,6 +129,7 @@ class TrainConfig:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     fsdp: Optional[FSDPConfig] = None
+    loggers: LoggersConfig = field(default_factory=LoggersConfig)
     # How long one collective may wait for a rank before the run fails: a hung or lost peer. Checkpoint
     # writes and reads never wait inside a collective, so this does not grow with the checkpoint.
     dist_timeout: str = '5min'
@@ -171,6 +202,7 @@ def _validate(cfg: TrainConfig) -> None:
     if cfg.checkpoint.periodic_interval is not None:
         _parse_time('checkpoint.periodic_interval', cfg.checkpoint.periodic_interval, ('ba', *SECONDS))
     m = cfg.model
+    _validate_model_source(m)
     for key in ('vocab_size', 'max_seq_len', 'd_model', 'n_heads', 'n_layers'):
         if getattr(m, key) <= 0:
             raise ConfigError(f'config key model.{key!r}: must be positive, got {getattr(m, key)}')
@@ -188,6 +220,38 @@ def _validate(cfg: TrainConfig) -> None:
         raise ConfigError('config key checkpoint.format: sharded checkpoints need fsdp (set fsdp: {} or checkpoint.format=full)')
     if cfg.fsdp is not None and cfg.fsdp.mixed_precision not in ('DEFAULT', 'PURE', 'FULL'):
         raise ConfigError(f'config key fsdp.mixed_precision: {cfg.fsdp.mixed_precision!r} is not one of DEFAULT, PURE, FULL')
+
+
+MODEL_NAMES = ('gpt', 'hf_causal_lm', 'import')
+
+
+def _validate_model_source(m: ModelConfig) -> None:
+    """Each model name has the keys it needs and none of the others' (a key that would be ignored is a mistake)."""
+    if m.name not in MODEL_NAMES:
+        raise ConfigError(f'config key model.name: {m.name!r} is not one of {", ".join(MODEL_NAMES)}')
+    given = {k for k in ('pretrained_model_name_or_path', 'config', 'factory', 'kwargs') if getattr(m, k) is not None}
+    if m.pretrained:
+        given.add('pretrained')
+    allowed = {'gpt': set(), 'hf_causal_lm': {'pretrained_model_name_or_path', 'pretrained', 'config'},
+               'import': {'factory', 'kwargs'}}[m.name]
+    extra = sorted(given - allowed)
+    if extra:
+        raise ConfigError(f'config key model.{extra[0]} does not apply to model.name={m.name}')
+    if m.name == 'hf_causal_lm':
+        if (m.pretrained_model_name_or_path is None) == (m.config is None):
+            raise ConfigError('model.name=hf_causal_lm needs exactly one of model.pretrained_model_name_or_path '
+                              '(a local folder) or model.config (an inline config with model_type)')
+        if m.pretrained and m.pretrained_model_name_or_path is None:
+            raise ConfigError('config key model.pretrained: weights come from model.pretrained_model_name_or_path, '
+                              'which is not set')
+        folder = m.pretrained_model_name_or_path
+        if folder is not None and not (Path(folder).expanduser() / 'config.json').is_file():
+            raise ConfigError(f'config key model.pretrained_model_name_or_path: {folder} is not a folder with a '
+                              'config.json (models are read from local folders only: save_pretrained one there)')
+        if m.config is not None and not m.config.get('model_type'):
+            raise ConfigError('config key model.config: give model_type (gpt2, llama, ...) and the fields of its config')
+    if m.name == 'import' and not m.factory:
+        raise ConfigError("model.name=import needs model.factory: 'module.path:function' returning a ComposerModel")
 
 
 def load_config(path: str, overrides: list[str]) -> TrainConfig:

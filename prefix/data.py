@@ -142,7 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog='python -m prefix.data', description=__doc__.split('\n')[0])
     parser.add_argument('out', type=Path, help='output folder (gets train/ and val/)')
     parser.add_argument('sources', nargs='+', help='files, folders, globs or JSONL files')
-    parser.add_argument('--tokenizer', default='byte', help="'byte' (default) or a Hugging Face name available locally")
+    parser.add_argument('--tokenizer', default='byte', help="'byte' (default), or a Hugging Face tokenizer: a local "
+                        "folder (an hf_causal_lm model's) or a name in the local cache")
     parser.add_argument('--seq-len', type=int, default=128, help='tokens per sample fed to the model (default 128)')
     parser.add_argument('--val-fraction', type=float, default=0.05, help='share of documents for val (default 0.05)')
     parser.add_argument('--text-field', default='text', help="JSONL field with the text (default 'text')")

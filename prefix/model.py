@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -18,14 +19,28 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 
 @dataclass
 class ModelConfig:
-    """Shape of the transformer; every field is a YAML key under ``model``."""
+    """The model; every field is a YAML key under ``model`` (``prefix.models`` builds it).
 
+    ``name``: ``gpt``, this file's transformer, shaped by the fields up to ``dropout``;
+    ``hf_causal_lm``, a Hugging Face causal LM: from a local folder (``pretrained_model_name_or_path``,
+    with its weights when ``pretrained``) or new, of an architecture given inline (``config``:
+    ``{model_type: gpt2, n_layer: 2, ...}``); ``import``, a ComposerModel of a team's own code:
+    ``factory`` (``module.path:function``) called with ``kwargs``. ``max_seq_len`` bounds the samples
+    for every model.
+    """
+
+    name: str = 'gpt'
     vocab_size: int = 257
     max_seq_len: int = 128
     d_model: int = 128
     n_heads: int = 4
     n_layers: int = 4
     dropout: float = 0.0
+    pretrained_model_name_or_path: Optional[str] = None
+    pretrained: bool = False
+    config: Optional[dict[str, Any]] = None
+    factory: Optional[str] = None
+    kwargs: Optional[dict[str, Any]] = None
 
 
 class CausalSelfAttention(nn.Module):

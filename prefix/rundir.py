@@ -9,6 +9,7 @@ from pathlib import Path
 STARTS_FILE = 'starts.jsonl'        # meta/: a start record per start, an end record per start that ended on its own
 CHECKPOINT_FILE = 'checkpoint.json'  # meta/: the last committed checkpoint, summarized
 METRICS_FILE = 'metrics.jsonl'      # logs/: every metric Composer logs, with its step and time
+TRACKERS_FILE = 'trackers.json'     # meta/: the tracker runs (MLflow, W&B) this run continues at every start
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,24 @@ class RunDir:
     @property
     def meta(self) -> Path:
         return self.root / 'meta'
+
+    @property
+    def metrics(self) -> Path:
+        return self.logs / METRICS_FILE
+
+    @property
+    def trackers(self) -> Path:
+        return self.meta / TRACKERS_FILE
+
+    @property
+    def tensorboard(self) -> Path:
+        """TensorBoard's log dir: ``tensorboard --logdir`` on it shows the run."""
+        return self.logs / 'tensorboard'
+
+    @property
+    def mlruns(self) -> Path:
+        """MLflow's file store when no tracking server is configured."""
+        return self.logs / 'mlruns'
 
     @classmethod
     def for_run(cls, runs_root: str, run_name: str) -> RunDir:

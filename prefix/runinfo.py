@@ -72,6 +72,11 @@ def last_step_after(run: Path, since: float) -> Optional[int]:
     return max(steps) if steps else None
 
 
+def start_count(run: Path) -> int:
+    """How many times the run has started so far."""
+    return sum(e.get('event') == 'start' for e in read_jsonl(run / 'meta' / STARTS_FILE))
+
+
 def previous_start(run: Path) -> tuple[Optional[str], Optional[int]]:
     """How the last start ended (``completed``, ``preempted``, ``failed`` or ``killed``) and the step it reached."""
     events = read_jsonl(run / 'meta' / STARTS_FILE)

@@ -25,12 +25,15 @@ from composer.optim import CosineAnnealingWithWarmupScheduler, DecoupledAdamW
 from composer.utils import dist, reproducibility
 from streaming import StreamingDataLoader
 
-from prefix import composer_fixes  # noqa: F401  (applied on import)
+from prefix import (
+    composer_fixes,  # noqa: F401  (applied on import)
+    models,
+    trackers,
+)
 from prefix import config as config_lib
 from prefix.agreement import RankFailedError, RankFailures, describe, from_rank_zero
 from prefix.checkpoint import CheckpointError, ResumePoint, find_resume_point, is_complete, remove_leftovers
 from prefix.checkpointer import Checkpointer, never
-from prefix.composer_model import ComposerGPT
 from prefix.config import ConfigError, TrainConfig
 from prefix.data import DataError
 from prefix.dataloader import build_dataloader, count_tokens
@@ -39,8 +42,8 @@ from prefix.fsdp import average_gradients_on_gloo, parallelism_config
 from prefix.logs import MetricsLogger, tee_output
 from prefix.meta import StartRecorder, record_end, write_snapshots
 from prefix.preemption import PREEMPTED_EXIT_CODE, Preempted, PreemptionSignal
-from prefix.rundir import METRICS_FILE, RunDir
-from prefix.runinfo import previous_start
+from prefix.rundir import RunDir
+from prefix.runinfo import previous_start, start_count
 from prefix.runlock import LOCK_FILE, RunLock, RunLockedError
 from prefix.shards import checkpoint_group
 
@@ -116,7 +119,8 @@ def fit(
     lock: Optional[RunLock],
 ) -> int:
     rank = dist.get_global_rank()
-    git, previous = from_rank_zero(lambda: (write_snapshots(run.meta, config_lib.to_yaml(cfg)), previous_start(run.root)))
+    git, previous, starts = from_rank_zero(lambda: (
+        write_snapshots(run.meta, config_lib.to_yaml(cfg)), previous_start(run.root), start_count(run.root)))
     failures = RankFailures()  # what a callback of this rank hit, until the ranks agree to stop on it
     recorder = StartRecorder(run.meta, resume.filename if resume else None, git.get('commit'), previous, failures)
     checkpointer = Checkpointer(run.checkpoints, cfg.checkpoint, config_dict, resume, preemption, failures, run.meta,
@@ -134,7 +138,9 @@ def fit(
         save_latest_filename=resume.filename if resume else 'latest.pt',
         save_interval=never,
         callbacks=[checkpointer, recorder],
-        loggers=[MetricsLogger(run.logs / METRICS_FILE, failures)],
+        # Rank 0 logs; each tracker continues the tracker run of earlier starts (prefix.trackers).
+        loggers=[MetricsLogger(run.metrics, failures),
+                 *(trackers.build(cfg.loggers, run, cfg.run_name, starts + 1) if rank == 0 else [])],
     )
     average_gradients_on_gloo(trainer.state.model)
     def ended(reason: str, error: Optional[BaseException] = None) -> None:
@@ -165,16 +171,17 @@ def training_args(
     cfg: TrainConfig, train_loader: StreamingDataLoader, val_loader: StreamingDataLoader, device: Device,
 ) -> dict[str, Any]:
     """The Trainer arguments that make the training math: model, optimizer, schedule, data, precision."""
-    # Model: the initial weights depend on the seed alone; under FSDP it is built on the meta device and
-    # every rank initializes only its shards.
+    # Model: the initial weights depend on the seed alone; under FSDP prefix's GPT is built on the meta
+    # device and every rank initializes only its shards.
     reproducibility.seed_all(cfg.seed)
-    model = ComposerGPT(cfg.model, cfg.seed, on_meta=cfg.fsdp is not None)
+    model = models.build(cfg)
     opt = cfg.optimizer
     on_terminal = sys.stderr.isatty()
     return {
         'model': model,
         'train_dataloader': DataSpec(train_loader, get_num_tokens_in_batch=count_tokens),
-        'eval_dataloader': Evaluator(label='val', dataloader=val_loader, metric_names=list(model.val_metrics)),
+        'eval_dataloader': Evaluator(label='val', dataloader=val_loader,
+                                     metric_names=list(model.get_metrics(is_train=False))),
         'eval_interval': cfg.eval_interval,
         'eval_subset_num_batches': cfg.eval_batches if cfg.eval_batches is not None else -1,
         'max_duration': cfg.max_duration,
