@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import json
 import logging
 import os
 import shutil
@@ -42,16 +41,21 @@ from composer.core import Callback
 from composer.devices import DeviceCPU, DeviceGPU
 from composer.utils import dist
 
-from prefix import composer_fixes  # noqa: F401  (applied on import)
+from prefix import (
+    composer_fixes,  # noqa: F401  (applied on import)
+    jsonl,
+)
 from prefix import config as config_lib
 from prefix.agreement import RankFailures
 from prefix.checkpointer import Checkpointer
 from prefix.config import CheckpointConfig, load_config
 from prefix.dataloader import build_dataloader
+from prefix.duration import Duration
+from prefix.journal import Journal
 from prefix.logs import MetricsLogger
-from prefix.meta import StartRecorder
 from prefix.model import GPT
 from prefix.preemption import PreemptionSignal
+from prefix.rundir import RunDir
 from prefix.train import training_args
 
 REPO = Path(__file__).resolve().parent.parent
@@ -131,7 +135,7 @@ def time_variant(size: str, variant: str, data: Path, root: Path, loaders: dict[
         failures = RankFailures()
         checkpointer = Checkpointer(folder, CheckpointConfig(interval, None, variant == 'prefix-async'),
                                     config_lib.to_dict(cfg), None, PreemptionSignal(), failures)
-        kwargs['callbacks'] += [checkpointer, StartRecorder(folder, None, None, (None, None), failures)]
+        kwargs['callbacks'] += [checkpointer, Journal(folder / 'starts.jsonl', None, None, (None, None), failures)]
         kwargs['loggers'] = [MetricsLogger(folder / 'metrics.jsonl', failures)]
     args = training_args(cfg, loaders['train'], loaders['val'], device())
     args.update(progress_bar=False, log_to_console=False)
@@ -184,24 +188,23 @@ def startup(size: str, data: Path, root: Path, nproc: int) -> dict[str, float]:
     name = f'start-{size}-{nproc}'
     args = [*overrides, f'data.local={data}', f'runs_root={root}', f'run_name={name}', 'eval_interval=100000ba',
             'checkpoint.interval=1h', 'checkpoint.periodic_interval=null']
-    run = root / name
-    shutil.rmtree(run, ignore_errors=True)
+    run = RunDir(root / name)
+    shutil.rmtree(run.root, ignore_errors=True)
 
     def start(max_duration: str) -> tuple[float, dict[str, int]]:
         launcher = [str(Path(sys.executable).parent / 'composer'), '-n', str(nproc)] if nproc > 1 else [sys.executable]
         begun = time.time()
         reads = io_of_descendants([*launcher, '-m', 'prefix.train', config, *args, f'max_duration={max_duration}'])
-        with open(run / 'logs' / 'metrics.jsonl') as f:
-            times = [r['time'] for r in map(json.loads, f) if 'loss/train/total' in r and r['time'] > begun]
+        times = [r['time'] for r in jsonl.read(run.metrics) if 'loss/train/total' in r and r['time'] > begun]
         return min(times) - begun, reads
 
     fresh, fresh_reads = start('2ba')
-    files = list((run / 'checkpoints').glob('latest*.pt'))
+    files = list(run.checkpoints.glob('latest*.pt'))
     size_bytes = sum(p.stat().st_size for p in files)
     for path in files:
         drop_cache(path)
     resumed, resumed_reads = start('4ba')
-    shutil.rmtree(run, ignore_errors=True)
+    shutil.rmtree(run.root, ignore_errors=True)
     return {'fresh_s': fresh, 'resumed_s': resumed, 'checkpoint_bytes': size_bytes,
             **{f'extra_{key}': resumed_reads[key] - fresh_reads[key] for key in fresh_reads}}
 
@@ -233,7 +236,7 @@ def memory(size: str, data: Path, root: Path, params: int) -> None:
         shutil.rmtree(root / name, ignore_errors=True)
         base = peak_rss([*launcher, *extra, f'run_name={name}-base', 'max_duration=4ba', 'checkpoint.interval=1h'])
         save = peak_rss([*launcher, *extra, f'run_name={name}', 'max_duration=4ba', 'checkpoint.interval=1ba'])
-        folder = root / name / 'checkpoints'
+        folder = RunDir(root / name).checkpoints
         files = [p for p in folder.rglob('*') if p.is_file()]
         total = sum(p.stat().st_size for p in files)
         per_rank = (max(sum(p.stat().st_size for p in files if p.name.startswith(f'__{r}_')) for r in (0, 1))
@@ -265,7 +268,7 @@ def main() -> None:
     write_bw, read_bw = disk_bandwidth(root)
     print(f'disk under {root}: sequential write {write_bw / 1e6:.0f} MB/s (fsynced), cold read {read_bw / 1e6:.0f} MB/s')
     base_interval = load_config(str(REPO / 'yamls/base.yaml'), []).checkpoint.interval
-    interval_s = config_lib.seconds(base_interval)
+    interval_s = Duration.parse(base_interval).seconds
     for size in opts.sizes.split(','):
         cfg = load(size, opts.data, root)
         batch = cfg.global_batch_size

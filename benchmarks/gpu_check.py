@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from prefix.rundir import RunDir
+
 REPO = Path(__file__).resolve().parent.parent
 FAULTS = REPO / 'tests' / 'faults'
 
@@ -44,9 +46,9 @@ def killed_and_resumed(work: Path, data: Path, *overrides: str) -> str:
     reference, killed = work / 'reference', work / 'killed'
     assert train(reference, data, *overrides).wait() == 0, 'the uninterrupted run failed'
     proc = train(killed, data, *overrides, hold_at=14)
-    run = killed / 'smoke'
-    while not ((killed / 'held').exists() and (run / 'meta' / 'checkpoint.json').exists()
-               and json.loads((run / 'meta' / 'checkpoint.json').read_text())['step'] == 10):
+    run = RunDir(killed / 'smoke')
+    while not ((killed / 'held').exists() and run.checkpoint_summary.exists()
+               and json.loads(run.checkpoint_summary.read_text())['step'] == 10):
         if proc.poll() is not None:
             return f'FAILED: the run exited with {proc.returncode}'
         time.sleep(0.05)
@@ -55,7 +57,7 @@ def killed_and_resumed(work: Path, data: Path, *overrides: str) -> str:
     if train(killed, data, *overrides).wait() != 0:
         return 'FAILED: the resume failed'
     try:
-        compare(reference / 'smoke', run)
+        compare(reference / 'smoke', run.root)
     except AssertionError as e:
         return f'DIFFERS: {e}'
     return 'bit-exact'

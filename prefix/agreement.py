@@ -21,12 +21,14 @@ from typing import Any, Optional
 import torch
 import torch.distributed as tdist
 
+from prefix.errors import PrefixError
+
 log = logging.getLogger(__name__)
 
 POLL_S = 0.5  # the longest a rank waits on its own before the ranks compare notes
 
 
-class RankFailedError(RuntimeError):
+class RankFailedError(PrefixError):
     """Some rank failed; every rank raises this, with one line naming the rank and what failed."""
 
 

@@ -15,7 +15,6 @@ contract's files. The seed is printed first, so a failure can be replayed with `
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import re
@@ -28,8 +27,11 @@ from pathlib import Path
 
 import torch
 
+from prefix import jsonl
 from prefix.checkpoint import referenced_shards
 from prefix.export import whole_checkpoint
+from prefix.rundir import RunDir
+from prefix.runinfo import LOSS
 
 CONTRACT = re.compile(r'^(latest|periodic)(_rank\d+)?\.pt$')
 KILLS = ('SIGKILL all', 'SIGTERM all', 'SIGTERM first')
@@ -37,18 +39,7 @@ KILLS = ('SIGKILL all', 'SIGTERM all', 'SIGTERM first')
 
 def step_losses(run_dir: Path) -> dict[int, float]:
     """Each step's training loss from ``logs/metrics.jsonl``, the last logged winning (a step replayed after a kill)."""
-    losses: dict[int, float] = {}
-    path = run_dir / 'logs' / 'metrics.jsonl'
-    if not path.exists():
-        return losses
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:  # a line cut by SIGKILL
-            continue
-        if 'loss/train/total' in record:
-            losses[record['step']] = record['loss/train/total']
-    return losses
+    return {r['step']: r[LOSS] for r in jsonl.read(RunDir(run_dir).metrics) if LOSS in r}
 
 
 def command(config: str, overrides: list[str], nproc: int) -> list[str]:
@@ -82,14 +73,15 @@ def run_to_end(cmd: list[str], console: Path) -> None:
         raise RuntimeError(f'run failed with exit code {code} (console: {console}):\n{tail(console)}')
 
 
-def check_contract(run: Path, nproc: int) -> None:
-    names = sorted(p.name for p in (run / 'checkpoints').iterdir())
-    named = referenced_shards(run / 'checkpoints') or set()  # the shard folders latest.pt and periodic.pt name
+def check_contract(run_dir: Path, nproc: int) -> None:
+    run = RunDir(run_dir)
+    names = sorted(p.name for p in run.checkpoints.iterdir())
+    named = referenced_shards(run.checkpoints) or set()  # the shard folders latest.pt and periodic.pt name
     stray = [n for n in names if not CONTRACT.match(n) and n not in named]
     expected = {'latest.pt', *(f'latest_rank{r}.pt' for r in range(nproc))}
     if stray or not expected <= set(names) or not named <= set(names):
         raise AssertionError(f'checkpoints/ holds {names}: expected {sorted(expected | named)} (+ periodic), no others')
-    if (run / 'meta' / 'lock.json').exists():
+    if run.lock.exists():
         raise AssertionError('meta/lock.json was left behind by a completed run')
 
 
@@ -100,8 +92,8 @@ def compare(reference: Path, run: Path) -> None:
     differing = [s for s in ref if ref[s] != got[s]]
     if differing:
         raise AssertionError(f'losses differ at steps {differing[:10]}')
-    a = whole_checkpoint(reference / 'checkpoints')['state']['model']
-    b = whole_checkpoint(run / 'checkpoints')['state']['model']
+    a = whole_checkpoint(RunDir(reference).checkpoints)['state']['model']
+    b = whole_checkpoint(RunDir(run).checkpoints)['state']['model']
     if a.keys() != b.keys() or not all(torch.equal(a[k], b[k]) for k in a):
         raise AssertionError('final weights differ from the uninterrupted run')
 

@@ -39,6 +39,8 @@ from composer.utils import dist
 from prefix import shards
 from prefix.agreement import together
 from prefix.atomic import TMP_SUFFIX
+from prefix.duration import Duration
+from prefix.errors import PrefixError
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +51,7 @@ LATEST = 'latest'
 PERIODIC = 'periodic'
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(PrefixError):
     """A checkpoint cannot be used; the message says which file and what to do."""
 
 
@@ -276,11 +278,7 @@ def find_resume_point(folder: Path) -> Optional[ResumePoint]:
 
 def is_complete(timestamp: dict[str, int], max_duration: str) -> bool:
     """Whether a checkpoint's timestamp has reached ``max_duration`` (``200ba``, ``1ep``, ``1000tok``, ``64sp``)."""
-    from composer.core import Time
-
-    duration = Time.from_timestring(max_duration)
-    key = {'ba': 'batch', 'ep': 'epoch', 'tok': 'token', 'sp': 'sample'}[duration.unit.value]
-    return timestamp[key] >= duration.value
+    return Duration.parse(max_duration).reached(timestamp)
 
 
 # --- writing: the payloads (prefix.checkpointer decides when and writes them) ---------------------

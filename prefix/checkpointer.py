@@ -51,8 +51,9 @@ from prefix.checkpoint import (
     restore_rng,
     safe_load,
 )
-from prefix.config import CheckpointConfig, parse_duration, seconds
-from prefix.meta import record_checkpoint
+from prefix.config import CheckpointConfig
+from prefix.duration import Duration
+from prefix.journal import record_checkpoint
 from prefix.preemption import Preempted, PreemptionSignal
 from prefix.runlock import LockLostError, RunLock
 from prefix.snapshot import HostSnapshot, on_cpu
@@ -64,9 +65,9 @@ class Interval:
     """``200ba`` (every 200 batches) or ``90s`` / ``10min`` / ``1h`` of wall-clock time."""
 
     def __init__(self, spec: str) -> None:
-        number, unit = parse_duration(spec)
-        self.batches = number if unit == 'ba' else None
-        self.seconds = seconds(spec) if unit != 'ba' else None
+        duration = Duration.parse(spec)
+        self.batches = duration.batches
+        self.seconds = duration.seconds if duration.is_wall_clock else None
         self.last = time.monotonic()
 
     def due(self, step: int) -> bool:
@@ -140,7 +141,7 @@ class Checkpointer(Callback):
         resume: Optional[ResumePoint],
         preemption: PreemptionSignal,
         failures: RankFailures,
-        meta_dir: Optional[Path] = None,
+        summary: Optional[Path] = None,
         shards_group: Optional[tdist.ProcessGroup] = None,
         lock: Optional[RunLock] = None,
     ) -> None:
@@ -148,7 +149,7 @@ class Checkpointer(Callback):
         self.lock = lock  # rank 0's run lock: a holder that lost it commits nothing more
         self.sharded = cfg.format == 'sharded'
         self.shards_group = shards_group  # DCP's own collectives (prefix.shards)
-        self.meta_dir = meta_dir  # where rank 0 summarizes each committed checkpoint (meta/checkpoint.json)
+        self.summary = summary  # where rank 0 summarizes each committed checkpoint (meta/checkpoint.json)
         self._logger: Optional[Logger] = None
         self.preemption = preemption
         self.failures = failures
@@ -360,8 +361,8 @@ class Checkpointer(Callback):
                 record.committed = True
                 self._remove_rank_files_beyond(world_size, LATEST)
                 self._remove_unreferenced_shards()
-                if self.meta_dir is not None and payload is not None:
-                    record_checkpoint(self.meta_dir, record.step, payload['tokens_seen'], record.bytes)
+                if self.summary is not None and payload is not None:
+                    record_checkpoint(self.summary, record.step, payload['tokens_seen'], record.bytes)
 
         def link_periodic() -> None:
             if periodic:

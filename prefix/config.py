@@ -8,7 +8,6 @@ is raised as one ``ConfigError`` line that names the key or file.
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -17,30 +16,26 @@ import yaml
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from prefix import schema
+from prefix.errors import ConfigError
 from prefix.model import ModelConfig
-
-
-class ConfigError(ValueError):
-    """A configuration problem the user has to fix; the message is one line."""
-
-
-# A safe path component and a valid Kubernetes name fragment.
-RUN_NAME_PATTERN = re.compile(r'^[a-z0-9][a-z0-9._-]*$')
-RUN_NAME_MAX_LEN = 63
+from prefix.rundir import validate_run_name
+from prefix.schema import setting
 
 
 @dataclass
 class DataConfig:
     """Where the MDS shards are: ``local`` alone, or ``remote`` with ``local`` as its cache."""
 
-    local: str = MISSING
-    remote: Optional[str] = None
-    train_split: str = 'train'
+    # The data a run trains on is fixed for its life (data.local only where it is not the cache of a remote).
+    local: str = setting(fixed=True)
+    remote: Optional[str] = setting(None, fixed=True)
+    train_split: str = setting('train', fixed=True)
     val_split: str = 'val'
-    shuffle: bool = True
+    shuffle: bool = setting(True, fixed=True)
     num_workers: int = 0
     # Fixed so that the sample order does not depend on the world size (Streaming elastic resume).
-    num_canonical_nodes: int = 1
+    num_canonical_nodes: int = setting(1, fixed=True)
 
 
 @dataclass
@@ -50,7 +45,7 @@ class OptimizerConfig:
     lr: float = 1.0e-3
     weight_decay: float = 0.0
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
-    warmup: str = '0ba'
+    warmup: str = setting('0ba', units='ba', zero_ok=True)
     min_lr_ratio: float = 0.1
     grad_clip_norm: float = 1.0
 
@@ -65,10 +60,10 @@ class CheckpointConfig:
     ``full`` (everything in latest.pt, written by rank 0; the default otherwise).
     """
 
-    interval: str = '5min'
-    periodic_interval: Optional[str] = None
+    interval: str = setting('5min', units='ba,s,min,h')
+    periodic_interval: Optional[str] = setting(None, units='ba,s,min,h')
     async_write: bool = True
-    format: Optional[str] = None
+    format: Optional[str] = setting(None, choices=('full', 'sharded'), fixed=True)  # None: set by load_config
 
 
 @dataclass
@@ -77,7 +72,7 @@ class FSDPConfig:
     weights are gathered whole only while it computes (``fsdp: null`` is plain data parallelism)."""
 
     reshard_after_forward: bool = True  # free a block's gathered weights after its forward (less memory, one more gather)
-    mixed_precision: str = 'DEFAULT'  # Composer's FSDP2 mixed precision: DEFAULT, PURE or FULL
+    mixed_precision: str = setting('DEFAULT', choices=('DEFAULT', 'PURE', 'FULL'))  # Composer's FSDP2 mixed precision
     activation_checkpointing: bool = False  # recompute each block's activations in the backward pass
     activation_cpu_offload: bool = False  # keep saved activations in host memory
 
@@ -116,15 +111,15 @@ class LoggersConfig:
 class TrainConfig:
     run_name: str = MISSING
     runs_root: Optional[str] = None
-    seed: int = 17
-    max_duration: str = MISSING
-    global_batch_size: int = 32
+    seed: int = setting(17, fixed=True)
+    max_duration: str = setting(units='ba,ep,tok,sp')
+    global_batch_size: int = setting(32, fixed=True)
     device_microbatch_size: Optional[int] = None
-    precision: Optional[str] = None
-    eval_interval: str = '100ba'
+    precision: Optional[str] = setting(None, choices=(None, 'fp32', 'amp_bf16', 'amp_fp16'))
+    eval_interval: str = setting('100ba', units='ba,ep')
     eval_batches: Optional[int] = None
-    log_interval: str = '10ba'
-    model: ModelConfig = field(default_factory=ModelConfig)
+    log_interval: str = setting('10ba', units='ba')
+    model: ModelConfig = setting(factory=ModelConfig, fixed=True)  # every model.* key: the model is the run
     data: DataConfig = field(default_factory=DataConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
@@ -132,24 +127,11 @@ class TrainConfig:
     loggers: LoggersConfig = field(default_factory=LoggersConfig)
     # How long one collective may wait for a rank before the run fails: a hung or lost peer. Checkpoint
     # writes and reads never wait inside a collective, so this does not grow with the checkpoint.
-    dist_timeout: str = '5min'
+    dist_timeout: str = setting('5min', units='s,min,h')
     # How long a start waits for the run's lock while its holder saves after SIGTERM (or, in a pod, is
     # still running): the old pod of a preempted run can still be in its grace period.
-    lock_wait: str = '15min'
+    lock_wait: str = setting('15min', units='s,min,h', zero_ok=True)
     allow_config_change: bool = False
-
-
-def validate_run_name(name: str) -> str:
-    """Refuse anything that is not a safe path component and a k8s-friendly name."""
-    if not name:
-        raise ConfigError('run_name is empty: set run_name=<name> (lowercase letters, digits, -, _, .)')
-    if len(name) > RUN_NAME_MAX_LEN:
-        raise ConfigError(f'run_name {name!r} is {len(name)} characters long; at most {RUN_NAME_MAX_LEN} are allowed')
-    if not RUN_NAME_PATTERN.match(name):
-        raise ConfigError(
-            f'run_name {name!r} is not allowed: use lowercase letters, digits, -, _ and ., starting with a letter or digit',
-        )
-    return name
 
 
 def _one_line(err: OmegaConfBaseException) -> str:
@@ -164,43 +146,9 @@ def _one_line(err: OmegaConfBaseException) -> str:
     return f'config key {key!r}: {msg}' if key else msg
 
 
-SECONDS = {'s': 1, 'min': 60, 'h': 3600}  # the wall-clock units
-
-
-def parse_duration(value: str) -> tuple[int, str]:
-    """``'200ba'`` -> ``(200, 'ba')``; ValueError if it is not a number followed by a unit."""
-    match = re.fullmatch(r'(\d+)([a-z]+)', value.strip())
-    if not match:
-        raise ValueError(f'{value!r} is not a duration')
-    return int(match.group(1)), match.group(2)
-
-
-def seconds(value: str) -> float:
-    """``'90s'``, ``'10min'``, ``'1h'`` in seconds."""
-    number, unit = parse_duration(value)
-    return float(number * SECONDS[unit])
-
-
-def _parse_time(key: str, value: str, units: tuple[str, ...], allow_zero: bool = False) -> None:
-    try:
-        number, unit = parse_duration(value)
-    except ValueError:
-        number, unit = -1, ''
-    if unit not in units or number < (0 if allow_zero else 1):
-        raise ConfigError(f"config key {key!r}: {value!r} is not a duration like {' or '.join('10' + u for u in units)}")
-
-
 def _validate(cfg: TrainConfig) -> None:
     validate_run_name(cfg.run_name)
-    _parse_time('max_duration', cfg.max_duration, ('ba', 'ep', 'tok', 'sp'))
-    _parse_time('eval_interval', cfg.eval_interval, ('ba', 'ep'))
-    _parse_time('log_interval', cfg.log_interval, ('ba',))
-    _parse_time('optimizer.warmup', cfg.optimizer.warmup, ('ba',), allow_zero=True)
-    _parse_time('checkpoint.interval', cfg.checkpoint.interval, ('ba', *SECONDS))
-    _parse_time('dist_timeout', cfg.dist_timeout, tuple(SECONDS))
-    _parse_time('lock_wait', cfg.lock_wait, tuple(SECONDS), allow_zero=True)
-    if cfg.checkpoint.periodic_interval is not None:
-        _parse_time('checkpoint.periodic_interval', cfg.checkpoint.periodic_interval, ('ba', *SECONDS))
+    schema.check(cfg)  # durations and choices, as each key's field declares them
     m = cfg.model
     _validate_model_source(m)
     for key in ('vocab_size', 'max_seq_len', 'd_model', 'n_heads', 'n_layers'):
@@ -212,23 +160,12 @@ def _validate(cfg: TrainConfig) -> None:
         raise ConfigError(f'config key model.dropout: {m.dropout} is not in [0, 1)')
     if cfg.global_batch_size <= 0:
         raise ConfigError(f'config key global_batch_size: must be positive, got {cfg.global_batch_size}')
-    if cfg.precision not in (None, 'fp32', 'amp_bf16', 'amp_fp16'):
-        raise ConfigError(f'config key precision: {cfg.precision!r} is not one of null, fp32, amp_bf16, amp_fp16')
-    if cfg.checkpoint.format not in ('full', 'sharded'):
-        raise ConfigError(f"config key checkpoint.format: {cfg.checkpoint.format!r} is not one of null, 'full', 'sharded'")
     if cfg.checkpoint.format == 'sharded' and cfg.fsdp is None:
         raise ConfigError('config key checkpoint.format: sharded checkpoints need fsdp (set fsdp: {} or checkpoint.format=full)')
-    if cfg.fsdp is not None and cfg.fsdp.mixed_precision not in ('DEFAULT', 'PURE', 'FULL'):
-        raise ConfigError(f'config key fsdp.mixed_precision: {cfg.fsdp.mixed_precision!r} is not one of DEFAULT, PURE, FULL')
-
-
-MODEL_NAMES = ('gpt', 'hf_causal_lm', 'import')
 
 
 def _validate_model_source(m: ModelConfig) -> None:
     """Each model name has the keys it needs and none of the others' (a key that would be ignored is a mistake)."""
-    if m.name not in MODEL_NAMES:
-        raise ConfigError(f'config key model.name: {m.name!r} is not one of {", ".join(MODEL_NAMES)}')
     given = {k for k in ('pretrained_model_name_or_path', 'config', 'factory', 'kwargs') if getattr(m, k) is not None}
     if m.pretrained:
         given.add('pretrained')

@@ -21,13 +21,10 @@ from pathlib import Path
 import numpy as np
 from streaming import MDSWriter
 
+from prefix.errors import DataError, PrefixError
 from prefix.tokenizer import Tokenizer, load_tokenizer
 
 META_FILE = 'prefix_dataset.json'
-
-
-class DataError(ValueError):
-    """A dataset problem the user has to fix; the message is one line."""
 
 
 def expand_sources(sources: list[str], extensions: tuple[str, ...]) -> list[tuple[str, Path]]:
@@ -156,9 +153,8 @@ def main(argv: list[str] | None = None) -> int:
             val_fraction=args.val_fraction, text_field=args.text_field,
             extensions=tuple(args.extensions.split(',')), overwrite=args.overwrite,
         )
-    except (DataError, ValueError) as e:
-        print(f'prefix.data: error: {e}', file=sys.stderr)
-        return 2
+    except PrefixError as e:
+        return e.report()
     print(f"wrote {args.out}: {meta['samples']['train']} train and {meta['samples']['val']} val samples "
           f"of {args.seq_len + 1} tokens from {meta['files']} files ({meta['tokenizer']} tokenizer)")
     return 0

@@ -23,7 +23,7 @@ from streaming import StreamingDataLoader, StreamingDataset
 
 from prefix.agreement import gather, rank, together
 from prefix.config import DataConfig
-from prefix.data import DataError
+from prefix.errors import DataError
 
 
 def count_tokens(batch: dict[str, torch.Tensor]) -> int:

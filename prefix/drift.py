@@ -1,8 +1,8 @@
 """Config drift: what changed in the config since the checkpoint being resumed, and whether that is safe.
 
 Changing the model, the data, the seed or the global batch size in the middle of a run makes the
-resumed run something else than the run it continues, so such changes are refused unless
-``allow_config_change=true``. Everything else (durations, intervals, optimizer settings, workers,
+resumed run something else than the run it continues, so such changes (the keys the schema marks
+``fixed``) are refused unless ``allow_config_change=true``. Everything else (durations, intervals, optimizer settings, workers,
 precision, ...) is allowed. Every change is recorded in ``meta/config_changes.jsonl``.
 """
 
@@ -12,12 +12,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from prefix.config import ConfigError
-from prefix.meta import append_record
+from prefix import jsonl
+from prefix.config import TrainConfig
+from prefix.errors import ConfigError
+from prefix.schema import fixed_keys
 
-CHANGES_FILE = 'config_changes.jsonl'
-UNSAFE_PREFIXES = ('model.', 'seed', 'global_batch_size', 'data.remote', 'data.train_split', 'data.shuffle',
-                   'data.num_canonical_nodes', 'checkpoint.format')
+FIXED = fixed_keys(TrainConfig)  # the schema's fields marked fixed: ('seed', 'model.', ...)
 IGNORED = ('allow_config_change',)
 
 
@@ -44,10 +44,10 @@ def diff(old: dict[str, Any], new: dict[str, Any]) -> dict[str, tuple[Any, Any]]
 def is_unsafe(key: str, new: dict[str, Any]) -> bool:
     if key == 'data.local':  # the data itself unless it is only the cache of a remote
         return new.get('data', {}).get('remote') is None
-    return key.startswith(UNSAFE_PREFIXES)
+    return any(key == k or (k.endswith('.') and key.startswith(k)) for k in FIXED)
 
 
-def check_and_record(old: dict[str, Any], new: dict[str, Any], step: int, meta_dir: Path) -> None:
+def check_and_record(old: dict[str, Any], new: dict[str, Any], step: int, changes_log: Path) -> None:
     """Raise ConfigDriftError for unsafe changes (unless allowed); record the accepted ones."""
     changes = diff(old, new)
     if not changes:
@@ -61,7 +61,7 @@ def check_and_record(old: dict[str, Any], new: dict[str, Any], step: int, meta_d
             f'the config differs from the checkpoint at step {step} in what makes resuming wrong ({listed}): '
             'use a new run_name, restore those values, or pass allow_config_change=true to resume anyway',
         )
-    append_record(meta_dir / CHANGES_FILE, {
+    jsonl.append(changes_log, {
         'time': time.strftime('%Y-%m-%dT%H:%M:%S%z'), 'step': step, 'forced': bool(unsafe),
         'changes': {k: {'old': o, 'new': n} for k, (o, n) in changes.items()},
     })

@@ -26,6 +26,7 @@ import torch
 
 from prefix.atomic import atomic_write
 from prefix.checkpoint import LATEST, CheckpointError, global_file, safe_load
+from prefix.errors import PrefixError
 from prefix.rundir import RunDir
 from prefix.shards import read_whole
 
@@ -47,7 +48,7 @@ def write_pretrained(ckpt: dict[str, Any], out: Path) -> None:
 
     hf_state = ckpt['state'].get('integrations', {}).get('huggingface')
     if hf_state is None:
-        raise ValueError('its model is not a Hugging Face model (model.name: hf_causal_lm); export it to a .pt file')
+        raise PrefixError('its model is not a Hugging Face model (model.name: hf_causal_lm); export it to a .pt file')
     model = AutoModelForCausalLM.from_config(get_hf_config_from_composer_state_dict(ckpt))
     weights = dict(ckpt['state']['model'])
     consume_prefix_in_state_dict_if_present(weights, 'model.')  # HFCausalLM keeps the HF model as .model
@@ -87,7 +88,7 @@ def main(argv: list[str]) -> int:
     else:
         try:
             write_pretrained(ckpt, opts.out)
-        except (ValueError, RuntimeError, OSError) as e:
+        except (PrefixError, RuntimeError, OSError) as e:  # RuntimeError: weights that do not fit the config
             print(f'prefix: error: cannot export run {opts.run_name} to {opts.out}: {str(e).splitlines()[0]}',
                   file=sys.stderr)
             return 1

@@ -25,13 +25,12 @@ def _ignore_signals() -> None:
         signal.signal(sig, signal.SIG_IGN)
 
 
-def tee_output(log_dir: Path, rank: int) -> Path:
-    """Copy this process's stdout and stderr into ``log_dir/rank{rank}.log`` as well.
+def tee_output(path: Path) -> Path:
+    """Copy this process's stdout and stderr into ``path`` (``logs/rank{rank}.log``) as well.
 
     The ``composer`` launcher discards the output of ranks other than 0, so each rank keeps its
     own copy. A ``tee`` child (not a thread) flushes what it was given even if we are SIGKILLed.
     """
-    path = log_dir / f'rank{rank}.log'
     sys.stdout.flush()
     sys.stderr.flush()
     for fd in (1, 2):

@@ -16,6 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from prefix.schema import setting
+
 
 @dataclass
 class ModelConfig:
@@ -29,7 +31,7 @@ class ModelConfig:
     for every model.
     """
 
-    name: str = 'gpt'
+    name: str = setting('gpt', choices=('gpt', 'hf_causal_lm', 'import'))
     vocab_size: int = 257
     max_seq_len: int = 128
     d_model: int = 128

@@ -18,7 +18,8 @@ from composer.metrics.nlp import LanguageCrossEntropy, LanguagePerplexity
 from composer.models import ComposerModel, HuggingFaceModel
 
 from prefix.composer_model import ComposerGPT
-from prefix.config import ConfigError, TrainConfig
+from prefix.config import TrainConfig
+from prefix.errors import ConfigError
 
 
 def build(cfg: TrainConfig) -> ComposerModel:

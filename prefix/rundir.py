@@ -1,40 +1,75 @@
-"""The run directory contract: ``<runs_root>/<run_name>/{checkpoints,logs,meta}``, stable for a run name."""
+"""The run directory contract: ``<runs_root>/<run_name>/{checkpoints,logs,meta}``, stable for a run name.
+
+``RunDir`` knows every path of a run: the trainer writes and ``prefix runs``/``show``/``plot``,
+the chaos tool and the benchmarks read through it. Torch-free.
+"""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
-# The files in meta/ and logs/ that the trainer writes and ``prefix runs``/``show``/``plot`` read.
-STARTS_FILE = 'starts.jsonl'        # meta/: a start record per start, an end record per start that ended on its own
-CHECKPOINT_FILE = 'checkpoint.json'  # meta/: the last committed checkpoint, summarized
-METRICS_FILE = 'metrics.jsonl'      # logs/: every metric Composer logs, with its step and time
-TRACKERS_FILE = 'trackers.json'     # meta/: the tracker runs (MLflow, W&B) this run continues at every start
+from prefix.errors import ConfigError
+
+# A safe path component and a valid Kubernetes name fragment.
+RUN_NAME_PATTERN = re.compile(r'^[a-z0-9][a-z0-9._-]*$')
+RUN_NAME_MAX_LEN = 63
+
+
+def validate_run_name(name: str) -> str:
+    """Refuse anything that is not a safe path component and a k8s-friendly name."""
+    if not name:
+        raise ConfigError('run_name is empty: set run_name=<name> (lowercase letters, digits, -, _, .)')
+    if len(name) > RUN_NAME_MAX_LEN:
+        raise ConfigError(f'run_name {name!r} is {len(name)} characters long; at most {RUN_NAME_MAX_LEN} are allowed')
+    if not RUN_NAME_PATTERN.match(name):
+        raise ConfigError(
+            f'run_name {name!r} is not allowed: use lowercase letters, digits, -, _ and ., starting with a letter or digit',
+        )
+    return name
 
 
 @dataclass(frozen=True)
 class RunDir:
     root: Path
 
+    @classmethod
+    def for_run(cls, runs_root: str, run_name: str) -> RunDir:
+        return cls(Path(runs_root).expanduser().resolve() / validate_run_name(run_name))
+
+    def create(self) -> RunDir:
+        for folder in (self.checkpoints, self.logs, self.meta):
+            folder.mkdir(parents=True, exist_ok=True)
+        return self
+
+    @property
+    def name(self) -> str:
+        return self.root.name
+
+    # --- checkpoints/: the checkpoint contract (prefix.checkpoint names the files in it) ---
     @property
     def checkpoints(self) -> Path:
         return self.root / 'checkpoints'
 
+    # --- logs/ ---
     @property
     def logs(self) -> Path:
         return self.root / 'logs'
 
-    @property
-    def meta(self) -> Path:
-        return self.root / 'meta'
+    def console(self, rank: int) -> Path:
+        """Everything rank ``rank`` printed."""
+        return self.logs / f'rank{rank}.log'
 
     @property
     def metrics(self) -> Path:
-        return self.logs / METRICS_FILE
+        """Every metric Composer logs, with its step and time (JSON lines)."""
+        return self.logs / 'metrics.jsonl'
 
     @property
-    def trackers(self) -> Path:
-        return self.meta / TRACKERS_FILE
+    def plot(self) -> Path:
+        """Written by ``prefix plot``."""
+        return self.logs / 'loss.png'
 
     @property
     def tensorboard(self) -> Path:
@@ -46,13 +81,45 @@ class RunDir:
         """MLflow's file store when no tracking server is configured."""
         return self.logs / 'mlruns'
 
-    @classmethod
-    def for_run(cls, runs_root: str, run_name: str) -> RunDir:
-        from prefix.config import validate_run_name  # here: `prefix runs` reads run directories without torch
+    # --- meta/ ---
+    @property
+    def meta(self) -> Path:
+        return self.root / 'meta'
 
-        return cls(Path(runs_root).expanduser().resolve() / validate_run_name(run_name))
+    @property
+    def config(self) -> Path:
+        """The fully resolved config of the latest start."""
+        return self.meta / 'config.yaml'
 
-    def create(self) -> RunDir:
-        for folder in (self.checkpoints, self.logs, self.meta):
-            folder.mkdir(parents=True, exist_ok=True)
-        return self
+    @property
+    def git(self) -> Path:
+        return self.meta / 'git.json'
+
+    @property
+    def env(self) -> Path:
+        return self.meta / 'env.json'
+
+    @property
+    def starts(self) -> Path:
+        """A start record per start, an end record per start that ended on its own (JSON lines)."""
+        return self.meta / 'starts.jsonl'
+
+    @property
+    def checkpoint_summary(self) -> Path:
+        """The last committed checkpoint, summarized, so that ``prefix runs`` need not open checkpoints."""
+        return self.meta / 'checkpoint.json'
+
+    @property
+    def config_changes(self) -> Path:
+        """Every accepted config change on resume (JSON lines)."""
+        return self.meta / 'config_changes.jsonl'
+
+    @property
+    def lock(self) -> Path:
+        """The run lock; its claims live next to it (prefix.runlock)."""
+        return self.meta / 'lock.json'
+
+    @property
+    def trackers(self) -> Path:
+        """The tracker runs (MLflow, W&B) this run continues at every start."""
+        return self.meta / 'trackers.json'

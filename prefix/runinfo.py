@@ -8,7 +8,6 @@ and the tail of the metrics log, so that hundreds of runs list in well under a s
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -16,70 +15,30 @@ from typing import Any, Optional
 
 import yaml
 
-from prefix.rundir import CHECKPOINT_FILE, METRICS_FILE, STARTS_FILE
-from prefix.runlock import LOCK_FILE
+from prefix import jsonl
+from prefix.duration import Duration
+from prefix.rundir import RunDir
 
 LOSS = 'loss/train/total'
 EVAL_LOSS = 'metrics/val/LanguageCrossEntropy'
 YAML_LOADER = getattr(yaml, 'CSafeLoader', yaml.SafeLoader)  # libyaml when present: hundreds of runs stay fast
 LOCK_FRESH_S = 15  # the holder rewrites lock.json every 4 s (prefix.runlock)
-TAIL_BYTES = 1 << 16
 
 
-def read_jsonl(path: Path, problems: Optional[list[str]] = None) -> list[dict[str, Any]]:
-    """Every parseable line; a line cut by a kill is skipped (and reported unless it is the last)."""
-    try:
-        lines = path.read_text(errors='replace').splitlines()
-    except FileNotFoundError:
-        return []
-    records = []
-    for number, line in enumerate(lines, 1):
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            record = None
-        if isinstance(record, dict):
-            records.append(record)
-        elif problems is not None and number < len(lines):
-            problems.append(f'{path.name}:{number} is not a JSON record')
-    return records
-
-
-def tail_records(path: Path, nbytes: int = TAIL_BYTES) -> list[dict[str, Any]]:
-    """The records in the last ``nbytes`` of a JSON-lines file (the first, partial line dropped)."""
-    try:
-        with path.open('rb') as f:
-            size = f.seek(0, os.SEEK_END)
-            f.seek(max(0, size - nbytes))
-            data = f.read().decode(errors='replace')
-    except FileNotFoundError:
-        return []
-    lines = data.splitlines()[1 if size > nbytes else 0:]
-    records = []
-    for line in lines:
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(record, dict):
-            records.append(record)
-    return records
-
-
-def last_step_after(run: Path, since: float) -> Optional[int]:
+def last_step_after(run: RunDir, since: float) -> Optional[int]:
     """Batches completed by the latest start (from the metrics log's tail), or None if it logged none."""
-    steps = [r['step'] + 1 for r in tail_records(run / 'logs' / METRICS_FILE) if LOSS in r and r.get('time', 0) >= since]
+    steps = [r['step'] + 1 for r in jsonl.tail(run.metrics) if LOSS in r and r.get('time', 0) >= since]
     return max(steps) if steps else None
 
 
-def start_count(run: Path) -> int:
+def start_count(run: RunDir) -> int:
     """How many times the run has started so far."""
-    return sum(e.get('event') == 'start' for e in read_jsonl(run / 'meta' / STARTS_FILE))
+    return sum(e.get('event') == 'start' for e in jsonl.read(run.starts))
 
 
-def previous_start(run: Path) -> tuple[Optional[str], Optional[int]]:
+def previous_start(run: RunDir) -> tuple[Optional[str], Optional[int]]:
     """How the last start ended (``completed``, ``preempted``, ``failed`` or ``killed``) and the step it reached."""
-    events = read_jsonl(run / 'meta' / STARTS_FILE)
+    events = jsonl.read(run.starts)
     if not events:
         return None, None
     last = events[-1]
@@ -89,10 +48,10 @@ def previous_start(run: Path) -> tuple[Optional[str], Optional[int]]:
     return 'killed', reached if reached is not None else last.get('start_step')
 
 
-def lock_state(run: Path) -> Optional[float]:
+def lock_state(run: RunDir) -> Optional[float]:
     """Seconds since the run's lock was last rewritten by its holder, or None when no lock exists."""
     try:
-        return max(0.0, time.time() - (run / 'meta' / LOCK_FILE).stat().st_mtime)
+        return max(0.0, time.time() - run.lock.stat().st_mtime)
     except FileNotFoundError:
         return None
 
@@ -118,12 +77,18 @@ class RunSummary:
 
 
 def _max_batches(max_duration: Optional[str]) -> Optional[int]:
-    if max_duration and max_duration.endswith('ba') and max_duration[:-2].isdigit():
-        return int(max_duration[:-2])
-    return None
+    try:
+        return Duration.parse(max_duration).batches if max_duration else None
+    except ValueError:  # a damaged config.yaml is a problem of its row, reported elsewhere
+        return None
 
 
-def summarize(run: Path) -> RunSummary:
+def read_config(run: RunDir) -> dict[str, Any]:
+    """The resolved config of the run's latest start; OSError or yaml.YAMLError when there is none to read."""
+    return yaml.load(run.config.read_text(), Loader=YAML_LOADER) or {}
+
+
+def summarize(run: RunDir) -> RunSummary:
     """The state and progress of one run from its small files; never raises for a damaged run."""
     summary = RunSummary(run.name, 'unknown')
     try:
@@ -134,29 +99,28 @@ def summarize(run: Path) -> RunSummary:
     return summary
 
 
-def _fill(run: Path, s: RunSummary) -> None:
-    meta = run / 'meta'
-    events = read_jsonl(meta / STARTS_FILE, s.problems)
+def _fill(run: RunDir, s: RunSummary) -> None:
+    events = jsonl.read(run.starts, s.problems)
     starts = [e for e in events if e.get('event', 'start') == 'start']
     s.starts = len(starts)
     s.redone_steps = sum(int(e.get('redone_steps') or 0) for e in starts)
     try:
-        config = yaml.load((meta / 'config.yaml').read_text(), Loader=YAML_LOADER) or {}
+        config = read_config(run)
         s.max_duration = config.get('max_duration')
     except FileNotFoundError:
         pass
     except yaml.YAMLError:
         s.problems.append('config.yaml is not valid YAML')
     try:
-        ckpt = json.loads((meta / CHECKPOINT_FILE).read_text())
+        ckpt = json.loads(run.checkpoint_summary.read_text())
         s.checkpoint_step, s.tokens_seen = ckpt['step'], ckpt.get('tokens_seen')
         s.checkpoint_age_s = max(0.0, time.time() - ckpt['unix'])
     except FileNotFoundError:
         pass
     except (ValueError, KeyError, TypeError):
-        s.problems.append(f'{CHECKPOINT_FILE} is damaged')
+        s.problems.append(f'{run.checkpoint_summary.name} is damaged')
 
-    tail = tail_records(run / 'logs' / METRICS_FILE)
+    tail = jsonl.tail(run.metrics)
     since = starts[-1].get('unix', 0) if starts else 0
     losses = [r for r in tail if LOSS in r]
     if losses:
@@ -183,7 +147,8 @@ def list_runs(root: Path) -> list[RunSummary]:
     """Every run directory under ``root`` (a folder with ``meta/``), sorted by name."""
     if not root.is_dir():
         return []
-    return [summarize(p) for p in sorted(root.iterdir(), key=lambda p: p.name) if (p / 'meta').is_dir()]
+    runs = (RunDir(p) for p in sorted(root.iterdir(), key=lambda p: p.name))
+    return [summarize(run) for run in runs if run.meta.is_dir()]
 
 
 # --- one run in detail (``prefix show``): reads the whole metrics log and the checkpoint headers ---
@@ -259,11 +224,11 @@ def checkpoint_files(folder: Path, problems: list[str]) -> list[dict[str, Any]]:
     return files
 
 
-def details(run: Path) -> dict[str, Any]:
+def details(run: RunDir) -> dict[str, Any]:
     """Everything ``prefix show`` prints, as plain data (also its ``--json``)."""
     summary = summarize(run)
     problems = summary.problems
-    events = read_jsonl(run / 'meta' / STARTS_FILE)
+    events = jsonl.read(run.starts)
     starts = pair_starts(events)
     for index, start in enumerate(starts):
         if start['end'] is None:
@@ -272,15 +237,15 @@ def details(run: Path) -> dict[str, Any]:
             start['ended'] = start['end'].get('reason')
     info: dict[str, Any] = {'summary': summary.as_dict(), 'config': {}, 'git': {}, 'starts': starts, 'checkpoints': []}
     try:
-        info['config'] = yaml.safe_load((run / 'meta' / 'config.yaml').read_text()) or {}
+        info['config'] = read_config(run)
     except (OSError, yaml.YAMLError):
         pass
     try:
-        info['git'] = json.loads((run / 'meta' / 'git.json').read_text())
+        info['git'] = json.loads(run.git.read_text())
     except (OSError, ValueError):
         pass
-    if (run / 'checkpoints').is_dir():
-        info['checkpoints'] = checkpoint_files(run / 'checkpoints', problems)
-    metrics = read_jsonl(run / 'logs' / METRICS_FILE, problems)
+    if run.checkpoints.is_dir():
+        info['checkpoints'] = checkpoint_files(run.checkpoints, problems)
+    metrics = jsonl.read(run.metrics, problems)
     info['goodput'] = goodput(starts, metrics, summary.state == 'running')
     return info

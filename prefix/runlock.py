@@ -38,16 +38,16 @@ from pathlib import Path
 from typing import Any, Optional
 
 from prefix.atomic import atomic_write_text
+from prefix.errors import PrefixError
 from prefix.process import boot_id, pid_namespace, start_ticks
 
 log = logging.getLogger(__name__)
 
-LOCK_FILE = 'lock.json'
 CLAIM = re.compile(r'^lock\.claim-(\d+)$')
 READ_TRIES = 3
 
 
-class RunLockedError(RuntimeError):
+class RunLockedError(PrefixError):
     """Another live process is training this run."""
 
 

@@ -12,10 +12,10 @@ import sys
 from pathlib import Path
 from typing import Any, Optional
 
-from prefix.rundir import METRICS_FILE, STARTS_FILE
-from prefix.runinfo import EVAL_LOSS, LOSS, details, list_runs, pair_starts, read_jsonl
-
-PLOT_FILE = 'loss.png'
+from prefix import jsonl
+from prefix.errors import PrefixError
+from prefix.rundir import RunDir
+from prefix.runinfo import EVAL_LOSS, LOSS, details, list_runs, pair_starts
 
 
 def default_root() -> Path:
@@ -70,9 +70,9 @@ def runs_command(argv: list[str]) -> int:
     return 0
 
 
-def find_run(root: Path, name: str) -> Path:
-    run = root / name
-    if not (run / 'meta').is_dir():
+def find_run(root: Path, name: str) -> RunDir:
+    run = RunDir.for_run(str(root), name)
+    if not run.meta.is_dir():
         raise FileNotFoundError(f'no run {name!r} under {root} (see `prefix runs --root {root}`)')
     return run
 
@@ -92,12 +92,12 @@ def show_command(argv: list[str]) -> int:
     return 0
 
 
-def render(run: Path, info: dict[str, Any]) -> str:
+def render(run: RunDir, info: dict[str, Any]) -> str:
     s, cfg, git, g = info['summary'], info['config'], info['git'], info['goodput']
     model, data, opt = cfg.get('model', {}), cfg.get('data', {}), cfg.get('optimizer', {})
     lines = [
         f'run {s["name"]}: {s["state"]}, step {s["step"]}/{s["max_duration"]}, last loss '
-        f'{s["last_loss"] if s["last_loss"] is not None else "-"}  ({run})',
+        f'{s["last_loss"] if s["last_loss"] is not None else "-"}  ({run.root})',
         f'config: model d_model={model.get("d_model")} n_layers={model.get("n_layers")} n_heads={model.get("n_heads")} '
         f'seq={model.get("max_seq_len")}; global_batch_size={cfg.get("global_batch_size")}, lr={opt.get("lr")}, '
         f'seed={cfg.get("seed")}; data {data.get("remote") or data.get("local")}; '
@@ -136,17 +136,17 @@ def plot_command(argv: list[str]) -> int:
     return 0
 
 
-def plot(run: Path) -> Path:
+def plot(run: RunDir) -> Path:
     """Train loss (the last value of each step: a redone step shows its final value) and eval loss, resumes marked."""
     import matplotlib
 
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
 
-    metrics = read_jsonl(run / 'logs' / METRICS_FILE)
+    metrics = jsonl.read(run.metrics)
     train = {r['step'] + 1: r[LOSS] for r in metrics if isinstance(r.get(LOSS), (int, float))}
     evals = {r['step']: r[EVAL_LOSS] for r in metrics if isinstance(r.get(EVAL_LOSS), (int, float))}
-    resumes = [s for s in pair_starts(read_jsonl(run / 'meta' / STARTS_FILE)) if s.get('start_step')]
+    resumes = [s for s in pair_starts(jsonl.read(run.starts)) if s.get('start_step')]
     fig, ax = plt.subplots(figsize=(10, 5), dpi=120)
     ax.plot(sorted(train), [train[k] for k in sorted(train)], color='tab:blue', linewidth=1, label='train loss')
     if evals:
@@ -162,7 +162,7 @@ def plot(run: Path) -> Path:
     ax.grid(True, alpha=0.3)
     ax.legend(loc='upper right')
     fig.tight_layout()
-    out = run / 'logs' / PLOT_FILE
+    out = run.plot
     out.parent.mkdir(exist_ok=True)
     tmp = out.with_name(out.name + '.tmp.png')
     fig.savefig(tmp)
@@ -180,3 +180,5 @@ def main(command: str, argv: list[str]) -> int:
     except FileNotFoundError as e:
         print(f'prefix: error: {e}', file=sys.stderr)
         return 1
+    except PrefixError as e:  # a run name that cannot be one
+        return e.report()

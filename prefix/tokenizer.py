@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Protocol
 
+from prefix.errors import DataError
+
 
 class Tokenizer(Protocol):
     name: str
@@ -31,11 +33,11 @@ class HFTokenizer:
         try:
             from transformers import AutoTokenizer
         except ImportError:
-            raise ValueError(f'tokenizer {name!r} needs the transformers package: pip install transformers') from None
+            raise DataError(f'tokenizer {name!r} needs the transformers package: pip install transformers') from None
         try:
             self._tok = AutoTokenizer.from_pretrained(name, local_files_only=True)
         except OSError:
-            raise ValueError(f'tokenizer {name!r} is not available locally; download it first or use --tokenizer byte') from None
+            raise DataError(f'tokenizer {name!r} is not available locally; download it first or use --tokenizer byte') from None
         self.name = name
         self.vocab_size = len(self._tok)
         eos = self._tok.eos_token_id

@@ -33,11 +33,11 @@ from typing import Any, Optional
 from composer.core import Event, State
 from composer.loggers import Logger, LoggerDestination, MLFlowLogger, WandBLogger
 
+from prefix import jsonl
 from prefix.atomic import atomic_write_text
 from prefix.config import LoggersConfig, MLflowConfig, WandBConfig
 from prefix.preemption import Preempted
 from prefix.rundir import RunDir
-from prefix.runinfo import read_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -234,7 +234,7 @@ def logged_values(path: Path, wanted: Callable[[str, int], bool]) -> dict[tuple[
     to a kill or an outage is there.
     """
     values: dict[tuple[str, int], tuple[float, float]] = {}
-    for record in read_jsonl(path):
+    for record in jsonl.read(path):
         step = record.get('step')
         if step is None:
             continue

@@ -31,20 +31,22 @@ from prefix import (
     trackers,
 )
 from prefix import config as config_lib
-from prefix.agreement import RankFailedError, RankFailures, describe, from_rank_zero
-from prefix.checkpoint import CheckpointError, ResumePoint, find_resume_point, is_complete, remove_leftovers
+from prefix.agreement import RankFailures, from_rank_zero
+from prefix.checkpoint import ResumePoint, find_resume_point, is_complete, remove_leftovers
 from prefix.checkpointer import Checkpointer, never
-from prefix.config import ConfigError, TrainConfig
-from prefix.data import DataError
+from prefix.config import TrainConfig
 from prefix.dataloader import build_dataloader, count_tokens
 from prefix.drift import check_and_record
+from prefix.duration import Duration
+from prefix.errors import ConfigError, PrefixError
 from prefix.fsdp import average_gradients_on_gloo, parallelism_config
+from prefix.journal import Journal
 from prefix.logs import MetricsLogger, tee_output
-from prefix.meta import StartRecorder, record_end, write_snapshots
+from prefix.meta import write_snapshots
 from prefix.preemption import PREEMPTED_EXIT_CODE, Preempted, PreemptionSignal
 from prefix.rundir import RunDir
 from prefix.runinfo import previous_start, start_count
-from prefix.runlock import LOCK_FILE, RunLock, RunLockedError
+from prefix.runlock import RunLock
 from prefix.shards import checkpoint_group
 
 USAGE = 'usage: composer [-n N] -m prefix.train CONFIG.yaml [key=value ...]'
@@ -53,7 +55,7 @@ USAGE = 'usage: composer [-n N] -m prefix.train CONFIG.yaml [key=value ...]'
 def train(cfg: TrainConfig) -> int:
     preemption = PreemptionSignal().install()  # after Composer's import, so it replaces Composer's handler
     device = DeviceGPU() if torch.cuda.is_available() else DeviceCPU()
-    dist.initialize_dist(device, timeout=config_lib.seconds(cfg.dist_timeout))
+    dist.initialize_dist(device, timeout=Duration.parse(cfg.dist_timeout).seconds)
     rank, world_size = dist.get_global_rank(), dist.get_world_size()
     logging.basicConfig(level=logging.INFO, format=f'%(asctime)s [rank{rank}] %(name)s: %(message)s')
     logging.getLogger('streaming').setLevel(logging.WARNING)
@@ -74,14 +76,14 @@ def train(cfg: TrainConfig) -> int:
     # One live process per run directory; then what a killed predecessor left, and where to resume.
     # Rank 0's file work runs while the other ranks poll it (from_rank_zero): no collective waits on a disk.
     run = RunDir.for_run(cfg.runs_root, cfg.run_name).create()
-    lock = acquire_on_rank_zero(run.meta, config_lib.seconds(cfg.lock_wait), preemption)
+    lock = acquire_on_rank_zero(run.lock, Duration.parse(cfg.lock_wait).seconds, preemption)
     try:
-        tee_output(run.logs, rank)
+        tee_output(run.console(rank))
         from_rank_zero(lambda: remove_leftovers(run.checkpoints))
         resume = find_resume_point(run.checkpoints)
         config_dict = config_lib.to_dict(cfg)
         if resume is not None:
-            from_rank_zero(lambda: check_and_record(resume.config, config_dict, resume.global_step, run.meta))
+            from_rank_zero(lambda: check_and_record(resume.config, config_dict, resume.global_step, run.config_changes))
         if resume is not None and is_complete(resume.timestamp, cfg.max_duration):
             if rank == 0:
                 print(f'run {cfg.run_name} is already complete: step {resume.global_step} reached '
@@ -94,14 +96,14 @@ def train(cfg: TrainConfig) -> int:
         preemption.ignore()  # what is left is exiting: a launcher's SIGTERM to a rank still exiting must not kill it
 
 
-def acquire_on_rank_zero(meta_dir: Path, wait: float, preemption: PreemptionSignal) -> Optional[RunLock]:
+def acquire_on_rank_zero(path: Path, wait: float, preemption: PreemptionSignal) -> Optional[RunLock]:
     """Rank 0 takes the run lock (which can mean waiting minutes for a predecessor); every rank learns whether it may go on.
 
     A start in a pod (``PREFIX_POD``, set by runai/pod_train.sh) waits for a live holder too: it is the
     replacement of a pod that may still be in its grace period.
     """
     taken: list[RunLock] = []
-    lock = RunLock(meta_dir / LOCK_FILE, wait=wait, wait_for_live='PREFIX_POD' in os.environ,
+    lock = RunLock(path, wait=wait, wait_for_live='PREFIX_POD' in os.environ,
                    stopping=lambda: preemption.requested)
     from_rank_zero(lambda: taken.append(lock.acquire()))
     return taken[0] if taken else None
@@ -120,11 +122,11 @@ def fit(
 ) -> int:
     rank = dist.get_global_rank()
     git, previous, starts = from_rank_zero(lambda: (
-        write_snapshots(run.meta, config_lib.to_yaml(cfg)), previous_start(run.root), start_count(run.root)))
+        write_snapshots(run, config_lib.to_yaml(cfg)), previous_start(run), start_count(run)))
     failures = RankFailures()  # what a callback of this rank hit, until the ranks agree to stop on it
-    recorder = StartRecorder(run.meta, resume.filename if resume else None, git.get('commit'), previous, failures)
-    checkpointer = Checkpointer(run.checkpoints, cfg.checkpoint, config_dict, resume, preemption, failures, run.meta,
-                                checkpoint_group(), lock)
+    journal = Journal(run.starts, resume.filename if resume else None, git.get('commit'), previous, failures)
+    checkpointer = Checkpointer(run.checkpoints, cfg.checkpoint, config_dict, resume, preemption, failures,
+                                run.checkpoint_summary, checkpoint_group(), lock)
     sharded_resume = resume is not None and resume.shards is not None
 
     trainer = Trainer(
@@ -137,31 +139,26 @@ def fit(
         save_overwrite=sharded_resume,  # Composer's saver, idle, would otherwise refuse a folder with files
         save_latest_filename=resume.filename if resume else 'latest.pt',
         save_interval=never,
-        callbacks=[checkpointer, recorder],
+        callbacks=[checkpointer, journal],
         # Rank 0 logs; each tracker continues the tracker run of earlier starts (prefix.trackers).
         loggers=[MetricsLogger(run.metrics, failures),
                  *(trackers.build(cfg.loggers, run, cfg.run_name, starts + 1) if rank == 0 else [])],
     )
     average_gradients_on_gloo(trainer.state.model)
-    def ended(reason: str, error: Optional[BaseException] = None) -> None:
-        if recorder.recorded:
-            with failures.guard('recording the end of this start'):
-                record_end(run.meta, reason, int(trainer.state.timestamp.batch), describe(error) if error else None)
-
     try:
         trainer.fit()
     except BaseException as e:
         # Not Trainer.close(): its barrier would wait for ranks that may be in another collective, or gone.
         trainer.engine.close()
         if not isinstance(e, Preempted):
-            ended('failed', e)
+            journal.end('failed', int(trainer.state.timestamp.batch), e)
             raise
-        ended('preempted')
+        journal.end('preempted', int(trainer.state.timestamp.batch))
         if rank == 0:
             print(f'run {cfg.run_name} {e}; run the same command to resume', flush=True)
         return PREEMPTED_EXIT_CODE
     trainer.close()
-    ended('completed')
+    journal.end('completed', int(trainer.state.timestamp.batch))
     if rank == 0:
         print(f'run {cfg.run_name} complete at step {int(trainer.state.timestamp.batch)} ({run.root})', flush=True)
     return 0
@@ -204,19 +201,15 @@ def training_args(
 def main(argv: Optional[list[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ('-h', '--help'):
-        print(USAGE, file=sys.stderr)
-        return 2
+        print(USAGE, file=sys.stdout if argv else sys.stderr)
+        return 0 if argv else 2
     # Every torch.load in this process, Composer's included, is restricted to plain data.
     os.environ['TORCH_FORCE_WEIGHTS_ONLY_LOAD'] = '1'
     try:
         cfg = config_lib.load_config(argv[0], argv[1:])
         return train(cfg)
-    except ConfigError as e:
-        print(f'prefix: config error: {e}', file=sys.stderr)
-        return 2
-    except (DataError, CheckpointError, RunLockedError, RankFailedError) as e:
-        print(f'prefix: error: {e}', file=sys.stderr)
-        return 1
+    except PrefixError as e:
+        return e.report()
 
 
 if __name__ == '__main__':

@@ -2,7 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from prefix.config import ConfigError, load_config, validate_run_name
+from prefix.config import ConfigError, load_config
+from prefix.rundir import validate_run_name
 
 REPO = Path(__file__).resolve().parent.parent
 

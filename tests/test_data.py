@@ -99,7 +99,7 @@ def test_command_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     (tmp_path / 'out').mkdir()
     again = subprocess.run([sys.executable, '-m', 'prefix', 'prepare', str(tmp_path / 'out'), str(tmp_path / 'src')],
                            capture_output=True, text=True)
-    assert again.returncode == 2 and again.stderr.strip().endswith('pass --overwrite to replace it')
+    assert again.returncode == 1 and again.stderr.strip().endswith('pass --overwrite to replace it')
 
 
 def test_a_hugging_face_tokenizer_from_a_local_folder(tmp_path: Path) -> None:
@@ -123,5 +123,5 @@ def test_a_hugging_face_tokenizer_from_a_local_folder(tmp_path: Path) -> None:
 def test_a_tokenizer_that_is_not_on_disk_is_a_clear_error() -> None:
     from prefix.tokenizer import load_tokenizer
 
-    with pytest.raises(ValueError, match='is not available locally'):
+    with pytest.raises(DataError, match='is not available locally'):
         load_tokenizer('no-such-org/no-such-tokenizer')

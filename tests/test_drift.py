@@ -28,25 +28,26 @@ def test_diff_lists_changed_leaves() -> None:
                                     {'data.local': '/data/y'}, {'data.remote': 's3://b/d'}, {'data.shuffle': False}])
 def test_unsafe_changes_are_refused(tmp_path: Path, change: dict) -> None:
     with pytest.raises(ConfigDriftError, match='allow_config_change=true'):
-        check_and_record(config(), config(**change), 5, tmp_path)
+        check_and_record(config(), config(**change), 5, tmp_path / 'config_changes.jsonl')
     assert not (tmp_path / 'config_changes.jsonl').exists()
 
 
 def test_harmless_changes_are_recorded(tmp_path: Path) -> None:
     new = config(**{'max_duration': '99ba', 'eval_interval': '5ba', 'optimizer.lr': 0.1, 'data.num_workers': 3,
                     'checkpoint.interval': '1min'})
-    check_and_record(config(), new, 5, tmp_path)
+    check_and_record(config(), new, 5, tmp_path / 'config_changes.jsonl')
     record = json.loads((tmp_path / 'config_changes.jsonl').read_text())
     assert record['step'] == 5 and not record['forced'] and len(record['changes']) == 5
 
 
 def test_a_cache_location_may_move_when_data_is_remote(tmp_path: Path) -> None:
     old = config(**{'data.remote': 's3://b/d'})
-    check_and_record(old, config(**{'data.remote': 's3://b/d', 'data.local': '/cache/elsewhere'}), 5, tmp_path)
+    moved = config(**{'data.remote': 's3://b/d', 'data.local': '/cache/elsewhere'})
+    check_and_record(old, moved, 5, tmp_path / 'config_changes.jsonl')
 
 
 def test_allow_config_change_forces_and_is_not_itself_a_change(tmp_path: Path) -> None:
-    check_and_record(config(), config(seed=3, allow_config_change=True), 5, tmp_path)
+    check_and_record(config(), config(seed=3, allow_config_change=True), 5, tmp_path / 'config_changes.jsonl')
     record = json.loads((tmp_path / 'config_changes.jsonl').read_text())
     assert record['forced'] and set(record['changes']) == {'seed'}
 
@@ -54,10 +55,10 @@ def test_allow_config_change_forces_and_is_not_itself_a_change(tmp_path: Path) -
 def test_the_checkpoint_format_is_unsafe_fsdp_placement_is_not_and_a_newer_key_is_no_change(tmp_path: Path) -> None:
     old = config(**{'checkpoint.format': 'full'})
     with pytest.raises(ConfigDriftError, match="checkpoint.format: 'full' -> 'sharded'"):
-        check_and_record(old, config(**{'checkpoint.format': 'sharded'}), 5, tmp_path)
+        check_and_record(old, config(**{'checkpoint.format': 'sharded'}), 5, tmp_path / 'config_changes.jsonl')
     sharded, placed_otherwise = config(), config()
     sharded['fsdp'], placed_otherwise['fsdp'] = {'mixed_precision': 'DEFAULT'}, {'mixed_precision': 'PURE'}
-    check_and_record(sharded, placed_otherwise, 5, tmp_path)
+    check_and_record(sharded, placed_otherwise, 5, tmp_path / 'config_changes.jsonl')
     older = config()  # written before checkpoint.format existed
     del older['checkpoint']['format']
-    check_and_record(older, config(**{'checkpoint.format': 'full'}), 5, tmp_path)
+    check_and_record(older, config(**{'checkpoint.format': 'full'}), 5, tmp_path / 'config_changes.jsonl')

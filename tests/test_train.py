@@ -74,6 +74,13 @@ def test_bad_input_is_one_line_and_touches_nothing(tmp_path: Path, dataset: Path
     assert not (tmp_path / 'runs').exists()
 
 
+def test_help_is_the_usage_and_success_no_arguments_are_a_usage_error() -> None:
+    asked = run_train('--help')
+    assert asked.returncode == 0 and asked.stdout.startswith('usage: composer')
+    bare = run_train()
+    assert bare.returncode == 2 and bare.stderr.startswith('usage: composer')
+
+
 def test_a_run_measured_in_epochs_completes_and_is_not_trained_again(tmp_path: Path, dataset: Path) -> None:
     args = smoke_args(tmp_path, dataset, 'max_duration=1ep', 'eval_interval=1ep')
     first = run_train(*args)

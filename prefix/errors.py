@@ -1,0 +1,33 @@
+"""The one error type prefix reports to its user: one line, and the exit code that goes with it.
+
+Every entry point (``prefix.train``, ``prefix.data``, ``prefix export``, ...) prints a ``PrefixError``
+as ``prefix: <kind>: <message>`` and exits with its ``exit_code``: 2 for a config the user has to
+fix, 1 for everything else. Anything that is not a ``PrefixError`` is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+
+
+class PrefixError(Exception):
+    """A problem the user can act on; the message is one line that says what to do."""
+
+    exit_code = 1
+    kind = 'error'
+
+    def report(self) -> int:
+        """Print the one line on stderr; the exit code."""
+        print(f'prefix: {self.kind}: {self}', file=sys.stderr)
+        return self.exit_code
+
+
+class ConfigError(PrefixError):
+    """A config key, file or override the user has to fix."""
+
+    exit_code = 2
+    kind = 'config error'
+
+
+class DataError(PrefixError):
+    """A dataset that is missing, unreadable, or does not fit the model."""
