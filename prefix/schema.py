@@ -10,6 +10,7 @@ list behind.
 from __future__ import annotations
 
 import dataclasses
+import typing
 from collections.abc import Callable, Iterator
 from typing import Any, Optional
 
@@ -73,8 +74,6 @@ def fixed_keys(schema: type) -> tuple[str, ...]:
 
 def _nested(cls: type, name: str) -> Optional[type]:
     """The config class of field ``name``, if it is a nested config (Optional or not)."""
-    import typing
-
     hint = typing.get_type_hints(cls)[name]
     for candidate in (hint, *typing.get_args(hint)):
         if dataclasses.is_dataclass(candidate):

@@ -34,6 +34,7 @@ from composer.core import Event, State
 from composer.loggers import Logger, LoggerDestination, MLFlowLogger, WandBLogger
 
 from prefix import jsonl
+from prefix.agreement import describe
 from prefix.atomic import atomic_write_text
 from prefix.config import LoggersConfig, MLflowConfig, WandBConfig
 from prefix.preemption import Preempted
@@ -60,9 +61,8 @@ class Guarded(LoggerDestination):
         try:
             method(self.inner)
         except Exception as e:
-            first_line = str(e).splitlines()[0] if str(e) else ''
-            log.warning('%s failed (%s: %s); training goes on without it, the metrics stay in logs/metrics.jsonl',
-                        self.name, type(e).__name__, first_line)
+            log.warning('%s failed (%s); training goes on without it, the metrics stay in logs/metrics.jsonl',
+                        self.name, describe(e))
             self.inner = None
 
     def run_event(self, event: Event, state: State, logger: Logger) -> None:
@@ -158,7 +158,7 @@ class MLflow(MLFlowLogger):
                 self._held = {m.key: m.step for m in run.data.to_proto().metrics}
             except mlflow.exceptions.MlflowException as e:
                 log.warning('the MLflow run %s this run kept is gone (%s); starting a new one', self._run_id,
-                            str(e).splitlines()[0])
+                            describe(e))
                 self._run_id = None
         if self._run_id is None:
             self._run_id = self._mlflow_client.create_run(self._experiment_id, run_name=self.run_name).info.run_id
@@ -287,8 +287,8 @@ def _mlflow(cfg: MLflowConfig, ids: dict[str, Any], run: RunDir, run_name: str,
     try:
         return Guarded('MLflow', MLflow(cfg, uri, known, run_name, start_number, run.metrics))
     except Exception as e:  # Composer's constructor already talks to the server (the experiment)
-        log.warning('MLflow at %s failed (%s: %s); this start logs nothing to MLflow, the metrics stay in '
-                    'logs/metrics.jsonl', uri, type(e).__name__, str(e).splitlines()[0] if str(e) else '')
+        log.warning('MLflow at %s failed (%s); this start logs nothing to MLflow, the metrics stay in '
+                    'logs/metrics.jsonl', uri, describe(e))
         return None
 
 
