@@ -56,7 +56,7 @@ from prefix.duration import Duration
 from prefix.journal import record_checkpoint
 from prefix.preemption import Preempted, PreemptionSignal
 from prefix.runlock import LockLostError, RunLock
-from prefix.snapshot import HostSnapshot, on_cpu
+from prefix.snapshot import HostSnapshot, copy_into, host_only
 from prefix.writer import WriteJob
 
 log = logging.getLogger(__name__)
@@ -159,7 +159,7 @@ class Checkpointer(Callback):
         self.config = config
         self.resume = resume
         self.saves: list[SaveRecord] = []
-        self._snapshot = HostSnapshot()
+        self._kept = (HostSnapshot(), HostSnapshot())  # asynchronous mode's slabs: this rank's shards, latest.pt's payload
         self._pending: Optional[PendingSave] = None
         self._committed = Committed(resume.global_step, resume.rng) if resume else None
         self._pending_rng = resume.rng if resume else None
@@ -187,11 +187,15 @@ class Checkpointer(Callback):
         pieces of the shard folder it holds now, on a thread while the ranks poll it, then Composer
         loads the rest from latest.pt."""
         assert self.resume is not None and self.resume.shards is not None
-        tensors = shards.tensors_of(state)
+        live = shards.tensors_of(state)
+        # Read into host memory on a thread (the kept slab of the next snapshots, when there is one), then
+        # copied into the live tensors here: the reading thread never touches CUDA.
+        host = host_only(self._host_copies()[0].empty_like(live), 'the shards to read')
         folder = self.folder / self.resume.shards
-        together(lambda: shards.load(tensors, folder, self.shards_group))[agreement.rank()].get()
+        together(lambda: shards.load(host, folder, self.shards_group))[agreement.rank()].get()
+        copy_into(live, host)
         rest = safe_load(global_file(self.folder, self.resume.kind), mmap=True)['state']
-        state.load_state_dict({**rest, **tensors}, logger)
+        state.load_state_dict({**rest, **live}, logger)
 
     def fit_start(self, state: State, logger: Logger) -> None:
         self._logger = logger
@@ -320,24 +324,24 @@ class Checkpointer(Callback):
         committed = self._committed
         if committed is not None and committed.step != step and committed.rng is not None:
             history[committed.step] = committed.rng
-        tensors, name = None, None
-        if self.sharded:
-            name = agreement.gather(shards.new_name(step) if rank == 0 else None)[0]  # one folder for every rank
-            payload: Optional[dict[str, Any]] = global_state(state, self.config, name)
-            tensors = shards.tensors_of(state)
-            if asynchronous:
-                tensors = self._snapshot.copy(tensors)  # this rank's shards: training changes the live ones
-        else:
-            payload = global_state(state, self.config)  # every rank: gathering is collective under FSDP
+        name = agreement.gather(shards.new_name(step) if rank == 0 else None)[0] if self.sharded else None  # one folder
+        live = shards.tensors_of(state) if self.sharded else None  # this rank's shards
+        payload: Optional[dict[str, Any]] = global_state(state, self.config, name)  # every rank: collective under FSDP
         if rank != 0:
             payload = None
-        elif asynchronous and not state.fsdp_enabled:  # FSDP gathered a fresh copy already: no second one
-            payload = self._snapshot.copy(payload)  # training may change the live tensors from now on
-        else:
-            payload = on_cpu(payload)  # the file opens where there is no GPU
+        # Host copies, made here on the training thread: the writer thread gets no GPU tensor and nothing
+        # that training changes.
+        shard_copy, state_copy = self._host_copies()
+        tensors, payload = shard_copy.copy(live), state_copy.copy(payload)
         record = SaveRecord(step, periodic, asynchronous)
-        phases = self._phases(record, rank_state(step, history), payload, tensors, name, periodic)
-        return PendingSave(WriteJob(step, phases, agreement.world_size()), record, rng)
+        rank_payload = rank_state(step, history)
+        phases = self._phases(record, rank_payload, payload, tensors, name, periodic)
+        return PendingSave(WriteJob(step, phases, agreement.world_size(), (rank_payload, payload, tensors)), record, rng)
+
+    def _host_copies(self) -> tuple[HostSnapshot, HostSnapshot]:
+        """Where the shards and latest.pt's payload are copied: in asynchronous mode slabs kept for every
+        checkpoint (the final one too, and the resume's read), else one-off slabs freed with the write."""
+        return self._kept if self.asynchronous else (HostSnapshot(keep=False), HostSnapshot(keep=False))
 
     def _phases(self, record: SaveRecord, rank_payload: dict[str, Any], payload: Optional[dict[str, Any]],
                 tensors: Optional[dict[str, Any]], shards_name: Optional[str], periodic: bool) -> list:

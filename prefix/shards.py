@@ -47,13 +47,15 @@ def checkpoint_group() -> Optional[tdist.ProcessGroup]:
 
 
 def write(tensors: dict[str, Any], folder: Path, group: Optional[tdist.ProcessGroup]) -> int:
-    """Every rank: write this rank's shards of ``tensors`` into ``folder`` (through ``<folder>.tmp``); its bytes.
+    """Every rank: write this rank's shards of ``tensors`` (host memory) into ``folder`` (through ``<folder>.tmp``); its bytes.
 
     Returns once every rank has written (DCP gathers on ``group``); rank 0 then renames the folder into place.
     """
     tmp = folder.with_name(folder.name + TMP_SUFFIX)
-    metadata = dcp.save(tensors, storage_writer=dcp.FileSystemWriter(tmp, sync_files=True), process_group=group,
-                        no_dist=group is None)
+    # per_thread_copy_ahead=0: the tensors are in host memory already, and DCP's copy-ahead loader would
+    # take this thread's current CUDA stream (GPU 0's, on a writer thread) on any host with a GPU.
+    writer = dcp.FileSystemWriter(tmp, sync_files=True, per_thread_copy_ahead=0)
+    metadata = dcp.save(tensors, storage_writer=writer, process_group=group, no_dist=group is None)
     rank = tdist.get_rank(group) if group is not None else 0
     written = sum(info.length for info in metadata.storage_data.values() if info.relative_path.startswith(f'__{rank}_'))
     if rank == 0:
@@ -79,7 +81,7 @@ def check(folder: Path) -> None:
 
 
 def load(tensors: dict[str, Any], folder: Path, group: Optional[tdist.ProcessGroup]) -> None:
-    """Every rank: fill ``tensors`` (this rank's shards, in the current layout) from ``folder``, in place."""
+    """Every rank: fill ``tensors`` (this rank's shards in host memory, in the current layout) from ``folder``, in place."""
     dcp.load(tensors, storage_reader=dcp.FileSystemReader(folder), process_group=group, no_dist=group is None)
 
 
@@ -109,7 +111,7 @@ def tensors_of(state: State) -> dict[str, Any]:
     """The model's and optimizer's state as this rank's shards, in the layout of Composer's state dict.
 
     The live tensors, not copies (no cpu_offload, unlike Composer's own ``State.state_dict``): a save
-    copies them once into host memory, a load fills them in place.
+    copies them once into host memory, a load copies into them what was read into host memory.
     """
     options = StateDictOptions(full_state_dict=False, cpu_offload=False)
     optimizer = state.optimizers[0]

@@ -1,71 +1,208 @@
-"""A consistent copy of the training state in host memory, so the write can happen while training goes on.
+"""Copies of the training state in host memory, made on the training thread, for a writer thread to write.
 
-Sharded tensors (FSDP's DTensors) are copied as this rank's shard: the copy takes one copy of what
-the rank holds, never of the whole model.
+Everything a writer thread receives is CPU memory that no training step can change (``host_only``
+checks it), so no background thread ever touches CUDA: a new thread's current GPU is GPU 0, not
+the rank's, and CUDA work queued there would race the rank's own stream.
 
-The copy goes into buffers kept from one checkpoint to the next (pinned memory for GPU tensors):
-after the first checkpoint a snapshot is a plain memory copy, with no allocation and no page faults,
-and the host holds one extra copy of the state at most. A buffer is reused only once the write
-that read it has finished; the Checkpointer guarantees that by keeping one write in flight.
+A copy lives in one slab of host memory, cut into exact-size views, one per distinct tensor:
+- the GPU-to-host copies run on a side stream of the tensor's GPU, and the training thread waits
+  for an event on that stream before it hands the copy over;
+- a slab kept from one checkpoint to the next (``HostSnapshot(keep=True)``, asynchronous writes)
+  is page-locked once, at its exact size (``cudaHostRegister``): the caching host allocator behind
+  ``pin_memory`` would round every tensor up to a power of two and keep it (1.3x to 1.6x the state);
+- sharded tensors (FSDP's DTensors) are copied as this rank's shard and wrapped again with the
+  same spec: the copy stays in host memory (``DTensor.from_local`` would move it back to the GPU);
+- tensors sharing memory (tied weights) are copied once and stay one tensor, so the file stores
+  them once.
+
+A kept slab is reused only once the write that read it has finished; the Checkpointer guarantees
+that by keeping one write in flight.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import math
+from dataclasses import dataclass
+from typing import Any, Optional
 
 import torch
 from torch.distributed.tensor import DTensor
 
+ALIGN = 64  # bytes: every view starts at a multiple of this, so every dtype is aligned
 
-class HostSnapshot:
-    """``copy(obj)``: ``obj`` with every tensor replaced by a host copy; tensors sharing memory stay shared."""
 
-    def __init__(self) -> None:
-        self._buffers: dict[str, torch.Tensor] = {}
+@dataclass(frozen=True)
+class _Item:
+    """One distinct tensor of a structure: where its copy sits in the slab."""
 
-    def copy(self, obj: Any) -> Any:
-        seen: dict[tuple, torch.Tensor] = {}
-        result = self._copy(obj, '', seen)
-        if any(key[-1].type == 'cuda' for key in seen):
-            torch.cuda.synchronize()  # the non-blocking device-to-host copies have landed
-        return result
+    offset: int
+    shape: tuple[int, ...]
+    dtype: torch.dtype
 
     @property
     def nbytes(self) -> int:
-        return sum(b.numel() * b.element_size() for b in self._buffers.values())
-
-    def _copy(self, obj: Any, path: str, seen: dict[tuple, torch.Tensor]) -> Any:
-        if isinstance(obj, torch.Tensor):
-            return self._tensor(obj, path, seen)
-        if isinstance(obj, dict):
-            return {k: self._copy(v, f'{path}/{k}', seen) for k, v in obj.items()}
-        if isinstance(obj, (list, tuple)):
-            return type(obj)(self._copy(v, f'{path}/{i}', seen) for i, v in enumerate(obj))
-        return obj
-
-    def _tensor(self, t: torch.Tensor, path: str, seen: dict[tuple, torch.Tensor]) -> torch.Tensor:
-        if isinstance(t, DTensor):  # a shard: copy this rank's part, keep where it sits in the whole
-            local = self._tensor(t.to_local(), path, seen)
-            return DTensor.from_local(local, t.device_mesh, t.placements, shape=t.shape, stride=t.stride(), run_check=False)
-        # Tied weights appear under two names with one storage: copy once, so the file stores them once.
-        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype, t.device)
-        if key in seen:
-            return seen[key]
-        buffer = self._buffers.get(path)
-        if buffer is None or buffer.shape != t.shape or buffer.dtype != t.dtype:
-            buffer = torch.empty(t.shape, dtype=t.dtype, device='cpu', pin_memory=t.is_cuda)
-            self._buffers[path] = buffer
-        buffer.copy_(t.detach(), non_blocking=t.is_cuda)
-        seen[key] = buffer
-        return buffer
+        return math.prod(self.shape) * self.dtype.itemsize
 
 
-def on_cpu(obj: Any) -> Any:
-    """``obj`` with its GPU tensors copied to the CPU (CPU tensors as they are): what a synchronous save writes."""
+class HostSnapshot:
+    """``copy(obj)``: ``obj`` with every tensor replaced by a host copy in one slab.
+
+    ``keep=True`` keeps the slab (page-locked where the state is on a GPU) from one copy to the next
+    while the structure's tensors keep their shapes; ``keep=False`` makes a new pageable slab per copy,
+    freed with the copy (synchronous writes, which hold it only while training waits).
+    """
+
+    def __init__(self, keep: bool = True) -> None:
+        self.keep = keep
+        self._layout: Optional[tuple] = None
+        self._slab: Optional[torch.Tensor] = None
+        self._registered: Optional[int] = None  # data pointer of a slab page-locked with cudaHostRegister
+        self._streams: dict[torch.device, torch.cuda.Stream] = {}
+
+    @property
+    def nbytes(self) -> int:
+        """Host memory this snapshot keeps (the slab)."""
+        return self._slab.numel() if self._slab is not None else 0
+
+    @property
+    def is_pinned(self) -> bool:
+        return self._registered is not None
+
+    def copy(self, obj: Any) -> Any:
+        """A host copy of ``obj``'s tensors, complete when this returns (safe to hand to another thread)."""
+        sources: list[torch.Tensor] = []
+        shaped = _index(obj, sources, {})
+        views = self._views(sources)
+        self._copy_into(views, sources)
+        return _rebuild(shaped, views)
+
+    def empty_like(self, obj: Any) -> Any:
+        """``obj``'s structure with host tensors of the same shapes, uninitialized: somewhere to read a checkpoint into."""
+        sources: list[torch.Tensor] = []
+        shaped = _index(obj, sources, {})
+        return _rebuild(shaped, self._views(sources))
+
+    # --- the slab ---------------------------------------------------------------------------------
+
+    def _views(self, sources: list[torch.Tensor]) -> list[torch.Tensor]:
+        items, end = [], 0
+        for t in sources:
+            items.append(_Item(-(-end // ALIGN) * ALIGN, tuple(t.shape), t.dtype))
+            end = items[-1].offset + items[-1].nbytes
+        layout = tuple(items)
+        if not self.keep or layout != self._layout or self._slab is None:
+            self._allocate(end, pin=self.keep and any(t.is_cuda for t in sources))
+            self._layout = layout
+        assert self._slab is not None
+        return [self._slab[i.offset:i.offset + i.nbytes].view(i.dtype).view(i.shape) for i in items]
+
+    def _allocate(self, nbytes: int, pin: bool) -> None:
+        self._release()
+        self._slab = torch.empty(max(nbytes, 1), dtype=torch.uint8)
+        if pin:
+            code = int(torch.cuda.cudart().cudaHostRegister(self._slab.data_ptr(), self._slab.numel(), 0))
+            if code != 0:
+                raise RuntimeError(f'cudaHostRegister of {nbytes / 1e9:.1f} GB of host memory failed with CUDA error {code}')
+            self._registered = self._slab.data_ptr()
+
+    def _release(self) -> None:
+        """Drop the slab; a registered one is unregistered first (no copy of it is in flight: one write at a time)."""
+        if self._registered is not None:
+            torch.cuda.cudart().cudaHostUnregister(self._registered)
+            self._registered = None
+        self._slab = None
+        self._layout = None
+
+    def _copy_into(self, views: list[torch.Tensor], sources: list[torch.Tensor]) -> None:
+        """CPU tensors copied here; GPU tensors on a side stream per GPU, then wait for its event."""
+        on_gpu: dict[torch.device, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        for view, t in zip(views, sources, strict=True):
+            if t.is_cuda:
+                on_gpu.setdefault(t.device, []).append((view, t))
+            else:
+                view.copy_(t.detach())
+        for device, pairs in on_gpu.items():
+            stream = self._streams.get(device)
+            if stream is None:
+                stream = self._streams[device] = torch.cuda.Stream(device=device)
+            stream.wait_stream(torch.cuda.current_stream(device))  # after the step that produced the values
+            with torch.cuda.stream(stream):
+                for view, t in pairs:
+                    view.copy_(t.detach(), non_blocking=self.is_pinned)
+            done = torch.cuda.Event()
+            done.record(stream)
+            done.synchronize()
+
+
+def host_only(obj: Any, what: str) -> Any:
+    """``obj``, after checking that every tensor in it is in host memory: what a writer thread may be handed.
+
+    A GPU tensor here is a bug (a background thread would touch CUDA on the wrong GPU): raise, never write it.
+    """
     if isinstance(obj, torch.Tensor):
-        return obj.cpu()
-    if isinstance(obj, dict):
-        return {k: on_cpu(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(on_cpu(v) for v in obj)
+        if obj.device.type != 'cpu':
+            raise AssertionError(f'{what}: a {obj.device} tensor was handed to a writer thread; only host memory may be')
+    elif isinstance(obj, dict):
+        for key, value in obj.items():
+            host_only(value, f'{what}/{key}')
+    elif isinstance(obj, (list, tuple)):
+        for i, value in enumerate(obj):
+            host_only(value, f'{what}/{i}')
     return obj
+
+
+def copy_into(live: Any, host: Any) -> None:
+    """Copy ``host``'s tensors into the tensors of ``live`` (same structure) on this thread: a read checkpoint's values."""
+    if isinstance(live, torch.Tensor):
+        target = live.to_local() if isinstance(live, DTensor) else live
+        source = host.to_local() if isinstance(host, DTensor) else host
+        with torch.no_grad():
+            target.copy_(source)
+    elif isinstance(live, dict):
+        for key, value in live.items():
+            copy_into(value, host[key])
+    elif isinstance(live, (list, tuple)):
+        for a, b in zip(live, host, strict=True):
+            copy_into(a, b)
+
+
+# --- structures -----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class _Slot:
+    """Where a tensor stood: its index among the distinct tensors, and a DTensor's spec to wrap it in again."""
+
+    index: int
+    spec: Any = None
+
+
+def _index(obj: Any, sources: list[torch.Tensor], seen: dict[tuple, int]) -> Any:
+    """``obj`` with each tensor replaced by a ``_Slot``; distinct tensors (local shards for DTensors) appended to ``sources``."""
+    if isinstance(obj, DTensor):
+        return _Slot(_index(obj.to_local(), sources, seen).index, obj._spec)
+    if isinstance(obj, torch.Tensor):
+        key = (obj.untyped_storage().data_ptr(), obj.storage_offset(), tuple(obj.shape), tuple(obj.stride()), obj.dtype,
+               obj.device)
+        if key not in seen:
+            seen[key] = len(sources)
+            sources.append(obj)
+        return _Slot(seen[key])
+    if isinstance(obj, dict):
+        return {k: _index(v, sources, seen) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_index(v, sources, seen) for v in obj)
+    return obj
+
+
+def _rebuild(shaped: Any, views: list[torch.Tensor]) -> Any:
+    if isinstance(shaped, _Slot):
+        view = views[shaped.index]
+        # DTensor's own constructor, as torch's staging does: from_local would move a host tensor to the mesh's GPU.
+        return DTensor(view, shaped.spec, requires_grad=False) if shaped.spec is not None else view
+    if isinstance(shaped, dict):
+        return {k: _rebuild(v, views) for k, v in shaped.items()}
+    if isinstance(shaped, (list, tuple)):
+        return type(shaped)(_rebuild(v, views) for v in shaped)
+    return shaped
+
+

@@ -5,6 +5,9 @@ links). Between two phases every rank must have finished the first: the training
 that from its per-step all-reduce and then ``release``s the next phase on every rank at once, so
 the ranks pass each barrier together. With one rank there is nobody to wait for and the phases
 run straight through.
+
+A job is handed host memory only (``prefix.snapshot.host_only`` checks it before the thread starts):
+the thread never touches CUDA, whose current device on a new thread is GPU 0, not the rank's.
 """
 
 from __future__ import annotations
@@ -12,7 +15,9 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
-from typing import NamedTuple, Optional
+from typing import Any, NamedTuple, Optional
+
+from prefix.snapshot import host_only
 
 
 class JobStatus(NamedTuple):
@@ -24,9 +29,13 @@ class JobStatus(NamedTuple):
 
 
 class WriteJob:
-    """The phases of one checkpoint on a daemon thread; ``status`` drives the barriers between them."""
+    """The phases of one checkpoint on a daemon thread; ``status`` drives the barriers between them.
 
-    def __init__(self, step: int, phases: list[Callable[[], None]], world_size: int) -> None:
+    ``data`` is what the phases write: checked to be host memory before the thread starts.
+    """
+
+    def __init__(self, step: int, phases: list[Callable[[], None]], world_size: int, data: Any = None) -> None:
+        host_only(data, f'the checkpoint of step {step}')
         self.step = step
         self.error: Optional[BaseException] = None
         self.started = time.monotonic()

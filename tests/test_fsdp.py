@@ -59,13 +59,18 @@ def test_sigkill_anywhere_resumes_bit_exact(tmp_path: Path, dataset: Path, refer
         check(run / 'checkpoints' / name)
 
 
-def test_sigterm_saves_that_step(tmp_path: Path, dataset: Path, reference) -> None:
-    args = smoke_args(tmp_path, dataset, *RUN, 'checkpoint.interval=1h', 'checkpoint.periodic_interval=null')
+GPU_HOST_THREADS = {'op': 'gpu_threads'}  # any CUDA call off the main thread fails, as it would misbehave on a GPU
+
+
+def test_sigterm_saves_that_step_and_no_thread_touches_cuda(tmp_path: Path, dataset: Path, reference) -> None:
+    """Asynchronous checkpoints, the synchronous one after SIGTERM and the sharded resume, all with background
+    threads that would fail on any CUDA call (DCP's writer and reader take the thread's CUDA stream on a GPU host)."""
+    args = smoke_args(tmp_path, dataset, *RUN, 'checkpoint.interval=4ba', 'checkpoint.periodic_interval=null')
     run = tmp_path / 'smoke'
     held, release = tmp_path / 'held', tmp_path / 'release'
     proc = subprocess.Popen(train_cmd(*args, nproc=2), cwd=REPO, start_new_session=True,
-                            env=run_env(**faults({'op': 'step', 'step': 9, 'marker': str(held), 'block': True,
-                                                  'release': str(release)})),
+                            env=run_env(**faults(GPU_HOST_THREADS, {'op': 'step', 'step': 9, 'marker': str(held),
+                                                                    'block': True, 'release': str(release)})),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_for(lambda: held.exists() and len(held.read_text().splitlines()) == 2, proc, 'step 9')
     signal_ranks(proc, signal.SIGTERM)
@@ -73,10 +78,32 @@ def test_sigterm_saves_that_step(tmp_path: Path, dataset: Path, reference) -> No
     release.touch()
     assert proc.wait(timeout=180) == PREEMPTED_EXIT_CODE
     assert committed_step(run) == 9 and len(shard_folders(run)) == 1
-    resumed = run_train(*args, nproc=2)
+    resumed = run_train(*args, nproc=2, **faults(GPU_HOST_THREADS))
     assert resumed.returncode == 0, resumed.stdout[-3000:]
     assert [s['start_step'] for s in starts(run)] == [0, 9]
     assert_same_training(reference(2, *RUN), run)
+
+
+def test_a_background_write_holds_the_state_of_its_step_while_training_goes_on(tmp_path: Path, dataset: Path) -> None:
+    """Full format under FSDP: the write of step 4 is held before it opens its file while training takes steps 5 and 6;
+    what it commits is step 4's state (FSDP's gathered state holds the optimizer's live step counters)."""
+    args = smoke_args(tmp_path, dataset, 'max_duration=12ba', FSDP, 'checkpoint.format=full', 'checkpoint.interval=4ba',
+                      'checkpoint.periodic_interval=null')
+    run = tmp_path / 'smoke'
+    write_held, release_write, at_7, release_7 = (tmp_path / n for n in ('write-held', 'release-write', 'at-7', 'release-7'))
+    proc = subprocess.Popen(train_cmd(*args), cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env=run_env(**faults(
+                                {'op': 'open', 'path': 'latest.pt.tmp', 'times': 1, 'marker': str(write_held),
+                                 'block': True, 'release': str(release_write)},
+                                {'op': 'step', 'step': 7, 'marker': str(at_7), 'block': True, 'release': str(release_7)})))
+    wait_for(lambda: write_held.exists() and at_7.exists(), proc, 'the write of step 4 held, training at step 7')
+    release_write.touch()
+    wait_for(lambda: committed_step(run) == 4, proc, 'the checkpoint of step 4 committed')
+    saved = torch.load(run / 'checkpoints' / 'latest.pt', weights_only=True)
+    release_7.touch()
+    assert proc.wait(timeout=300) == 0
+    steps = [s['step'] for s in saved['state']['optimizers']['DecoupledAdamW']['state'].values()]
+    assert steps and all(float(step) == 4.0 for step in steps), steps
 
 
 def test_chaos_with_sharded_checkpoints(tmp_path: Path, dataset: Path, reference, capsys: pytest.CaptureFixture) -> None:

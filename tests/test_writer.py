@@ -2,6 +2,9 @@
 
 import threading
 
+import pytest
+import torch
+
 from prefix.writer import WriteJob
 
 
@@ -47,3 +50,11 @@ def test_an_aborted_job_commits_nothing_and_does_not_wait_for_the_running_phase(
     gate.set()
     job.finish()
     assert ran == ['write'] and not job.status().done
+
+
+def test_a_job_refuses_gpu_memory_before_its_thread_starts() -> None:
+    """Everything a writer thread gets is host memory: checked, not a convention ('meta' stands for a GPU here)."""
+    ran: list[str] = []
+    with pytest.raises(AssertionError, match='the checkpoint of step 5/1/w: a meta tensor'):
+        WriteJob(5, [lambda: ran.append('write')], world_size=1, data=({}, {'w': torch.empty(3, device='meta')}))
+    assert ran == []

@@ -5,8 +5,10 @@ moment) so that prefix's own code has no test hooks. ``PREFIX_TEST_FAULTS`` hold
 rules; with it unset this module does nothing. A rule:
 
 - ``op``: ``fsync`` | ``open`` | ``link`` | ``replace`` (the path is the file's), ``step`` (before
-  Composer runs ``event`` at the batch count ``step``), or ``call`` (``target`` is
-  ``module:qualname``, patched right after the module is imported; ``when`` is ``before`` or ``after``);
+  Composer runs ``event`` at the batch count ``step``), ``call`` (``target`` is
+  ``module:qualname``, patched right after the module is imported; ``when`` is ``before`` or ``after``),
+  or ``gpu_threads``: ``torch.cuda.is_available()`` answers True on every thread but the main one, as
+  on a GPU host, so a background thread that would use CUDA there fails here (torch has no CUDA);
 - ``path``: an ``fnmatch`` pattern for the file's name; ``mode``: ``write`` (default) or ``read``, for ``open``;
 - ``rank``: only in the process of that global rank (``RANK``, 0 without a launcher);
 - ``skip``: let that many matches pass first; ``times``: act that many times at most (default: always);
@@ -27,6 +29,7 @@ import io
 import json
 import os
 import sys
+import threading
 import time
 
 RULES = json.loads(os.environ.get('PREFIX_TEST_FAULTS') or '[]')
@@ -174,6 +177,12 @@ def _wrap_event(index: int):
     return patch
 
 
+def _gpu_on_threads(module) -> None:
+    """``torch.cuda.is_available`` says True off the main thread: any CUDA call there raises on this CPU-only torch."""
+    original = module.is_available
+    module.is_available = lambda: threading.current_thread() is not threading.main_thread() or original()
+
+
 if RULES:
     os.fsync, os.link, os.replace = _fsync, _link, _replace
     builtins.open = io.open = _open
@@ -184,4 +193,6 @@ if RULES:
             patches.setdefault(module_name, []).append(_wrap_call(i, qualname))
         elif rule['op'] == 'step':
             patches.setdefault('composer.core.engine', []).append(_wrap_event(i))
+        elif rule['op'] == 'gpu_threads':
+            patches.setdefault('torch.cuda', []).append(_gpu_on_threads)
     sys.meta_path.insert(0, _PatchAfterImport(patches))
