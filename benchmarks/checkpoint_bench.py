@@ -64,7 +64,7 @@ SIZES: dict[str, tuple[str, list[str], int, int]] = {
     'smoke': ('yamls/smoke.yaml', [], 10, 5),
     'gpt-57m': ('yamls/base.yaml', ['model.d_model=768', 'model.n_heads=12', 'model.n_layers=8', 'model.dropout=0.0',
                                      'global_batch_size=2'], 3, 2),
-    # for make gpu-check: 1.0 B parameters (a 12 GB checkpoint with AdamW)
+    # 1.0 B parameters (a 12 GB checkpoint with AdamW), for a machine with a GPU: --sizes gpt-1b
     'gpt-1b': ('yamls/base.yaml', ['model.d_model=2048', 'model.n_heads=16', 'model.n_layers=20', 'model.dropout=0.0',
                                     'global_batch_size=4'], 3, 2),
 }
@@ -247,7 +247,7 @@ def memory(size: str, data: Path, root: Path, params: int) -> None:
         mb = 1e6
         print(f'| {"sharded" if sharded else "full"} | {total / mb:.0f} ({sizing.checkpoint_bytes(params) / mb:.0f}) '
               f'| {per_rank / mb:.0f} ({sizing.written_per_rank(params, 2, sharded) / mb:.0f}) '
-              f'| {(save - base) / mb:.0f} ({sizing.host_memory_at_save(params, 2, sharded) / mb:.0f}) '
+              f'| {(save - base) / mb:.0f} ({sizing.host_memory_at_save(params, 2, sharded, fsdp=sharded) / mb:.0f}) '
               f'| {(resume - base) / mb:.0f} ({sizing.host_memory_at_resume(params, 2, 2, sharded) / mb:.0f}) |', flush=True)
 
 

@@ -21,9 +21,11 @@ def written_per_rank(params: float, ranks: int, sharded: bool) -> float:
     return checkpoint_bytes(params) / ranks if sharded else checkpoint_bytes(params)
 
 
-def host_memory_at_save(params: float, ranks: int, sharded: bool) -> float:
-    """An asynchronous save copies what the rank writes into host memory, once (kept for the next save)."""
-    return written_per_rank(params, ranks, sharded)
+def host_memory_at_save(params: float, ranks: int, sharded: bool, fsdp: bool = True) -> float:
+    """Peak. A save copies what the rank writes into one exact-size slab of host memory (kept for the next
+    save when asynchronous); a full checkpoint under FSDP is first gathered whole on rank 0's host, then copied."""
+    kept = written_per_rank(params, ranks, sharded)
+    return 2 * kept if fsdp and not sharded else kept
 
 
 def host_memory_at_resume(params: float, ranks: int, ranks_per_node: int, sharded: bool) -> float:
@@ -46,7 +48,7 @@ def table(models: tuple[tuple[str, float, int, int], ...] = (('1B', 1e9, 8, 8), 
                                                                 ('70B', 70e9, 64, 8)),
           step_seconds: float = 10.0) -> str:
     gb = 1e9
-    rows = ['| model | ranks | format | checkpoint | written per rank | host memory per rank: save | resume '
+    rows = ['| model | ranks | format | checkpoint | written per rank | host memory per rank: save (peak) | resume '
             '| write at 300 MB/s | at 2 GB/s | grace period at 300 MB/s |',
             '| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |']
     for name, params, ranks, per_node in models:

@@ -193,9 +193,9 @@ class Checkpointer(Callback):
         host = host_only(self._host_copies()[0].empty_like(live), 'the shards to read')
         folder = self.folder / self.resume.shards
         together(lambda: shards.load(host, folder, self.shards_group))[agreement.rank()].get()
-        copy_into(live, host)
+        tensors = copy_into(live, host)
         rest = safe_load(global_file(self.folder, self.resume.kind), mmap=True)['state']
-        state.load_state_dict({**rest, **live}, logger)
+        state.load_state_dict({**rest, **tensors}, logger)
 
     def fit_start(self, state: State, logger: Logger) -> None:
         self._logger = logger
@@ -332,7 +332,8 @@ class Checkpointer(Callback):
         # Host copies, made here on the training thread: the writer thread gets no GPU tensor and nothing
         # that training changes.
         shard_copy, state_copy = self._host_copies()
-        tensors, payload = shard_copy.copy(live), state_copy.copy(payload)
+        tensors = shard_copy.copy(live) if live is not None else None
+        payload = state_copy.copy(payload) if payload is not None else None
         record = SaveRecord(step, periodic, asynchronous)
         rank_payload = rank_state(step, history)
         phases = self._phases(record, rank_payload, payload, tensors, name, periodic)

@@ -16,11 +16,15 @@ from prefix.model import GPT, ModelConfig
 class ComposerGPT(ComposerModel):
     """Composer wrapper: batches are ``{'input_ids': (B, L+1)}``; predicts tokens 1..L from 0..L-1."""
 
-    def __init__(self, cfg: ModelConfig, seed: int = 0, on_meta: bool = False) -> None:
-        """``on_meta``: build the GPT on the meta device, for FSDP to shard and initialize (the metrics stay real)."""
+    def __init__(self, cfg: ModelConfig, seed: int = 0, on_meta: bool = False, initialize: bool = True) -> None:
+        """``on_meta``: build the GPT on the meta device, for FSDP to shard and initialize (the metrics stay real).
+        ``initialize=False``: draw no initial weights (a resume loads them all)."""
         super().__init__()
-        with torch.device('meta') if on_meta else contextlib.nullcontext():
-            self.model = GPT(cfg, seed)
+        with torch.device('meta') if on_meta or not initialize else contextlib.nullcontext():
+            self.model = GPT(cfg, seed, initialize)
+        if not initialize and not on_meta:
+            self.model.to_empty(device='cpu')
+            self.model.tie_weights()
         self.train_metrics: dict[str, Any] = {}  # the training loss is logged already
         self.val_metrics = {
             'LanguageCrossEntropy': LanguageCrossEntropy(),

@@ -116,6 +116,9 @@ class TrainConfig:
     global_batch_size: int = setting(32, fixed=True)
     device_microbatch_size: Optional[int] = None
     precision: Optional[str] = setting(None, choices=(None, 'fp32', 'amp_bf16', 'amp_fp16'))
+    # Deterministic kernels (torch.use_deterministic_algorithms, CUBLAS_WORKSPACE_CONFIG): what makes a GPU
+    # run repeat itself bit for bit, and so a resumed run equal to an uninterrupted one (README: GPUs and threads).
+    deterministic: bool = True
     eval_interval: str = setting('100ba', units='ba,ep')
     eval_batches: Optional[int] = None
     log_interval: str = setting('10ba', units='ba')

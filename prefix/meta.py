@@ -56,7 +56,12 @@ def git_info() -> dict[str, Any]:
     }
 
 
-def env_snapshot() -> dict[str, Any]:
+def gpu_names() -> list[str]:
+    """The GPUs this process sees. A CUDA call: made on the training thread, never on the thread that writes meta/."""
+    return [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+
+
+def env_snapshot(gpus: list[str]) -> dict[str, Any]:
     packages = sorted(
         (d.metadata['Name'], d.version) for d in importlib.metadata.distributions() if d.metadata['Name']
     )
@@ -67,16 +72,16 @@ def env_snapshot() -> dict[str, Any]:
         'world_size': dist.get_world_size(),
         'versions': {name: importlib.metadata.version(name) for name in ('torch', 'mosaicml', 'mosaicml-streaming')},
         'cuda': torch.version.cuda,
-        'gpus': [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
+        'gpus': gpus,
         'scheduler_env': {k: v for k, v in sorted(os.environ.items()) if k.startswith(SCHEDULER_ENV_PREFIXES)},
         'packages': dict(packages),
     }
 
 
-def write_snapshots(run: RunDir, config_yaml: str) -> dict[str, Any]:
+def write_snapshots(run: RunDir, config_yaml: str, gpus: list[str]) -> dict[str, Any]:
     """Rank 0 writes git.json, config.yaml and env.json; returns the git info for the journal."""
     git = git_info()
     atomic_write_text(run.git, json.dumps(git, indent=2) + '\n')
     atomic_write_text(run.config, config_yaml)
-    atomic_write_text(run.env, json.dumps(env_snapshot(), indent=2) + '\n')
+    atomic_write_text(run.env, json.dumps(env_snapshot(gpus), indent=2) + '\n')
     return git

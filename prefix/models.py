@@ -7,6 +7,7 @@ its ``model.*`` keys. Hugging Face models are read from local folders only: noth
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 from pathlib import Path
@@ -16,19 +17,27 @@ import torch
 import torch.nn.functional as F
 from composer.metrics.nlp import LanguageCrossEntropy, LanguagePerplexity
 from composer.models import ComposerModel, HuggingFaceModel
+from composer.utils import dist
 
 from prefix.composer_model import ComposerGPT
 from prefix.config import TrainConfig
 from prefix.errors import ConfigError
 
 
-def build(cfg: TrainConfig) -> ComposerModel:
-    """The run's model; its initial weights depend on ``cfg.seed`` alone (the caller seeds the global RNG)."""
+def build(cfg: TrainConfig, initialize: bool = True) -> ComposerModel:
+    """The run's model; its initial weights depend on ``cfg.seed`` alone (the caller seeds the global RNG).
+
+    ``initialize=False`` (a resume loads every weight): prefix's GPT draws nothing. Under FSDP a Hugging
+    Face model is built whole on rank 0 only, on the meta device elsewhere; Composer broadcasts rank 0's
+    weights into every rank's shards.
+    """
     m = cfg.model
     if m.name == 'gpt':
-        return ComposerGPT(m, cfg.seed, on_meta=cfg.fsdp is not None)
+        return ComposerGPT(m, cfg.seed, on_meta=cfg.fsdp is not None, initialize=initialize)
     if m.name == 'hf_causal_lm':
-        model, tokenizer = hf_model(m.pretrained_model_name_or_path, m.pretrained, m.config)
+        on_meta = cfg.fsdp is not None and dist.get_global_rank() != 0
+        with torch.device('meta') if on_meta else contextlib.nullcontext():
+            model, tokenizer = hf_model(m.pretrained_model_name_or_path, m.pretrained and not on_meta, m.config)
         positions = getattr(model.config, 'max_position_embeddings', None)
         if positions is not None and positions < m.max_seq_len:
             raise ConfigError(f'config key model.max_seq_len: {m.max_seq_len} is more than the {positions} positions '

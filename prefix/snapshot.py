@@ -151,19 +151,21 @@ def host_only(obj: Any, what: str) -> Any:
     return obj
 
 
-def copy_into(live: Any, host: Any) -> None:
-    """Copy ``host``'s tensors into the tensors of ``live`` (same structure) on this thread: a read checkpoint's values."""
-    if isinstance(live, torch.Tensor):
+def copy_into(live: Any, host: Any) -> Any:
+    """Copy ``host``'s tensors into ``live``'s (the same structure) on this thread: a checkpoint read into host memory.
+
+    Returns ``host``'s structure holding ``live``'s tensors and ``host``'s other values (those the read replaced).
+    """
+    if isinstance(host, torch.Tensor):
         target = live.to_local() if isinstance(live, DTensor) else live
-        source = host.to_local() if isinstance(host, DTensor) else host
         with torch.no_grad():
-            target.copy_(source)
-    elif isinstance(live, dict):
-        for key, value in live.items():
-            copy_into(value, host[key])
-    elif isinstance(live, (list, tuple)):
-        for a, b in zip(live, host, strict=True):
-            copy_into(a, b)
+            target.copy_(host.to_local() if isinstance(host, DTensor) else host)
+        return live
+    if isinstance(host, dict):
+        return {key: copy_into(live[key], value) for key, value in host.items()}
+    if isinstance(host, (list, tuple)):
+        return type(host)(copy_into(a, b) for a, b in zip(live, host, strict=True))
+    return host
 
 
 # --- structures -----------------------------------------------------------------------------------

@@ -42,7 +42,7 @@ from prefix.errors import ConfigError, PrefixError
 from prefix.fsdp import average_gradients_on_gloo, parallelism_config
 from prefix.journal import Journal
 from prefix.logs import MetricsLogger, tee_output
-from prefix.meta import write_snapshots
+from prefix.meta import gpu_names, write_snapshots
 from prefix.preemption import PREEMPTED_EXIT_CODE, Preempted, PreemptionSignal
 from prefix.rundir import RunDir
 from prefix.runinfo import previous_start, start_count
@@ -54,6 +54,8 @@ USAGE = 'usage: composer [-n N] -m prefix.train CONFIG.yaml [key=value ...]'
 
 def train(cfg: TrainConfig) -> int:
     preemption = PreemptionSignal().install()  # after Composer's import, so it replaces Composer's handler
+    if cfg.deterministic:
+        reproducibility.configure_deterministic_mode()  # before any CUDA work: cuBLAS reads its workspace setting once
     device = DeviceGPU() if torch.cuda.is_available() else DeviceCPU()
     dist.initialize_dist(device, timeout=Duration.parse(cfg.dist_timeout).seconds)
     rank, world_size = dist.get_global_rank(), dist.get_world_size()
@@ -121,8 +123,9 @@ def fit(
     lock: Optional[RunLock],
 ) -> int:
     rank = dist.get_global_rank()
+    gpus = gpu_names()
     git, previous, starts = from_rank_zero(lambda: (
-        write_snapshots(run, config_lib.to_yaml(cfg)), previous_start(run), start_count(run)))
+        write_snapshots(run, config_lib.to_yaml(cfg), gpus), previous_start(run), start_count(run)))
     failures = RankFailures()  # what a callback of this rank hit, until the ranks agree to stop on it
     journal = Journal(run.starts, resume.filename if resume else None, git.get('commit'), previous, failures)
     checkpointer = Checkpointer(run.checkpoints, cfg.checkpoint, config_dict, resume, preemption, failures,
@@ -130,7 +133,7 @@ def fit(
     sharded_resume = resume is not None and resume.shards is not None
 
     trainer = Trainer(
-        **training_args(cfg, train_loader, val_loader, device),
+        **training_args(cfg, train_loader, val_loader, device, initialize=resume is None),
         run_name=cfg.run_name,
         # Resume goes through Composer's autoresume; our Checkpointer writes the files it reads, and
         # loads a sharded checkpoint itself (Composer's autoresume reads whole ones only).
@@ -166,12 +169,13 @@ def fit(
 
 def training_args(
     cfg: TrainConfig, train_loader: StreamingDataLoader, val_loader: StreamingDataLoader, device: Device,
+    initialize: bool = True,
 ) -> dict[str, Any]:
     """The Trainer arguments that make the training math: model, optimizer, schedule, data, precision."""
     # Model: the initial weights depend on the seed alone; under FSDP prefix's GPT is built on the meta
-    # device and every rank initializes only its shards.
+    # device and every rank initializes only its shards; a resume (initialize=False) draws none.
     reproducibility.seed_all(cfg.seed)
-    model = models.build(cfg)
+    model = models.build(cfg, initialize)
     opt = cfg.optimizer
     on_terminal = sys.stderr.isatty()
     return {

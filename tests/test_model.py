@@ -51,3 +51,33 @@ def test_initial_weights_depend_on_the_seed_and_each_name_alone() -> None:
     for module in reversed(list(meta.modules())):  # any order gives the same values
         meta.param_init_fn(module)
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), meta.state_dict().values(), strict=True))
+
+
+def test_rows_of_a_weight_are_drawn_alone_and_equal_those_rows_of_the_whole(monkeypatch) -> None:
+    """What a rank of FSDP draws for its shard: only the chunks its rows overlap, the same values as the whole."""
+    import prefix.model as model_module
+
+    monkeypatch.setattr(model_module, 'CHUNK', 7)  # chunk boundaries inside rows, across rows, at the end
+    linear = torch.nn.Linear(5, 9)
+    whole = model_module.initial_value(linear, 'weight', (9, 5), seed=11)
+    assert whole.shape == (9, 5) and whole.std() > 0
+    for rows in ((0, 9), (0, 3), (3, 6), (6, 9), (4, 5), (5, 5)):
+        assert torch.equal(model_module.initial_value(linear, 'weight', (9, 5), seed=11, rows=rows), whole[rows[0]:rows[1]])
+    assert torch.equal(model_module.initial_value(linear, 'bias', (9,), seed=11, rows=(2, 4)), torch.zeros(2))
+
+
+def test_a_resumed_model_draws_no_initial_weights(monkeypatch) -> None:
+    """A resume loads every weight: drawing them first would cost minutes per rank at the sizes users train."""
+    import prefix.model as model_module
+
+    def refuse(*args, **kwargs):
+        raise AssertionError('an initial value was drawn')
+
+    monkeypatch.setattr(model_module, 'initial_value', refuse)
+    model = ComposerGPT(CFG, seed=3, initialize=False)
+    assert not any(p.is_meta for p in model.parameters()) and model.model.head.weight is model.model.tok_emb.weight
+    with torch.device('meta'):
+        sharded = GPT(CFG, seed=3, initialize=False)
+    sharded.to_empty(device='cpu')
+    for module in sharded.modules():
+        sharded.param_init_fn(module)  # what FSDP calls for each module: nothing to do

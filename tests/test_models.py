@@ -22,13 +22,16 @@ from conftest import (
     faults,
     run_env,
     run_train,
+    signal_ranks,
     starts,
+    step_losses,
     train_cmd,
     wait_for,
 )
 
 from prefix.config import ConfigError, load_config
 from prefix.export import whole_checkpoint
+from prefix.preemption import PREEMPTED_EXIT_CODE
 
 HF_TINY = REPO / 'yamls' / 'hf-gpt2-tiny.yaml'
 STEPS = 24
@@ -134,6 +137,32 @@ def test_hf_gpt2_inline_resumes_bit_exact_and_exports(tmp_path: Path, dataset: P
 @pytest.mark.slow
 def test_hf_llama_inline_resumes_bit_exact(tmp_path: Path, dataset: Path) -> None:
     trained_twice(tmp_path, dataset, LLAMA)
+
+
+@pytest.mark.slow
+def test_hf_llama_under_fsdp_is_built_on_rank_0_and_trains_like_without_fsdp(tmp_path: Path, dataset: Path) -> None:
+    """Rank 0 builds the model whole, rank 1 on the meta device and receives its shards (rotary buffers
+    included); stopped by SIGTERM and resumed, the run's losses are those of the same run without FSDP."""
+    args = hf_args(tmp_path, dataset, LLAMA, 'fsdp={}')
+    run = tmp_path / 'hf-gpt2-tiny'
+    held, release = tmp_path / 'held', tmp_path / 'release'
+    proc = subprocess.Popen(train_cmd(*args, nproc=2), cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env=run_env(**faults(
+                                {'op': 'step', 'step': 8, 'marker': str(held), 'block': True, 'release': str(release)})))
+    wait_for(lambda: held.exists() and len(held.read_text().splitlines()) == 2, proc, 'step 8 on both ranks')
+    signal_ranks(proc, signal.SIGTERM)
+    wait_for(lambda: all('SIGTERM received' in (run / 'logs' / f'rank{r}.log').read_text() for r in (0, 1)), proc)
+    release.touch()
+    assert proc.wait(timeout=300) == PREEMPTED_EXIT_CODE
+    resumed = run_train(*args, nproc=2)
+    assert resumed.returncode == 0, resumed.stdout[-3000:]
+    assert (run / 'logs' / 'rank1.log').read_text().count('Sync Module States across all ranks took') == 2, 'both starts'
+    plain = run_train(*hf_args(tmp_path / 'plain', dataset, LLAMA), nproc=2)
+    assert plain.returncode == 0, plain.stdout[-3000:]
+    got, expected = step_losses(run), step_losses(tmp_path / 'plain' / 'hf-gpt2-tiny')
+    assert sorted(got) == sorted(expected) == list(range(STEPS))
+    worst = max(abs(expected[s] - got[s]) for s in expected)
+    assert worst < 1e-4, f'the same model and samples give the same losses (worst difference {worst})'
 
 
 def tokenizer_and_model(folder: Path) -> None:

@@ -117,10 +117,12 @@ def test_a_checkpoint_read_into_host_memory_is_copied_into_the_live_shards(one_r
     from prefix.snapshot import copy_into
 
     mesh = init_device_mesh('cpu', (1,))
-    live = {'w': distribute_tensor(torch.zeros(4, 3), mesh, [Shard(0)]), 'opt': [torch.zeros(2)]}
+    live = {'w': distribute_tensor(torch.zeros(4, 3), mesh, [Shard(0)]), 'opt': [torch.zeros(2), {'lr': 0.1}]}
     host = HostSnapshot().empty_like(live)
-    host['w'].to_local().copy_(torch.arange(12.0).reshape(4, 3))
+    host['w'].to_local().copy_(torch.arange(12.0).reshape(4, 3))  # what a read puts there
     host['opt'][0].fill_(5)
-    copy_into(live, host)
+    host['opt'][1]['lr'] = 0.5
+    loaded = copy_into(live, host)
+    assert loaded['w'] is live['w'] and loaded['opt'][0] is live['opt'][0] and loaded['opt'][1] == {'lr': 0.5}
     assert torch.equal(live['w'].full_tensor(), torch.arange(12.0).reshape(4, 3))
     assert torch.equal(live['opt'][0], torch.full((2,), 5.0))

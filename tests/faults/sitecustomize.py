@@ -7,8 +7,8 @@ rules; with it unset this module does nothing. A rule:
 - ``op``: ``fsync`` | ``open`` | ``link`` | ``replace`` (the path is the file's), ``step`` (before
   Composer runs ``event`` at the batch count ``step``), ``call`` (``target`` is
   ``module:qualname``, patched right after the module is imported; ``when`` is ``before`` or ``after``),
-  or ``gpu_threads``: ``torch.cuda.is_available()`` answers True on every thread but the main one, as
-  on a GPU host, so a background thread that would use CUDA there fails here (torch has no CUDA);
+  or ``gpu_threads``: ``torch.cuda.is_available()`` and ``device_count()`` say a GPU is there on every
+  thread but the main one, so a background thread that would use CUDA on a GPU host fails here;
 - ``path``: an ``fnmatch`` pattern for the file's name; ``mode``: ``write`` (default) or ``read``, for ``open``;
 - ``rank``: only in the process of that global rank (``RANK``, 0 without a launcher);
 - ``skip``: let that many matches pass first; ``times``: act that many times at most (default: always);
@@ -178,9 +178,11 @@ def _wrap_event(index: int):
 
 
 def _gpu_on_threads(module) -> None:
-    """``torch.cuda.is_available`` says True off the main thread: any CUDA call there raises on this CPU-only torch."""
-    original = module.is_available
-    module.is_available = lambda: threading.current_thread() is not threading.main_thread() or original()
+    """Off the main thread ``torch.cuda`` says a GPU is there (``is_available``, ``device_count``): any CUDA
+    call there then raises on this CPU-only torch."""
+    available, count = module.is_available, module.device_count
+    module.is_available = lambda: threading.current_thread() is not threading.main_thread() or available()
+    module.device_count = lambda: 1 if threading.current_thread() is not threading.main_thread() else count()
 
 
 if RULES:
