@@ -56,7 +56,7 @@ from prefix.duration import Duration
 from prefix.journal import record_checkpoint
 from prefix.preemption import Preempted, PreemptionSignal
 from prefix.runlock import LockLostError, RunLock
-from prefix.snapshot import HostSnapshot, copy_into, host_only
+from prefix.snapshot import HostSnapshot, copy_into
 from prefix.writer import WriteJob
 
 log = logging.getLogger(__name__)
@@ -190,7 +190,7 @@ class Checkpointer(Callback):
         live = shards.tensors_of(state)
         # Read into host memory on a thread (the kept slab of the next snapshots, when there is one), then
         # copied into the live tensors here: the reading thread never touches CUDA.
-        host = host_only(self._host_copies()[0].empty_like(live), 'the shards to read')
+        host = self._host_copies()[0].empty_like(live)
         folder = self.folder / self.resume.shards
         together(lambda: shards.load(host, folder, self.shards_group))[agreement.rank()].get()
         tensors = copy_into(live, host)

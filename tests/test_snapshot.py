@@ -34,22 +34,26 @@ def test_buffers_are_reused_from_one_checkpoint_to_the_next() -> None:
     assert snapshot.nbytes == 16
 
 
-def test_a_shard_is_copied_as_this_ranks_part_of_the_whole(tmp_path) -> None:
-    """FSDP's DTensors: the copy holds this rank's shard, and where it sits in the whole tensor."""
+@pytest.fixture
+def one_rank(tmp_path):
     import torch.distributed as tdist
+
+    tdist.init_process_group('gloo', init_method=f'file://{tmp_path}/store', rank=0, world_size=1)
+    yield
+    tdist.destroy_process_group()
+
+
+def test_a_shard_is_copied_as_this_ranks_part_of_the_whole(one_rank) -> None:
+    """FSDP's DTensors: the copy holds this rank's shard, and where it sits in the whole tensor."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
-    tdist.init_process_group('gloo', init_method=f'file://{tmp_path}/store', rank=0, world_size=1)
-    try:
-        whole = torch.arange(12.0).reshape(4, 3)
-        live = distribute_tensor(whole, init_device_mesh('cpu', (1,)), [Shard(0)])
-        snap = HostSnapshot().copy({'w': live})['w']
-        live.to_local().add_(1)
-        assert isinstance(snap, DTensor) and snap.placements == live.placements and snap.shape == live.shape
-        assert torch.equal(snap.full_tensor(), whole)
-    finally:
-        tdist.destroy_process_group()
+    whole = torch.arange(12.0).reshape(4, 3)
+    live = distribute_tensor(whole, init_device_mesh('cpu', (1,)), [Shard(0)])
+    snap = HostSnapshot().copy({'w': live})['w']
+    live.to_local().add_(1)
+    assert isinstance(snap, DTensor) and snap.placements == live.placements and snap.shape == live.shape
+    assert torch.equal(snap.full_tensor(), whole)
 
 
 def test_one_slab_holds_every_copy_at_its_exact_size_aligned() -> None:
@@ -81,15 +85,6 @@ def test_a_writer_thread_is_handed_host_memory_only() -> None:
     assert host_only({'w': [torch.ones(2)], 'n': 3}, 'state') is not None
     with pytest.raises(AssertionError, match=r'state/w/0: a meta tensor was handed to a writer thread'):
         host_only({'w': [torch.empty(2, device='meta')]}, 'state')
-
-
-@pytest.fixture
-def one_rank(tmp_path):
-    import torch.distributed as tdist
-
-    tdist.init_process_group('gloo', init_method=f'file://{tmp_path}/store', rank=0, world_size=1)
-    yield
-    tdist.destroy_process_group()
 
 
 def test_a_shard_of_a_gpu_mesh_is_copied_into_host_memory_and_stays_there(one_rank) -> None:
