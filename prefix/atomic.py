@@ -1,18 +1,23 @@
 """Crash-safe file replacement: write a temporary file, fsync it, rename it over the target, fsync the folder.
 
 A reader (or a restart after SIGKILL) sees either the old file or the new one, never a torn one.
-The temporary name is fixed per target, so a leftover from a killed write is simply overwritten.
+A temporary file is named for its writer, ``<target>.<tag>.tmp``: two processes that write the same
+target at once (a stalled holder of a run and its successor) each write and rename only their own file.
+The tag is this process's own (``WRITER``) unless the caller names one: checkpoints carry the run
+lock's generation, so that a newcomer can tell which leftovers belong to writers it has fenced.
 """
 
 from __future__ import annotations
 
 import errno
 import os
+import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Optional
 
 TMP_SUFFIX = '.tmp'
+WRITER = f'p{os.getpid()}-{uuid.uuid4().hex[:8]}'  # this process's tag, unique across machines and restarts
 # What os.link raises where a filesystem has no hard links (or no more for this file): copy instead.
 NO_HARD_LINKS = (errno.EPERM, errno.EXDEV, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK)
 
@@ -46,16 +51,24 @@ class _Writer:
         self.f.flush()
 
 
-def temp_path(path: Path) -> Path:
-    return path.with_name(path.name + TMP_SUFFIX)
+def temp_path(path: Path, tag: str = WRITER) -> Path:
+    return path.with_name(f'{path.name}.{tag}{TMP_SUFFIX}')
 
 
-def write_temp(path: Path, write: Callable[[BinaryIO], None]) -> Path:
+def tag_of(name: str) -> Optional[str]:
+    """The writer's tag in a temporary file's name (``latest.pt.7.tmp``: ``7``); None for other names."""
+    if not name.endswith(TMP_SUFFIX):
+        return None
+    stem = name[:-len(TMP_SUFFIX)]
+    return stem.rsplit('.', 1)[1] if '.' in stem else ''
+
+
+def write_temp(path: Path, write: Callable[[BinaryIO], None], tag: str = WRITER) -> Path:
     """Write ``path``'s temporary file with ``write`` and fsync it; ``commit`` then makes it ``path``.
 
     A failed write (full disk, file-size limit) raises the OSError that caused it and leaves no temporary file.
     """
-    tmp = temp_path(path)
+    tmp = temp_path(path, tag)
     try:
         with open(tmp, 'wb', buffering=0) as f:
             writer = _Writer(f)
@@ -78,18 +91,19 @@ def commit(tmp: Path, path: Path) -> None:
     fsync_dir(path.parent)
 
 
-def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
+def atomic_write(path: Path, write: Callable[[BinaryIO], None], tag: str = WRITER) -> None:
     """Replace ``path`` with what ``write`` puts into a fresh file; on error the old file is untouched."""
-    commit(write_temp(path, write), path)
+    commit(write_temp(path, write, tag), path)
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write(path, lambda f: f.write(text.encode()))
+def atomic_write_text(path: Path, text: str, tag: str = WRITER) -> None:
+    atomic_write(path, lambda f: f.write(text.encode()), tag)
 
 
-def atomic_link(src: Path, dst: Path) -> None:
-    """Make ``dst`` name the same bytes as ``src`` (a hard link, or a copy where links are not supported)."""
-    tmp = temp_path(dst)
+def link_temp(src: Path, dst: Path, tag: str = WRITER) -> Path:
+    """A temporary file for ``dst`` with ``src``'s bytes (a hard link, or a copy where links are not supported);
+    ``commit`` then makes it ``dst``."""
+    tmp = temp_path(dst, tag)
     tmp.unlink(missing_ok=True)
     try:
         os.link(src, tmp)
@@ -101,5 +115,9 @@ def atomic_link(src: Path, dst: Path) -> None:
                 d.write(chunk)
             d.flush()
             os.fsync(d.fileno())
-    os.replace(tmp, dst)
-    fsync_dir(dst.parent)
+    return tmp
+
+
+def atomic_link(src: Path, dst: Path, tag: str = WRITER) -> None:
+    """Make ``dst`` name the same bytes as ``src``."""
+    commit(link_temp(src, dst, tag), dst)

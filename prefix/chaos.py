@@ -15,6 +15,7 @@ contract's files. The seed is printed first, so a failure can be replayed with `
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import random
 import re
@@ -81,8 +82,8 @@ def check_contract(run_dir: Path, nproc: int) -> None:
     expected = {'latest.pt', *(f'latest_rank{r}.pt' for r in range(nproc))}
     if stray or not expected <= set(names) or not named <= set(names):
         raise AssertionError(f'checkpoints/ holds {names}: expected {sorted(expected | named)} (+ periodic), no others')
-    if run.lock.exists():
-        raise AssertionError('meta/lock.json was left behind by a completed run')
+    if run.lock.exists() and json.loads(run.lock.read_text()).get('state') != 'released':
+        raise AssertionError('meta/lock.json is still held after the run completed')
 
 
 def compare(reference: Path, run: Path) -> None:

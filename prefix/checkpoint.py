@@ -2,19 +2,23 @@
 
 Files in ``<run>/checkpoints/`` (schema in the README):
 
-- ``latest.pt`` (rank 0): ``{'schema_version', 'global_step', 'tokens_seen', 'config', 'wall_clock',
-  'state'}`` where ``state`` is Composer's own state dict (model, optimizers, schedulers, timestamp,
+- ``latest.pt`` (rank 0): ``{'schema_version', 'generation', 'global_step', 'tokens_seen', 'config',
+  'wall_clock', 'state'}`` where ``state`` is Composer's own state dict (model, optimizers, schedulers, timestamp,
   dataset_state, ...), so Composer's autoresume loads it as it is. Plain data only: it opens with
   ``torch.load(path, weights_only=True)`` and nothing else installed.
 - ``latest_rank{rank}.pt`` (every rank): ``{'schema_version', 'rank', 'world_size', 'global_step',
-  'rng'}`` where ``rng`` maps a step to that rank's torch/CUDA/NumPy/Python RNG states, for this
-  checkpoint's step and the previous one. Rank files are written before ``latest.pt``; a kill
-  between the two leaves ``latest.pt`` at the previous step, whose RNG the rank files still hold.
+  'rng', 'generations'}`` where ``rng`` maps a step to that rank's torch/CUDA/NumPy/Python RNG
+  states, for this checkpoint's step and the previous one, and ``generations`` maps the same steps
+  to the generation of the run lock whose holder wrote that checkpoint. Rank files are written
+  before ``latest.pt``; a kill between the two leaves ``latest.pt`` at the previous step, whose RNG
+  the rank files still hold. A resume uses a rank file's RNG only for the step and generation of the
+  ``latest.pt`` it loads: a rank file a stalled former holder renamed late belongs to no checkpoint.
 - ``periodic.pt`` / ``periodic_rank{rank}.pt``: at most one older checkpoint, hard links to the
   latest files at the step they were taken (no second copy of the bytes).
 
-Every file is replaced atomically (``prefix.atomic``); ``prefix.checkpointer`` decides when, and
-writes them in the background. Composer's own saver is left idle.
+Every file is replaced atomically (``prefix.atomic``), through a temporary file named for the writer's
+generation (``latest.pt.<generation>.tmp``); ``prefix.checkpointer`` decides when, and writes them in
+the background. Composer's own saver is left idle.
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ from composer.utils import dist
 
 from prefix import shards
 from prefix.agreement import together
-from prefix.atomic import TMP_SUFFIX
+from prefix.atomic import tag_of
 from prefix.duration import Duration
 from prefix.errors import PrefixError
 
@@ -136,6 +140,7 @@ class ResumePoint:
     wall_clock: dict[str, float]
     config: dict[str, Any]
     shards: Optional[str] = None  # the folder of the model's and optimizer's shards (sharded format)
+    generation: Optional[int] = None  # of the run lock whose holder wrote it (None: written before prefix kept it)
     rng: Optional[dict[str, Any]] = field(default=None, repr=False)
 
     @property
@@ -172,6 +177,7 @@ def _read_header(path: Path) -> dict[str, Any]:
         'wall_clock': dict(ckpt.get('wall_clock', {})),
         'config': ckpt['config'],
         'shards': ckpt.get('shards'),
+        'generation': ckpt.get('generation'),
     }
 
 
@@ -219,19 +225,33 @@ def _choose_global(folder: Path) -> Optional[dict[str, Any]]:
     return None
 
 
-def remove_leftovers(folder: Path) -> list[Path]:
-    """Delete what killed writers leave behind: ``*.tmp`` files and folders, shard folders no checkpoint
-    names, Composer's autoresume signal files."""
-    leftovers = [p for p in folder.iterdir() if p.name.endswith(TMP_SUFFIX) or p.name.startswith('._signal_file')]
+def generation_of(name: str) -> int:
+    """The generation of the writer of a temporary file (``latest.pt.7.tmp``) or shard folder; -1 when it names
+    none (a process's own tag, or an older prefix's fixed temporary name)."""
+    tag = tag_of(name)
+    if tag is None:
+        return shards.generation_of(name)
+    return int(tag) if tag.isdigit() else -1
+
+
+def remove_leftovers(folder: Path, generation: int) -> list[Path]:
+    """Delete what writers before ``generation`` left behind: temporary files and folders, shard folders no
+    checkpoint names, Composer's autoresume signal files. Never a newer generation's.
+
+    The temporary files go first: once a stalled former holder's temporary file is unlinked, its rename
+    can no longer publish it, so what is read next (the checkpoints and the shards they name) is final.
+    """
+    leftovers = [p for p in folder.iterdir() if p.name.startswith('._signal_file')
+                 or (tag_of(p.name) is not None and generation_of(p.name) < generation)]
     for path in leftovers:
-        log.warning('removing %s, left by an interrupted start', path)
+        log.warning('removing %s, left by an earlier start', path)
         if path.is_dir():
-            shutil.rmtree(path)
+            shutil.rmtree(path, ignore_errors=True)
         else:
             path.unlink(missing_ok=True)
     keep = referenced_shards(folder)
     if keep is not None:
-        for path in shards.remove_unreferenced(folder, keep):
+        for path in shards.remove_unreferenced(folder, keep, generation):
             log.warning('removed %s, which no checkpoint names', path)
     return leftovers
 
@@ -260,12 +280,18 @@ def find_resume_point(folder: Path) -> Optional[ResumePoint]:
     path = rank_file(folder, rank, point.kind)
     try:
         saved = _retrying(path, lambda: (verify_crc(path), safe_load(path))[1])
-        point.rng = saved['rng'].get(point.global_step)
+        written_by = saved.get('generations', {}).get(point.global_step)
+        if point.generation is not None and written_by != point.generation:
+            log.warning('%s was written by generation %s, not by generation %s which wrote %s: it belongs to another '
+                        'checkpoint (a stalled former holder renamed it late); rank %d continues with fresh RNG state',
+                        path, written_by, point.generation, point.filename, rank)
+        else:
+            point.rng = saved['rng'].get(point.global_step)
         if saved['world_size'] != dist.get_world_size():
             log.warning('the run had %d ranks and now has %d: the model, optimizer and data position carry over, '
                         'dropout randomness restarts from rank %d\'s saved state where there is one',
                         saved['world_size'], dist.get_world_size(), rank)
-        if point.rng is None:
+        if point.rng is None and written_by == point.generation:
             log.warning('%s has no RNG state for step %d; continuing with fresh RNG state', path, point.global_step)
     except FileNotFoundError:
         log.warning('%s is missing (the run had fewer ranks before?); rank %d continues with fresh RNG state', path, rank)
@@ -298,7 +324,8 @@ def plain(obj: Any, where: str = 'state') -> Any:
     raise CheckpointError(f'cannot store {where} ({type(obj).__qualname__}) as plain data in a checkpoint')
 
 
-def global_state(state: State, config: dict[str, Any], shards_folder: Optional[str] = None) -> dict[str, Any]:
+def global_state(state: State, config: dict[str, Any], generation: int,
+                 shards_folder: Optional[str] = None) -> dict[str, Any]:
     """The contents of latest.pt: Composer's state dict made plain, plus our header.
 
     With ``shards_folder`` the model and optimizer are left out: they are in that folder (``prefix.shards``).
@@ -308,6 +335,7 @@ def global_state(state: State, config: dict[str, Any], shards_folder: Optional[s
     wall_clock = {k: ts.pop(k).total_seconds() for k in list(ts) if isinstance(ts[k], timedelta)}
     return {
         'schema_version': SCHEMA_VERSION,
+        'generation': generation,
         'global_step': int(state.timestamp.batch),
         'tokens_seen': int(state.timestamp.token),
         'config': config,
@@ -317,9 +345,11 @@ def global_state(state: State, config: dict[str, Any], shards_folder: Optional[s
     }
 
 
-def rank_state(step: int, rng_history: dict[int, dict[str, Any]]) -> dict[str, Any]:
-    """The contents of latest_rank{rank}.pt: this rank's RNG states by step."""
+def rank_state(rng_history: dict[int, tuple[Optional[int], dict[str, Any]]], step: int) -> dict[str, Any]:
+    """The contents of latest_rank{rank}.pt: this rank's RNG states by step, with the generation that wrote each
+    step's checkpoint (``rng_history``: step -> (generation, states))."""
     return {
         'schema_version': SCHEMA_VERSION, 'rank': dist.get_global_rank(), 'world_size': dist.get_world_size(),
-        'global_step': step, 'rng': rng_history,
+        'global_step': step, 'rng': {s: rng for s, (_, rng) in rng_history.items()},
+        'generations': {s: generation for s, (generation, _) in rng_history.items()},
     }

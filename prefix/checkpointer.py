@@ -6,9 +6,15 @@ callbacks, not only the write), is some rank still busy with a phase, is some ra
 checkpoint takes a snapshot of the state (in async mode the only moment training waits: tensors
 are copied to host memory, RNG and dataloader state captured) and hands it to a ``WriteJob``:
 
-1. every rank writes ``latest_rank{r}.pt``; rank 0 writes ``latest.pt``'s temporary file;
-2. once every rank has finished 1, rank 0 renames it to ``latest.pt``: the checkpoint is committed;
-3. once committed, the periodic links, when one is due.
+1. every rank writes the temporary files of ``latest_rank{r}.pt`` (and of its shards); rank 0 that of
+   ``latest.pt``;
+2. once every rank has finished 1, every rank renames its rank file into place (rank 0 the shard folder);
+3. once every rank has finished 2, rank 0 renames ``latest.pt`` into place: the checkpoint is committed;
+4. once committed, the periodic links, when one is due.
+
+Temporary names carry the run lock's generation, and every rename is fenced by the lock's lease:
+rank 0 checks it (``RunLock.fence``) before each of its renames, and releases phases 2 to 4 to the
+other ranks only while its lease is current, so no rank publishes after its run was taken over.
 
 At most one write is in flight. A checkpoint that falls due while the previous write is still
 running waits for it (never skips: the interval bounds the work a kill can cost) and logs the
@@ -36,7 +42,7 @@ from composer.loggers import Logger
 
 from prefix import agreement, shards
 from prefix.agreement import POLL_S, RankFailures, any_rank, together
-from prefix.atomic import atomic_link, atomic_write, commit, temp_path, write_temp
+from prefix.atomic import commit, link_temp, temp_path, write_temp
 from prefix.checkpoint import (
     LATEST,
     PERIODIC,
@@ -107,6 +113,7 @@ class Committed:
     """The newest checkpoint every rank knows ``latest.pt`` holds."""
 
     step: int
+    generation: Optional[int]  # of the run lock whose holder wrote it
     rng: Optional[dict[str, Any]]
 
 
@@ -144,9 +151,11 @@ class Checkpointer(Callback):
         summary: Optional[Path] = None,
         shards_group: Optional[tdist.ProcessGroup] = None,
         lock: Optional[RunLock] = None,
+        generation: int = 0,
     ) -> None:
         self.folder = folder
         self.lock = lock  # rank 0's run lock: a holder that lost it commits nothing more
+        self.generation = generation  # the run lock's, on every rank: it names every file this start writes
         self.sharded = cfg.format == 'sharded'
         self.shards_group = shards_group  # DCP's own collectives (prefix.shards)
         self.summary = summary  # where rank 0 summarizes each committed checkpoint (meta/checkpoint.json)
@@ -161,7 +170,7 @@ class Checkpointer(Callback):
         self.saves: list[SaveRecord] = []
         self._kept = (HostSnapshot(), HostSnapshot())  # asynchronous mode's slabs: this rank's shards, latest.pt's payload
         self._pending: Optional[PendingSave] = None
-        self._committed = Committed(resume.global_step, resume.rng) if resume else None
+        self._committed = Committed(resume.global_step, resume.generation, resume.rng) if resume else None
         self._pending_rng = resume.rng if resume else None
         self._saved_position: Optional[tuple[int, int]] = None  # of the last checkpoint this start took
 
@@ -248,9 +257,13 @@ class Checkpointer(Callback):
         status = pending.job.status() if pending is not None else None
         if pending is not None and status is not None and status.failed:
             assert pending.job.error is not None
+            if self.lock is not None and not self.lock.holds():  # the write failed because the run was taken over
+                self.failures.record('holding the run lock', LockLostError(self.lock.lost))
             self.failures.record(f'writing the checkpoint of step {pending.record.step}', pending.job.error)
+        # Rank 0 holds the next phase back while its lease is not current: every phase after the first publishes.
+        held = self.lock is not None and not self.lock.current()
         *agreed, failed, busy, unfinished = any_rank([
-            *flags, self.failures.failed, bool(status and status.busy), bool(status and not status.done)])
+            *flags, self.failures.failed, bool(status and (status.busy or held)), bool(status and not status.done)])
         if failed:
             self._stop()
         if pending is not None:
@@ -268,7 +281,7 @@ class Checkpointer(Callback):
 
     def _finished(self, pending: PendingSave) -> None:
         self._pending = None
-        self._committed = Committed(pending.record.step, pending.rng)
+        self._committed = Committed(pending.record.step, self.generation, pending.rng)
         record = pending.record
         record.write_s = (pending.job.ended or time.monotonic()) - pending.job.started
         self.saves.append(record)
@@ -281,9 +294,14 @@ class Checkpointer(Callback):
         if pending is not None:
             pending.job.abort()
         newest = self._committed.step if self._committed is not None else None
-        if agreement.gather(pending is not None and pending.record.committed)[0]:
+        committed, lost = agreement.gather((pending is not None and pending.record.committed,
+                                            self.lock is not None and self.lock.lost is not None))[0]
+        if committed:
             newest = pending.record.step  # rank 0 renamed it into place before the failure
         intact = f'the checkpoint of step {newest} is intact' if newest is not None else 'no checkpoint was written yet'
+        if lost:
+            self.failures.stop('another start holds the run now and continues it from the newest checkpoint; this one '
+                               'stopped without publishing anything more')
         self.failures.stop(f'{intact}. Fix the cause, then run the same command again to resume')
 
     # --- saving ---------------------------------------------------------------------------------
@@ -320,13 +338,15 @@ class Checkpointer(Callback):
     def _submit(self, state: State, step: int, periodic: bool, asynchronous: bool) -> PendingSave:
         rank = agreement.rank()
         rng = capture_rng()
-        history: dict[int, Any] = {step: rng}
+        history: dict[int, Any] = {step: (self.generation, rng)}
         committed = self._committed
         if committed is not None and committed.step != step and committed.rng is not None:
-            history[committed.step] = committed.rng
-        name = agreement.gather(shards.new_name(step) if rank == 0 else None)[0] if self.sharded else None  # one folder
+            history[committed.step] = (committed.generation, committed.rng)
+        name = (agreement.gather(shards.new_name(step, self.generation) if rank == 0 else None)[0]  # one folder
+                if self.sharded else None)
         live = shards.tensors_of(state) if self.sharded else None  # this rank's shards
-        payload: Optional[dict[str, Any]] = global_state(state, self.config, name)  # every rank: collective under FSDP
+        # Every rank (a collective under FSDP); rank 0 keeps it.
+        payload: Optional[dict[str, Any]] = global_state(state, self.config, self.generation, name)
         if rank != 0:
             payload = None
         # Host copies, made here on the training thread: the writer thread gets no GPU tensor and nothing
@@ -335,7 +355,7 @@ class Checkpointer(Callback):
         tensors = shard_copy.copy(live) if live is not None else None
         payload = state_copy.copy(payload) if payload is not None else None
         record = SaveRecord(step, periodic, asynchronous)
-        rank_payload = rank_state(step, history)
+        rank_payload = rank_state(history, step)
         phases = self._phases(record, rank_payload, payload, tensors, name, periodic)
         return PendingSave(WriteJob(step, phases, agreement.world_size(), (rank_payload, payload, tensors)), record, rng)
 
@@ -347,22 +367,26 @@ class Checkpointer(Callback):
     def _phases(self, record: SaveRecord, rank_payload: dict[str, Any], payload: Optional[dict[str, Any]],
                 tensors: Optional[dict[str, Any]], shards_name: Optional[str], periodic: bool) -> list:
         rank, world_size = agreement.rank(), agreement.world_size()
-        latest = global_file(self.folder)
+        latest, mine = global_file(self.folder), rank_file(self.folder, rank)
+        tag = str(self.generation)
 
         def write() -> None:
-            path = rank_file(self.folder, rank)
-            atomic_write(path, lambda f: torch.save(rank_payload, f))
-            record.bytes += path.stat().st_size
+            record.bytes += write_temp(mine, lambda f: torch.save(rank_payload, f), tag).stat().st_size
             if tensors is not None and shards_name is not None:  # every rank its shards, whole once all return
-                record.bytes += shards.write(tensors, self.folder / shards_name, self.shards_group)
+                record.bytes += shards.write(tensors, self.folder / shards_name, self.shards_group, tag)
             if payload is not None:
-                record.bytes += write_temp(latest, lambda f: torch.save(payload, f)).stat().st_size
+                record.bytes += write_temp(latest, lambda f: torch.save(payload, f), tag).stat().st_size
+
+        def publish_rank_files() -> None:
+            self._fence()
+            if rank == 0 and shards_name is not None:
+                shards.publish(self.folder / shards_name, tag)
+            commit(temp_path(mine, tag), mine)
 
         def commit_latest() -> None:
             if rank == 0:
-                if self.lock is not None:
-                    self.lock.verify()  # fencing: never commit over a run another process now holds
-                commit(temp_path(latest), latest)
+                self._fence()
+                commit(temp_path(latest, tag), latest)
                 record.committed = True
                 self._remove_rank_files_beyond(world_size, LATEST)
                 self._remove_unreferenced_shards()
@@ -371,13 +395,24 @@ class Checkpointer(Callback):
 
         def link_periodic() -> None:
             if periodic:
-                atomic_link(rank_file(self.folder, rank), rank_file(self.folder, rank, PERIODIC))
+                links = [(mine, rank_file(self.folder, rank, PERIODIC))]
                 if rank == 0:
-                    atomic_link(latest, global_file(self.folder, PERIODIC))
+                    links.append((latest, global_file(self.folder, PERIODIC)))
+                for src, dst in links:
+                    tmp = link_temp(src, dst, tag)
+                    self._fence()
+                    commit(tmp, dst)
+                if rank == 0:
                     self._remove_rank_files_beyond(world_size, PERIODIC)
                     self._remove_unreferenced_shards()
 
-        return [write, commit_latest, link_periodic]
+        return [write, publish_rank_files, commit_latest, link_periodic]
+
+    def _fence(self) -> None:
+        """Rank 0, before each rename that publishes: its lease must be current (the other ranks rename only
+        in phases it released while it was)."""
+        if self.lock is not None:
+            self.lock.fence()
 
     def _report(self, record: SaveRecord) -> None:
         how = 'in the background' if record.asynchronous else 'synchronously'
@@ -393,7 +428,7 @@ class Checkpointer(Callback):
         """Rank 0, once latest.pt or periodic.pt moved on: the shard folder neither names any more goes."""
         keep = referenced_shards(self.folder)
         if keep is not None:
-            shards.remove_unreferenced(self.folder, keep)
+            shards.remove_unreferenced(self.folder, keep, self.generation)
 
     def _remove_rank_files_beyond(self, world_size: int, kind: str) -> None:
         """Rank files of ranks a smaller world no longer has belong to no checkpoint once the global file moved on."""

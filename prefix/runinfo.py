@@ -49,11 +49,15 @@ def previous_start(run: RunDir) -> tuple[Optional[str], Optional[int]]:
 
 
 def lock_state(run: RunDir) -> Optional[float]:
-    """Seconds since the run's lock was last rewritten by its holder, or None when no lock exists."""
+    """Seconds since the run's lock was last rewritten by its holder, or None when no process holds it."""
     try:
-        return max(0.0, time.time() - run.lock.stat().st_mtime)
+        age = max(0.0, time.time() - run.lock.stat().st_mtime)
+        released = json.loads(run.lock.read_text()).get('state') == 'released'
     except FileNotFoundError:
         return None
+    except (OSError, ValueError, AttributeError):
+        released = False  # being rewritten, or torn: its age still tells
+    return None if released else age
 
 
 @dataclass

@@ -1,26 +1,38 @@
-"""One live writer per run directory, on a local disk or a network volume shared by several pods.
+"""One live writer per run directory, on a local disk or a network volume shared by several pods,
+even when the volume or the holder stalls.
 
-The holder (global rank 0) records itself in ``meta/lock.json`` and rewrites it with a fresh beat
-counter every few seconds. A newcomer that finds the file decides whether its holder is alive without
-trusting clocks across machines:
+Who holds the lock is decided by claims: ``lock.claim-<generation>``, created exclusively and holding
+the creator's token. Of two newcomers, exactly one creates a generation's claim; the highest claim's
+owner holds the run, and every generation is owned by one process only. ``lock.json`` is the holder's
+heartbeat: its record (who, where, ``beat``, ``state``), rewritten every ``BEAT_S`` seconds.
 
-- the same boot of the same machine and the same PID namespace: the holder's pid, with its start
-  time (a reused pid is another process), is alive or not, at once;
-- anywhere else (another pod, another container on the host, a reboot): it watches the file for
-  ``window`` seconds; a live holder beats in that time, a dead one does not.
+A newcomer decides whether the holder is alive without trusting clocks across machines:
 
-Taking over is decided by an exclusive create of ``lock.claim-<generation>``: of two newcomers that
-found the same dead holder, exactly one creates the next generation's claim. The generation is a
-fencing token: the holder re-reads the file before every commit (``verify``) and on every beat, and
-a holder that finds another's token there has lost the lock and must stop (``lost``).
+- a record that is the highest claim's own, from the same boot of the same machine and the same PID
+  namespace (all three known): the holder's pid, with its start time, is alive or not, at once;
+- anything else (another pod, another container, a record that cannot be read or is not the
+  highest claim's): it watches ``lock.json`` and the claims for ``WINDOW_S`` seconds; a live holder
+  beats in that time, a dead one does not. Having taken over a holder that may be alive only
+  stalled, it waits one more window before it returns (the quarantine, below).
 
-A holder asked to stop (SIGTERM) marks the lock ``stopping`` while it saves. A newcomer waits for a
-stopping holder, and for a live one too when a cluster started it (``wait_for_live``: a replacement
-pod can start while the old one is still in its grace period), up to ``wait`` seconds, logging every
-few seconds; then it takes over a lock that stopped beating, or fails naming the holder.
+The lease. The holder counts a renewal from the moment it started it (before it checked its claim
+and wrote the beat), on its own monotonic clock, and publishes nothing (``fence``) once
+``WINDOW_S - MARGIN_S`` seconds have passed without a successful one. A newcomer claims only after
+``WINDOW_S`` seconds in which no beat landed, so every renewal the holder can count started before
+that watch began or is seen by it; and a renewal that lands after the watch ended started before
+the claim, so the holder's lease ends less than ``WINDOW_S - MARGIN_S`` seconds after the claim. The
+quarantine makes the newcomer return only ``WINDOW_S`` seconds after its claim: by then the old
+holder cannot pass a fence, with ``MARGIN_S`` seconds to spare for a rename that passed one just in
+time. The beat runs on its own thread and does no checkpoint I/O: a stalled checkpoint write never
+stalls it, and a stalled beat stops the commits.
 
-Files are re-opened on every read, so NFS close-to-open consistency shows the newest content; a
-read that fails is tried again before anything is concluded from it.
+A holder asked to stop (SIGTERM) marks the lock ``stopping`` while it saves, and ``released`` when
+it exits. A newcomer waits for a stopping holder, and for a live one too when a cluster started it
+(``wait_for_live``: a replacement pod can start while the old one is still in its grace period), up
+to ``wait`` seconds, logging every few seconds; then it takes over a lock that stopped beating, or
+fails naming the holder.
+
+Files are re-opened on every read, so NFS close-to-open consistency shows the newest content.
 """
 
 from __future__ import annotations
@@ -37,14 +49,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Optional
 
-from prefix.atomic import atomic_write_text
+from prefix.atomic import TMP_SUFFIX, WRITER, atomic_write_text, tag_of
 from prefix.errors import PrefixError
 from prefix.process import boot_id, pid_namespace, start_ticks
 
 log = logging.getLogger(__name__)
 
+BEAT_S = 4.0  # how often the holder renews its lease
+WINDOW_S = 13.0  # how long a newcomer watches a silent lock before it takes it over
+MARGIN_S = 4.0  # the holder stops publishing this much sooner than a newcomer may take over
 CLAIM = re.compile(r'^lock\.claim-(\d+)$')
-READ_TRIES = 3
 
 
 class RunLockedError(PrefixError):
@@ -52,73 +66,97 @@ class RunLockedError(PrefixError):
 
 
 class LockLostError(RuntimeError):
-    """This process held the run's lock and another has taken it: it must write nothing more."""
+    """This process held the run's lock and another has taken it: it must publish nothing more."""
 
 
 class RunLock:
-    def __init__(self, path: Path, beat_seconds: float = 4.0, window: float = 13.0, wait: float = 0.0,
-                 wait_for_live: bool = False, stopping: Callable[[], bool] = lambda: False) -> None:
+    def __init__(self, path: Path, wait: float = 0.0, wait_for_live: bool = False,
+                 stopping: Callable[[], bool] = lambda: False, beat_seconds: Optional[float] = None,
+                 window: Optional[float] = None, margin: Optional[float] = None) -> None:
+        """Timings default to the module's (read now, not at import: a test may shorten them)."""
         self.path = path
-        self.beat_seconds = beat_seconds
-        self.window = window
+        self.beat_seconds = BEAT_S if beat_seconds is None else beat_seconds
+        self.window = WINDOW_S if window is None else window
+        self.margin = MARGIN_S if margin is None else margin
         self.wait = wait
         self.wait_for_live = wait_for_live
         self.stopping = stopping
         self.token = uuid.uuid4().hex
+        self.generation = 0
         self.info: dict[str, Any] = {
             'token': self.token, 'generation': 0, 'host': socket.gethostname(), 'boot_id': boot_id(),
             'pid_ns': pid_namespace(), 'pid': os.getpid(), 'pid_start': start_ticks(os.getpid()),
             'since': time.strftime('%Y-%m-%dT%H:%M:%S%z'), 'beat': 0, 'state': 'running',
         }
         self.lost: Optional[str] = None  # why this process no longer holds the lock
+        self.renewed = float('-inf')  # monotonic start of the last successful renewal
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
+        self._waiting_logged = 0.0
 
     # --- reading --------------------------------------------------------------------------------
 
-    def _read_once(self) -> Optional[dict[str, Any]]:
+    def _raw(self) -> Optional[bytes]:
+        """``lock.json``'s bytes (None: no such file); a read that fails counts as unreadable, not as absent."""
         try:
-            with open(self.path) as f:
-                return json.loads(f.read())
+            return self.path.read_bytes()
         except FileNotFoundError:
             return None
+        except OSError as e:
+            log.warning('reading %s failed (%s)', self.path, e)
+            return b''
 
-    def _read(self) -> Optional[dict[str, Any]]:
-        """The holder's record (None: no lock); a failed read or a torn record is tried again, then raised."""
-        for attempt in range(READ_TRIES):
-            try:
-                record = self._read_once()
-                if record is None or isinstance(record, dict):
-                    return record
-                raise ValueError(f'{self.path} does not hold a record')
-            except (OSError, ValueError) as e:
-                if attempt == READ_TRIES - 1:
-                    raise
-                log.warning('reading %s failed (%s); trying again', self.path, e)
-                time.sleep(0.2 * (attempt + 1))
-        raise AssertionError('unreachable')
-
-    def _holder_alive(self, holder: dict[str, Any]) -> bool:
-        """Certain on the holder's own boot and PID namespace; elsewhere the file must go quiet for ``window`` seconds."""
-        if holder.get('boot_id') == self.info['boot_id'] and holder.get('pid_ns') == self.info['pid_ns'] \
-                and holder.get('pid'):
-            return start_ticks(int(holder['pid'])) == holder.get('pid_start')
-        deadline = time.monotonic() + self.window
-        log.warning('%s is held by pid %s on %s; watching it for up to %.0fs to see whether that process is alive',
-                    self.path, holder.get('pid'), holder.get('host'), self.window)
-        while time.monotonic() < deadline:
-            time.sleep(min(1.0, self.beat_seconds / 4))
-            try:
-                if self._read() != holder:
-                    return True
-            except (OSError, ValueError):
-                return True  # being rewritten: someone is there
-        return False
-
-    # --- taking it ------------------------------------------------------------------------------
+    @staticmethod
+    def _record(raw: Optional[bytes]) -> Optional[dict[str, Any]]:
+        """The record in ``raw``; None when absent, torn, empty or not a record."""
+        try:
+            record = json.loads(raw) if raw else None
+        except ValueError:
+            return None
+        return record if isinstance(record, dict) else None
 
     def _claims(self) -> dict[int, Path]:
         return {int(m.group(1)): p for p in self.path.parent.iterdir() if (m := CLAIM.match(p.name))}
+
+    @staticmethod
+    def _owner(claim: Path) -> Optional[str]:
+        """The token in a claim; None once it is gone (a failed read raises)."""
+        try:
+            return claim.read_text()
+        except FileNotFoundError:
+            return None
+
+    def _view(self) -> tuple[Optional[bytes], int, Optional[dict[str, Any]]]:
+        """``lock.json``'s bytes, the highest claimed generation, and the record when it is that claim's own."""
+        raw = self._raw()
+        claims = self._claims()
+        top = max(claims, default=0)
+        record = self._record(raw)
+        try:
+            owner = self._owner(claims[top]) if top else None
+        except OSError:
+            owner = None
+        if record is not None and not (owner and record.get('generation') == top and record.get('token') == owner):
+            record = None  # not the highest claim's: a stale or half-made record says nothing of the holder
+        return raw, top, record
+
+    def _same_process_space(self, record: dict[str, Any]) -> bool:
+        """Whether the record's pid means a process here: the same boot and PID namespace, all known."""
+        mine = (self.info['boot_id'], self.info['pid_ns'])
+        return all(mine) and (record.get('boot_id'), record.get('pid_ns')) == mine and bool(record.get('pid'))
+
+    def _silent(self, raw: Optional[bytes], top: int, who: str) -> bool:
+        """Watch ``lock.json`` and the claims for ``window`` seconds: whether nothing changed (the holder is gone)."""
+        log.warning('%s: watching %s for up to %.0fs to see whether it is alive', who, self.path, self.window)
+        deadline = time.monotonic() + self.window
+        while True:
+            time.sleep(min(1.0, self.beat_seconds / 4))
+            if self._raw() != raw or max(self._claims(), default=0) != top:
+                return False
+            if time.monotonic() >= deadline:  # the last read came after the whole window
+                return True
+
+    # --- taking it ------------------------------------------------------------------------------
 
     def _claim(self, generation: int) -> bool:
         """Exclusive: of all newcomers, one creates this generation's claim."""
@@ -135,50 +173,73 @@ class RunLock:
     def acquire(self) -> RunLock:
         waited_since: Optional[float] = None
         logged = 0.0
-        pending_since: Optional[float] = None  # a newer claim seen without its lock.json yet
         while True:
-            holder = self._read()
-            current = int(holder.get('generation', 0)) if holder else 0
-            newer = {g: p for g, p in self._claims().items() if g > current}
-            if newer:  # another newcomer is taking it: it writes lock.json next, unless it died in between
-                pending_since = pending_since or time.monotonic()
-                if time.monotonic() - pending_since > self.window:
-                    for claim in newer.values():
-                        claim.unlink(missing_ok=True)
-                    pending_since = None
-                time.sleep(0.2)
-                continue
-            pending_since = None
-            if holder and self._holder_alive(holder):
-                if not (holder.get('state') == 'stopping' or self.wait_for_live) or self.wait <= 0:
-                    raise RunLockedError(self._in_use(holder))
-                now = time.monotonic()
-                waited_since = waited_since or now
-                if now - waited_since > self.wait:
-                    raise RunLockedError(f'{self._in_use(holder)}; waited {self.wait:.0f}s for it to stop')
-                if now - logged >= 5:
-                    what = 'saving after SIGTERM' if holder.get('state') == 'stopping' else 'still running'
-                    log.warning('run directory %s is held by pid %s on host %s (%s); waiting up to %.0fs more for it '
-                                'to stop', self.path.parent.parent, holder.get('pid'), holder.get('host'), what,
-                                self.wait - (now - waited_since))
-                    logged = now
-                time.sleep(1.0)
-                continue
-            if holder:
-                log.warning('taking over the lock of pid %s on %s, which is gone', holder.get('pid'), holder.get('host'))
-            if not self._claim(current + 1):
+            raw, top, record = self._view()
+            fenced = False  # whether the previous holder may be alive: then it is waited out after the claim
+            if record is not None and record.get('state') == 'released':
+                pass  # the last holder exited cleanly
+            elif raw is None and not top:
+                pass  # a new run
+            elif record is not None and self._same_process_space(record):
+                if start_ticks(int(record['pid'])) == record.get('pid_start'):
+                    waited_since, logged = self._refuse_or_wait(record, waited_since, logged)
+                    continue
+                log.warning('taking over the lock of pid %s, which is gone', record.get('pid'))
+            else:
+                who = (f'{self.path} is held by pid {record.get("pid")} on {record.get("host")}' if record is not None
+                       else f'{self.path} has no readable record of its holder (generation {top})')
+                if not self._silent(raw, top, who):
+                    if record is not None and record.get('state') != 'released':
+                        fresh = self._view()[2] or record
+                        waited_since, logged = self._refuse_or_wait(fresh, waited_since, logged)
+                    continue
+                log.warning('%s and did not beat for %.0fs: taking it over', who, self.window)
+                fenced = True
+            if not self._claim(top + 1):
                 continue  # another newcomer won this generation
-            self.info['generation'] = current + 1
-            atomic_write_text(self.path, json.dumps(self.info))
-            for generation, claim in self._claims().items():
-                if generation <= current:
-                    claim.unlink(missing_ok=True)
-            self._thread = threading.Thread(target=self._beat, name='prefix-run-lock', daemon=True)
-            self._thread.start()
+            self._hold(top + 1)
+            if fenced:
+                log.warning('waiting %.0fs before using the run, so that the previous holder, if it is only stalled, '
+                            'can no longer commit', self.window)
+                time.sleep(self.window)
+            if self.lost is not None:
+                raise RunLockedError(f'{self.lost} while this start was taking it')
             return self
 
-    def _claim_path(self, generation: int) -> Path:
-        return self.path.parent / f'lock.claim-{generation}'
+    def _hold(self, generation: int) -> None:
+        self.generation = self.info['generation'] = generation
+        self.renewed = time.monotonic()
+        atomic_write_text(self.path, json.dumps(self.info), self._tag)
+        for older, claim in self._claims().items():
+            if older < generation:
+                claim.unlink(missing_ok=True)
+        for leftover in self.path.parent.glob(f'*{TMP_SUFFIX}'):
+            if tag_of(leftover.name) not in (self._tag, WRITER):
+                leftover.unlink(missing_ok=True)  # what earlier holders' writes left in this folder
+        self._thread = threading.Thread(target=self._beat, name='prefix-run-lock', daemon=True)
+        self._thread.start()
+
+    @property
+    def _tag(self) -> str:
+        return self.token[:12]
+
+    def _refuse_or_wait(self, holder: dict[str, Any], waited_since: Optional[float],
+                        logged: float) -> tuple[Optional[float], float]:
+        """A live holder: refuse at once, or wait for it (a stopping one, or any in a pod) up to ``wait`` seconds."""
+        if not (holder.get('state') == 'stopping' or self.wait_for_live) or self.wait <= 0:
+            raise RunLockedError(self._in_use(holder))
+        now = time.monotonic()
+        waited_since = waited_since or now
+        if now - waited_since > self.wait:
+            raise RunLockedError(f'{self._in_use(holder)}; waited {self.wait:.0f}s for it to stop')
+        if now - logged >= 5:
+            what = 'saving after SIGTERM' if holder.get('state') == 'stopping' else 'still running'
+            log.warning('run directory %s is held by pid %s on host %s (%s); waiting up to %.0fs more for it '
+                        'to stop', self.path.parent.parent, holder.get('pid'), holder.get('host'), what,
+                        self.wait - (now - waited_since))
+            logged = now
+        time.sleep(1.0)
+        return waited_since, logged
 
     def _in_use(self, holder: dict[str, Any]) -> str:
         return (f'run directory {self.path.parent.parent} is in use by pid {holder.get("pid")} on host '
@@ -186,41 +247,73 @@ class RunLock:
 
     # --- holding it -----------------------------------------------------------------------------
 
-    def _beat(self) -> None:
-        while not self._stop.wait(self.beat_seconds):
-            try:
-                holder = self._read()
-            except (OSError, ValueError) as e:
-                log.warning('cannot read %s (%s); trying again at the next beat', self.path, e)
-                continue
-            if not holder or holder.get('token') != self.token:
-                self.lost = (f'the run lock {self.path} was taken over by pid {(holder or {}).get("pid")} on host '
-                             f'{(holder or {}).get("host")}')
-                log.error('%s: this process must write nothing more', self.lost)
-                return
-            self.info['beat'] += 1
-            self.info['state'] = 'stopping' if self.stopping() else 'running'
-            try:
-                atomic_write_text(self.path, json.dumps(self.info))
-            except OSError as e:
-                log.warning('cannot refresh %s: %s', self.path, e)
+    def _check(self) -> None:
+        """Set ``lost`` if a newer claim exists or this generation's claim is not this process's (raises OSError)."""
+        claims = self._claims()
+        top = max(claims, default=0)
+        mine = claims.get(self.generation)
+        if top > self.generation or mine is None or self._owner(mine) != self.token:
+            record = self._record(self._raw()) or {}
+            self.lost = (f'the run lock {self.path} was taken over (generation {top}) by pid {record.get("pid")} on '
+                         f'host {record.get("host")}')
+            log.error('%s: this process must publish nothing more', self.lost)
 
-    def verify(self) -> None:
-        """Raise LockLostError unless the lock is still this process's (called before every commit)."""
+    def _beat(self) -> None:
+        while not self._stop.wait(self.beat_seconds) and self.lost is None:
+            started = time.monotonic()
+            try:
+                self._check()
+                if self.lost is not None:
+                    return
+                self.info['beat'] += 1
+                self.info['state'] = 'stopping' if self.stopping() else 'running'
+                atomic_write_text(self.path, json.dumps(self.info), self._tag)
+            except OSError as e:
+                log.warning('cannot renew the run lock %s (%s); trying again at the next beat', self.path, e)
+                continue
+            self.renewed = started
+
+    def holds(self) -> bool:
+        """Whether no other process has taken the lock, read now (a read that fails says nothing: True)."""
         if self.lost is None:
-            holder = self._read()
-            if not holder or holder.get('token') != self.token:
-                self.lost = (f'the run lock {self.path} was taken over by pid {(holder or {}).get("pid")} on host '
-                             f'{(holder or {}).get("host")}')
-        if self.lost is not None:
-            raise LockLostError(self.lost)
+            try:
+                self._check()
+            except OSError:
+                pass
+        return self.lost is None
+
+    def current(self) -> bool:
+        """Whether the lease is provably this process's now (no I/O: the training thread asks it every step)."""
+        return self.lost is None and time.monotonic() < self.renewed + self.window - self.margin
+
+    def fence(self) -> None:
+        """Before every rename that publishes: wait while the lease is not current; raise LockLostError once lost."""
+        while True:
+            try:
+                self._check()  # also while waiting: a holder whose lease lapsed learns of a takeover
+            except OSError as e:
+                log.warning('cannot read the run lock %s before a commit (%s); trying again', self.path, e)
+            if self.lost is not None:
+                raise LockLostError(self.lost)
+            if self.current():
+                return
+            now = time.monotonic()
+            if now - self._waiting_logged >= 10:
+                log.warning('a commit waits for the run lock %s to be renewed (last renewed %.0fs ago)',
+                            self.path, now - self.renewed)
+                self._waiting_logged = now
+            time.sleep(self.beat_seconds / 4)
 
     def release(self) -> None:
+        """Mark the lock released (the next start takes it at once); its claim stays, so generations only grow."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
-        if self.lost is None:
-            holder = self._read_once()
-            if holder and holder.get('token') == self.token:
-                self.path.unlink(missing_ok=True)
-                self._claim_path(self.info['generation']).unlink(missing_ok=True)
+        if self.lost is None and self.generation:
+            try:
+                self._check()
+                if self.lost is None:
+                    self.info['state'] = 'released'
+                    atomic_write_text(self.path, json.dumps(self.info), self._tag)
+            except OSError as e:
+                log.warning('cannot mark the run lock %s released (%s): the next start watches it first', self.path, e)

@@ -1,16 +1,18 @@
 """Sharded checkpoints: the model and optimizer of an FSDP run in a folder that every rank writes its shards to.
 
-A checkpoint's tensors go to ``checkpoints/shards-<step>-<token>/`` through PyTorch's distributed
-checkpoint (DCP): each rank writes its own files, rank 0 the ``.metadata`` that indexes them, and a
-later start with any number of ranks reads back the pieces it holds now (DCP reshards). The folder
-is written as ``<name>.tmp`` and renamed once complete; ``latest.pt`` (written by rank 0, the commit
-point) names it, so a folder is never named before it is whole. DCP's own collectives run on a gloo
+A checkpoint's tensors go to ``checkpoints/shards-<step>-g<generation>-<token>/`` through PyTorch's
+distributed checkpoint (DCP): each rank writes its own files, rank 0 the ``.metadata`` that indexes
+them, and a later start with any number of ranks reads back the pieces it holds now (DCP reshards).
+The folder is written as ``<name>.<generation>.tmp`` and renamed (``publish``) once every rank has
+written it; ``latest.pt`` (written by rank 0, the commit point) names it, so a folder is never named
+before it is whole. DCP's own collectives run on a gloo
 group of their own, off the training thread, so a slow disk never holds a training collective.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import uuid
 from datetime import timedelta
@@ -25,18 +27,25 @@ from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlan
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
 from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
-from prefix.atomic import TMP_SUFFIX, fsync_dir
+from prefix.atomic import fsync_dir, tag_of, temp_path
 
 PREFIX = 'shards-'
+GENERATION = re.compile(r'^shards-\d+-g(\d+)-')
 METADATA = '.metadata'
 # DCP waits for every rank's writes inside its own collectives (on this group, on a writer thread):
 # long enough for a 100 GB checkpoint on a slow volume, short enough that a lost rank is noticed.
 GROUP_TIMEOUT = timedelta(hours=2)
 
 
-def new_name(step: int) -> str:
-    """A folder name no earlier checkpoint has: two checkpoints can be taken at one step (an epoch's end)."""
-    return f'{PREFIX}{step:09d}-{uuid.uuid4().hex[:8]}'
+def new_name(step: int, generation: int) -> str:
+    """A folder name no earlier checkpoint has (two can be taken at one step, an epoch's end), naming its writer."""
+    return f'{PREFIX}{step:09d}-g{generation}-{uuid.uuid4().hex[:8]}'
+
+
+def generation_of(name: str) -> int:
+    """The generation that wrote a shard folder; -1 for other names and folders of an older prefix."""
+    match = GENERATION.match(name)
+    return int(match.group(1)) if match else -1
 
 
 def checkpoint_group() -> Optional[tdist.ProcessGroup]:
@@ -46,23 +55,26 @@ def checkpoint_group() -> Optional[tdist.ProcessGroup]:
     return tdist.new_group(backend='gloo', timeout=GROUP_TIMEOUT)
 
 
-def write(tensors: dict[str, Any], folder: Path, group: Optional[tdist.ProcessGroup]) -> int:
-    """Every rank: write this rank's shards of ``tensors`` (host memory) into ``folder`` (through ``<folder>.tmp``); its bytes.
+def write(tensors: dict[str, Any], folder: Path, group: Optional[tdist.ProcessGroup], tag: str) -> int:
+    """Every rank: write this rank's shards of ``tensors`` (host memory) into ``folder``'s temporary folder; its bytes.
 
-    Returns once every rank has written (DCP gathers on ``group``); rank 0 then renames the folder into place.
+    Returns once every rank has written (DCP gathers on ``group``); rank 0 then ``publish``es the folder.
     """
-    tmp = folder.with_name(folder.name + TMP_SUFFIX)
+    tmp = temp_path(folder, tag)
     # per_thread_copy_ahead=0: the tensors are in host memory already, and DCP's copy-ahead loader would
     # take this thread's current CUDA stream (GPU 0's, on a writer thread) on any host with a GPU.
     writer = dcp.FileSystemWriter(tmp, sync_files=True, per_thread_copy_ahead=0)
     metadata = dcp.save(tensors, storage_writer=writer, process_group=group, no_dist=group is None)
     rank = tdist.get_rank(group) if group is not None else 0
-    written = sum(info.length for info in metadata.storage_data.values() if info.relative_path.startswith(f'__{rank}_'))
-    if rank == 0:
-        fsync_dir(tmp)
-        os.replace(tmp, folder)
-        fsync_dir(folder.parent)
-    return written
+    return sum(info.length for info in metadata.storage_data.values() if info.relative_path.startswith(f'__{rank}_'))
+
+
+def publish(folder: Path, tag: str) -> None:
+    """Rank 0, once every rank has written: rename the temporary folder into place, durably."""
+    tmp = temp_path(folder, tag)
+    fsync_dir(tmp)
+    os.replace(tmp, folder)
+    fsync_dir(folder.parent)
 
 
 def check(folder: Path) -> None:
@@ -96,9 +108,11 @@ def read_whole(folder: Path) -> dict[str, Any]:
     return tensors
 
 
-def remove_unreferenced(checkpoints: Path, keep: set[str]) -> list[Path]:
-    """Delete shard folders that no checkpoint names (older ones, and those of killed writes)."""
-    gone = [p for p in checkpoints.glob(f'{PREFIX}*') if p.is_dir() and p.name not in keep]
+def remove_unreferenced(checkpoints: Path, keep: set[str], generation: int) -> list[Path]:
+    """Delete the shard folders of ``generation`` and older that no checkpoint names (older ones, those of killed
+    writes); never a newer generation's, which its holder is about to name."""
+    gone = [p for p in checkpoints.glob(f'{PREFIX}*') if p.is_dir() and p.name not in keep
+            and tag_of(p.name) is None and generation_of(p.name) <= generation]
     for path in gone:
         shutil.rmtree(path, ignore_errors=True)
     return gone

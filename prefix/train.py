@@ -78,10 +78,10 @@ def train(cfg: TrainConfig) -> int:
     # One live process per run directory; then what a killed predecessor left, and where to resume.
     # Rank 0's file work runs while the other ranks poll it (from_rank_zero): no collective waits on a disk.
     run = RunDir.for_run(cfg.runs_root, cfg.run_name).create()
-    lock = acquire_on_rank_zero(run.lock, Duration.parse(cfg.lock_wait).seconds, preemption)
+    lock, generation = acquire_on_rank_zero(run.lock, Duration.parse(cfg.lock_wait).seconds, preemption)
     try:
         tee_output(run.console(rank))
-        from_rank_zero(lambda: remove_leftovers(run.checkpoints))
+        from_rank_zero(lambda: remove_leftovers(run.checkpoints, generation))
         resume = find_resume_point(run.checkpoints)
         config_dict = config_lib.to_dict(cfg)
         if resume is not None:
@@ -91,24 +91,24 @@ def train(cfg: TrainConfig) -> int:
                 print(f'run {cfg.run_name} is already complete: step {resume.global_step} reached '
                       f'max_duration={cfg.max_duration} ({run.root}); nothing to do', flush=True)
             return 0
-        return fit(cfg, config_dict, run, resume, train_loader, val_loader, device, preemption, lock)
+        return fit(cfg, config_dict, run, resume, train_loader, val_loader, device, preemption, lock, generation)
     finally:
         if lock is not None:
             lock.release()
         preemption.ignore()  # what is left is exiting: a launcher's SIGTERM to a rank still exiting must not kill it
 
 
-def acquire_on_rank_zero(path: Path, wait: float, preemption: PreemptionSignal) -> Optional[RunLock]:
-    """Rank 0 takes the run lock (which can mean waiting minutes for a predecessor); every rank learns whether it may go on.
+def acquire_on_rank_zero(path: Path, wait: float, preemption: PreemptionSignal) -> tuple[Optional[RunLock], int]:
+    """Rank 0 takes the run lock (which can mean waiting minutes for a predecessor); every rank learns whether it
+    may go on, and the lock's generation, which names every file this start writes.
 
     A start in a pod (``PREFIX_POD``, set by runai/pod_train.sh) waits for a live holder too: it is the
     replacement of a pod that may still be in its grace period.
     """
-    taken: list[RunLock] = []
     lock = RunLock(path, wait=wait, wait_for_live='PREFIX_POD' in os.environ,
                    stopping=lambda: preemption.requested)
-    from_rank_zero(lambda: taken.append(lock.acquire()))
-    return taken[0] if taken else None
+    generation = from_rank_zero(lambda: lock.acquire().generation)
+    return (lock if dist.get_global_rank() == 0 else None), generation
 
 
 def fit(
@@ -121,6 +121,7 @@ def fit(
     device: Device,
     preemption: PreemptionSignal,
     lock: Optional[RunLock],
+    generation: int,
 ) -> int:
     rank = dist.get_global_rank()
     gpus = gpu_names()
@@ -129,7 +130,7 @@ def fit(
     failures = RankFailures()  # what a callback of this rank hit, until the ranks agree to stop on it
     journal = Journal(run.starts, resume.filename if resume else None, git.get('commit'), previous, failures)
     checkpointer = Checkpointer(run.checkpoints, cfg.checkpoint, config_dict, resume, preemption, failures,
-                                run.checkpoint_summary, checkpoint_group(), lock)
+                                run.checkpoint_summary, checkpoint_group(), lock, generation)
     sharded_resume = resume is not None and resume.shards is not None
 
     trainer = Trainer(

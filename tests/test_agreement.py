@@ -64,9 +64,9 @@ def start(args: list[str], env: dict[str, str]) -> subprocess.Popen:
 
 # Each fault fails on one rank only, at a chosen checkpoint; ``intact`` is the step the message must name.
 ONE_RANK_FAILURES = {
-    'periodic link of rank 0': ({'op': 'link', 'path': 'periodic.pt.tmp', 'rank': 0, 'error': 'ENOSPC'}, 0,
+    'periodic link of rank 0': ({'op': 'link', 'path': 'periodic.pt.*.tmp', 'rank': 0, 'error': 'ENOSPC'}, 0,
                                 'rank 0 failed writing the checkpoint of step 20: No space left on device', 20),
-    'rank file of rank 1': ({'op': 'open', 'path': 'latest_rank1.pt.tmp', 'rank': 1, 'error': 'ENOSPC', 'skip': 2}, 1,
+    'rank file of rank 1': ({'op': 'open', 'path': 'latest_rank1.pt.*.tmp', 'rank': 1, 'error': 'ENOSPC', 'skip': 2}, 1,
                             'rank 1 failed writing the checkpoint of step 15: No space left on device', 10),
     'snapshot of rank 0': ({'op': 'call', 'target': 'prefix.snapshot:HostSnapshot.copy', 'rank': 0,
                             'error': 'MemoryError', 'skip': 1}, 0,
@@ -126,7 +126,7 @@ def test_a_failed_start_record_on_rank_0_stops_every_rank_before_any_checkpoint(
 def test_checkpoints_slower_than_the_collective_timeout(tmp_path: Path, dataset: Path, reference, async_write: str) -> None:
     """Every write of latest.pt and the resume's read of it take longer than ``dist_timeout``: a periodic
     checkpoint, one on SIGTERM, the resume, and the final one. The run completes and matches bit for bit."""
-    slow = [{'op': 'fsync', 'path': 'latest.pt.tmp', 'rank': 0, 'sleep': 14},
+    slow = [{'op': 'fsync', 'path': 'latest.pt.*.tmp', 'rank': 0, 'sleep': 14},
             {'op': 'open', 'mode': 'read', 'path': 'latest.pt', 'rank': 0, 'sleep': 14, 'times': 1}]
     args = smoke_args(tmp_path, dataset, 'max_duration=24ba', 'dist_timeout=10s', 'checkpoint.interval=8ba',
                       'checkpoint.periodic_interval=8ba', f'checkpoint.async_write={async_write}')

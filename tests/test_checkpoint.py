@@ -89,12 +89,14 @@ def test_latest_opens_with_plain_torch_and_rebuilds_the_model(finished_run: Path
 def test_contract_files_and_their_ties(finished_run: Path) -> None:
     ckpts = finished_run / 'checkpoints'
     latest = safe_load(ckpts / 'latest.pt')
-    assert set(latest) == {'schema_version', 'global_step', 'tokens_seen', 'config', 'wall_clock', 'state'}
+    assert set(latest) == {'schema_version', 'generation', 'global_step', 'tokens_seen', 'config', 'wall_clock', 'state'}
+    assert latest['generation'] == 1, 'the first start of the run holds the run lock\'s first generation'
     assert {'model', 'optimizers', 'schedulers', 'timestamp', 'dataset_state'} <= set(latest['state'])
     assert latest['state']['dataset_state']['train']['sample_in_epoch'] == 22 * 8
     rank = safe_load(ckpts / 'latest_rank0.pt')
     assert rank['rank'] == 0 and rank['world_size'] == 1 and rank['global_step'] == 22
     assert sorted(rank['rng']) == [20, 22], 'the previous checkpoint RNG states are kept'
+    assert rank['generations'] == {20: 1, 22: 1}, 'with the generation that wrote each'
     assert safe_load(ckpts / 'periodic.pt')['global_step'] == 20
     assert sorted(safe_load(ckpts / 'periodic_rank0.pt')['rng']) == [15, 20]
 
@@ -167,12 +169,33 @@ def test_empty_folder_starts_fresh(tmp_path: Path) -> None:
     assert find_resume_point(tmp_path) is None
 
 
-def test_leftovers_of_killed_writers_are_removed(finished_run: Path, tmp_path: Path) -> None:
+def test_leftovers_of_earlier_generations_are_removed_and_a_newer_ones_kept(finished_run: Path, tmp_path: Path) -> None:
+    """Generation 3 starts: what 1 and 2 (and an older prefix) left goes; 4's files are a newer holder's, in flight."""
     ckpts = copy_run(finished_run, tmp_path) / 'checkpoints'
-    (ckpts / 'latest.pt.tmp').write_bytes(b'half')
-    (ckpts / '._signal_file_node0_abc123').write_bytes(b'x')
-    assert {p.name for p in remove_leftovers(ckpts)} == {'latest.pt.tmp', '._signal_file_node0_abc123'}
-    assert sorted(p.name for p in ckpts.iterdir()) == ['latest.pt', 'latest_rank0.pt', 'periodic.pt', 'periodic_rank0.pt']
+    older = ['latest.pt.tmp', 'latest.pt.2.tmp', 'latest_rank0.pt.1.tmp', 'shards-000000020-g2-0badcafe.2.tmp',
+             'shards-000000010-g1-00c0ffee', '._signal_file_node0_abc123']
+    newer = ['latest.pt.4.tmp', 'latest_rank0.pt.4.tmp', 'shards-000000030-g4-feedbeef.4.tmp', 'shards-000000030-g4-deadbeef']
+    for name in older + newer:
+        if name.startswith('shards-'):
+            (ckpts / name).mkdir()
+            (ckpts / name / '__0_0.distcp').write_bytes(b'half')
+        else:
+            (ckpts / name).write_bytes(b'half')
+    assert {p.name for p in remove_leftovers(ckpts, 3)} == set(older) - {'shards-000000010-g1-00c0ffee'}
+    assert sorted(p.name for p in ckpts.iterdir()) == sorted(
+        ['latest.pt', 'latest_rank0.pt', 'periodic.pt', 'periodic_rank0.pt', *newer])
+
+
+def test_a_rank_file_of_another_generation_is_not_used(finished_run: Path, tmp_path: Path,
+                                                       caplog: pytest.LogCaptureFixture) -> None:
+    """A stalled former holder renamed its rank file late: its RNG states belong to another checkpoint."""
+    ckpts = copy_run(finished_run, tmp_path) / 'checkpoints'
+    rank = safe_load(ckpts / 'latest_rank0.pt')
+    torch.save({**rank, 'generations': {22: 7, 20: 1}}, ckpts / 'latest_rank0.pt')
+    with caplog.at_level(logging.WARNING):
+        point = find_resume_point(ckpts)
+    assert point is not None and point.generation == 1 and point.rng is None
+    assert 'written by generation 7, not by generation 1 which wrote latest.pt' in caplog.text
 
 
 def test_cuda_rng_is_this_gpus_only_and_a_state_that_does_not_fit_is_skipped(

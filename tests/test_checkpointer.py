@@ -17,12 +17,12 @@ from prefix.writer import WriteJob
 def test_a_write_failing_between_the_agreement_and_acting_on_it_is_never_counted_as_committed(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     checkpointer = Checkpointer(tmp_path, CheckpointConfig(interval='10ba'), {}, None, PreemptionSignal(), RankFailures())
-    checkpointer._committed = Committed(5, None)
+    checkpointer._committed = Committed(5, 1, None)
     gate = threading.Event()
 
     def write() -> None:
         gate.wait()
-        raise OSError(errno.ENOSPC, 'No space left on device', str(tmp_path / 'latest_rank0.pt.tmp'))
+        raise OSError(errno.ENOSPC, 'No space left on device', str(tmp_path / 'latest_rank0.pt.1.tmp'))
 
     job = WriteJob(10, [write, lambda: None], world_size=2)
     checkpointer._pending = PendingSave(job, SaveRecord(10, periodic=False, asynchronous=True), rng={})
@@ -39,6 +39,6 @@ def test_a_write_failing_between_the_agreement_and_acting_on_it_is_never_counted
     assert checkpointer._pending is not None and checkpointer._committed.step == 5, 'still busy as agreed: not done'
     monkeypatch.setattr(checkpointer_module, 'any_rank', agree)
     with pytest.raises(RankFailedError, match=r'^rank 0 failed writing the checkpoint of step 10: No space left on device '
-                                              r'\(.*latest_rank0.pt.tmp\); the checkpoint of step 5 is intact'):
+                                              r'\(.*latest_rank0.pt.1.tmp\); the checkpoint of step 5 is intact'):
         checkpointer._agree()
     assert checkpointer._committed.step == 5 and checkpointer.saves == []

@@ -93,7 +93,7 @@ def test_a_background_write_holds_the_state_of_its_step_while_training_goes_on(t
     write_held, release_write, at_7, release_7 = (tmp_path / n for n in ('write-held', 'release-write', 'at-7', 'release-7'))
     proc = subprocess.Popen(train_cmd(*args), cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, env=run_env(**faults(
-                                {'op': 'open', 'path': 'latest.pt.tmp', 'times': 1, 'marker': str(write_held),
+                                {'op': 'open', 'path': 'latest.pt.*.tmp', 'times': 1, 'marker': str(write_held),
                                  'block': True, 'release': str(release_write)},
                                 {'op': 'step', 'step': 7, 'marker': str(at_7), 'block': True, 'release': str(release_7)})))
     wait_for(lambda: write_held.exists() and at_7.exists(), proc, 'the write of step 4 held, training at step 7')

@@ -133,7 +133,7 @@ def test_a_second_ctrl_c_exits_at_once_while_sigterm_repeats_wait_for_the_save(t
     run = tmp_path / 'smoke'
     blocked = tmp_path / 'blocked'
     # The first write of latest.pt never finishes: the save that Ctrl-C asks for waits for it forever.
-    hold = {'op': 'fsync', 'path': 'latest.pt.tmp', 'marker': str(blocked), 'block': True}
+    hold = {'op': 'fsync', 'path': 'latest.pt.*.tmp', 'marker': str(blocked), 'block': True}
     proc = start(smoke_args(tmp_path, dataset, 'max_duration=40ba', 'checkpoint.periodic_interval=null'), env=faults(hold))
     wait_for(blocked.exists, proc, 'the first checkpoint write')
     log = run / 'logs' / 'rank0.log'

@@ -38,7 +38,7 @@ from conftest import (
 
 pytestmark = pytest.mark.slow
 
-CONTRACT = re.compile(r'^(latest|periodic)(_rank\d+)?\.pt(\.tmp)?$')
+CONTRACT = re.compile(r'^(latest|periodic)(_rank\d+)?\.pt(\.\d+\.tmp)?$')
 COMPOSER_SIGNAL = re.compile(r'^\._signal_file_node\d+_\w+$')  # Composer's autoresume barrier, gone within a second
 
 
@@ -73,8 +73,8 @@ def held_at(name: str, step: int, event: str = 'batch_checkpoint', committed: in
 
 
 def in_the_write_of_latest() -> Moment:
-    """The rank file is written, ``latest.pt.tmp`` too, and its fsync never returns."""
-    return Moment('mid-write', {'op': 'fsync', 'path': 'latest.pt.tmp', 'block': True})
+    """The rank file is written, ``latest.pt``'s temporary file too, and its fsync never returns."""
+    return Moment('mid-write', {'op': 'fsync', 'path': 'latest.pt.*.tmp', 'block': True})
 
 
 def killed_run(root: Path, args: list[str], moments: list[Moment], nproc: int = 0) -> None:

@@ -7,10 +7,12 @@ rules; with it unset this module does nothing. A rule:
 - ``op``: ``fsync`` | ``open`` | ``link`` | ``replace`` (the path is the file's), ``step`` (before
   Composer runs ``event`` at the batch count ``step``), ``call`` (``target`` is
   ``module:qualname``, patched right after the module is imported; ``when`` is ``before`` or ``after``),
-  or ``gpu_threads``: ``torch.cuda.is_available()`` and ``device_count()`` say a GPU is there on every
+  ``set`` (``target`` is ``module:NAME``, set to ``value`` right after the module is imported: short
+  timeouts), or ``gpu_threads``: ``torch.cuda.is_available()`` and ``device_count()`` say a GPU is there on every
   thread but the main one, so a background thread that would use CUDA on a GPU host fails here;
 - ``path``: an ``fnmatch`` pattern for the file's name; ``mode``: ``write`` (default) or ``read``, for ``open``;
 - ``rank``: only in the process of that global rank (``RANK``, 0 without a launcher);
+- ``after``: only once that file exists (another rule's marker: a volume that freezes from a given moment);
 - ``skip``: let that many matches pass first; ``times``: act that many times at most (default: always);
 - what it does, in this order: ``marker`` (create that file, with a line per hit: the test waits
   for it), ``sleep`` (seconds: a slow volume), ``block`` (wait
@@ -42,6 +44,8 @@ def _rank() -> int:
 
 def _act(index: int, path: str = '') -> None:
     rule = RULES[index]
+    if 'after' in rule and not os.path.exists(rule['after']):
+        return
     _hits[index] += 1
     if _hits[index] <= rule.get('skip', 0):
         return
@@ -195,6 +199,10 @@ if RULES:
             patches.setdefault(module_name, []).append(_wrap_call(i, qualname))
         elif rule['op'] == 'step':
             patches.setdefault('composer.core.engine', []).append(_wrap_event(i))
+        elif rule['op'] == 'set':
+            module_name, name = rule['target'].split(':')
+            patches.setdefault(module_name, []).append(
+                lambda module, name=name, value=rule['value']: setattr(module, name, value))
         elif rule['op'] == 'gpu_threads':
             patches.setdefault('torch.cuda', []).append(_gpu_on_threads)
     sys.meta_path.insert(0, _PatchAfterImport(patches))
