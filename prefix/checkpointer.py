@@ -371,11 +371,16 @@ class Checkpointer(Callback):
         tag = str(self.generation)
 
         def write() -> None:
-            record.bytes += write_temp(mine, lambda f: torch.save(rank_payload, f), tag).stat().st_size
-            if tensors is not None and shards_name is not None:  # every rank its shards, whole once all return
-                record.bytes += shards.write(tensors, self.folder / shards_name, self.shards_group, tag)
-            if payload is not None:
-                record.bytes += write_temp(latest, lambda f: torch.save(payload, f), tag).stat().st_size
+            try:
+                record.bytes += write_temp(mine, lambda f: torch.save(rank_payload, f), tag).stat().st_size
+                if tensors is not None and shards_name is not None:  # every rank its shards, whole once all return
+                    record.bytes += shards.write(tensors, self.folder / shards_name, self.shards_group, tag)
+                if payload is not None:
+                    record.bytes += write_temp(latest, lambda f: torch.save(payload, f), tag).stat().st_size
+            except BaseException:
+                for path in (mine, latest) if payload is not None else (mine,):  # abandoned: its temporary files go
+                    temp_path(path, tag).unlink(missing_ok=True)
+                raise
 
         def publish_rank_files() -> None:
             self._fence()

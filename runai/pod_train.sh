@@ -9,7 +9,7 @@
 #   PREFIX_RUNS_ROOT  runs root on the PVC                      (default /home/apluser/runs)
 #   PREFIX_GPUS       training processes in this pod            (default: the GPUs visible, or 1)
 #   PREFIX_NNODES     pods in the workload                      (default 1)
-#   PREFIX_OVERRIDES  more key=value overrides, as a JSON list  (submit_train.sh passes them so)
+#   PREFIX_OVERRIDES  more key=value overrides: base64 (unpadded) of a JSON list (submit_train.sh passes them so)
 #   RANK, MASTER_ADDR, MASTER_PORT, and PET_NNODES or WORLD_SIZE (pods): set by the PyTorch operator
 set -uo pipefail
 
@@ -35,8 +35,24 @@ if [ -n "$operator_pods" ] && [ "$operator_pods" != "$nnodes" ]; then
   exit 2
 fi
 if [ -n "${PREFIX_OVERRIDES:-}" ]; then
-  mapfile -d '' -t from_env < <(python3 -c 'import json, os, sys; sys.stdout.write("".join(a + "\0" for a in json.loads(os.environ["PREFIX_OVERRIDES"])))')
-  set -- "$@" "${from_env[@]}"
+  # Undecodable overrides would train the wrong experiment: refuse to start instead.
+  decoded=$(mktemp)
+  if ! python3 -c '
+import base64, binascii, json, os, sys
+try:
+    encoded = os.environ["PREFIX_OVERRIDES"]
+    overrides = json.loads(base64.b64decode(encoded + "=" * (-len(encoded) % 4), validate=True))
+except (binascii.Error, ValueError) as e:
+    sys.exit(f"pod_train: PREFIX_OVERRIDES is not base64 of a JSON list ({e}): refusing to start; submit with runai/submit_train.sh")
+if not isinstance(overrides, list) or not all(isinstance(a, str) and "=" in a for a in overrides):
+    sys.exit("pod_train: PREFIX_OVERRIDES must hold a JSON list of key=value strings: refusing to start")
+sys.stdout.write("".join(a + "\0" for a in overrides))' > "$decoded"; then
+    rm -f "$decoded"
+    exit 2
+  fi
+  mapfile -d '' -t from_env < "$decoded"
+  rm -f "$decoded"
+  set -- "$@" ${from_env[@]+"${from_env[@]}"}
 fi
 # A start in a pod is a cluster's: it waits for a predecessor still in its grace period (prefix.runlock).
 export PREFIX_POD=${HOSTNAME:-pod}

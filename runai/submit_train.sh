@@ -13,7 +13,8 @@
 #   --nodes N            PREFIX_NODES       pods; more than 1 submits a distributed PyTorch workload (1)
 #   --cpu N              PREFIX_CPU         CPU cores requested per pod (8)
 #   --memory SIZE        PREFIX_MEMORY      memory requested per pod (32G)
-#   --grace DURATION     PREFIX_GRACE       termination grace period: time a preempted pod has to save (600s)
+#   --grace DURATION     PREFIX_GRACE       termination grace period: time a preempted pod has to save, and
+#                                           how long its replacement waits for it (lock_wait) (600s)
 #   --node-pool NAME     PREFIX_NODE_POOL   Run:ai node pool (any)
 #   --env KEY=VALUE      PREFIX_EXTRA_ENV   extra environment in the pod; repeatable (space-separated in the variable)
 #   --cli new|old|auto   PREFIX_RUNAI_CLI   'runai training ...' (Run:ai 2.18+) or 'runai submit ...' (auto: ask runai)
@@ -92,8 +93,12 @@ for setting in "gpus=$gpus" "nodes=$nodes" "cpu=$cpu"; do
   [[ ${setting#*=} =~ ^[1-9][0-9]*$ ]] || die "--${setting%%=*} must be a positive whole number, got '${setting#*=}'"
 done
 [[ $grace =~ ^[1-9][0-9]*(s|m|h)$ ]] || die "--grace must be a duration like 600s, 10m or 1h, got '$grace'"
+reserved=(PREFIX_RUNS_ROOT PREFIX_GPUS PREFIX_NNODES PREFIX_OVERRIDES PREFIX_POD)
 for kv in ${extra_env[@]+"${extra_env[@]}"}; do
   [[ $kv =~ ^[A-Za-z_][A-Za-z0-9_]*= ]] || die "--env '$kv' is not of the form KEY=VALUE"
+  for key in "${reserved[@]}"; do
+    [ "${kv%%=*}" != "$key" ] || die "--env ${kv%%=*} is set by this script (use --gpus, --nodes or an override instead)"
+  done
 done
 case $cli in new|old|auto) ;; *) die "--cli must be new, old or auto, got '$cli'" ;; esac
 
@@ -109,8 +114,16 @@ if [ "$workload" != "$run_name" ]; then
   workload="$workload-$(printf '%06d' "$(( ${crc%% *} % 1000000 ))")"
 fi
 
-# The overrides travel to the pod as JSON in the environment, so spaces and quotes reach the trainer intact.
-overrides_json=$(python3 -c 'import json, sys; print(json.dumps(sys.argv[1:]))' "$@")
+# A replacement pod waits for its predecessor as long as that one may save (an explicit lock_wait= wins).
+lock_wait=lock_wait=${grace/%m/min}
+for override in "$@"; do
+  [[ $override != lock_wait=* ]] || lock_wait=
+done
+# The overrides travel to the pod as base64 of a JSON list, unpadded: spaces and quotes reach the trainer intact,
+# and no CLI can cut them (every override holds '=', at which the older CLI's chart splits an -e value).
+overrides_b64=$(python3 -c '
+import base64, json, sys
+print(base64.b64encode(json.dumps([a for a in sys.argv[1:] if a]).encode()).decode().rstrip("="))' "$lock_wait" "$@")
 
 have_runai=1
 command -v runai >/dev/null 2>&1 || have_runai=0
@@ -179,7 +192,7 @@ else
 fi
 
 pod_env=("PREFIX_RUNS_ROOT=/home/apluser/runs" "PREFIX_GPUS=$gpus" "PREFIX_NNODES=$nodes"
-         "PREFIX_OVERRIDES=$overrides_json" ${extra_env[@]+"${extra_env[@]}"})
+         "PREFIX_OVERRIDES=$overrides_b64" ${extra_env[@]+"${extra_env[@]}"})
 for kv in "${pod_env[@]}"; do
   submit+=("$env_flag" "$kv")
 done
@@ -235,10 +248,13 @@ print(state if isinstance(state, str) else "")' <<< "$json"
 
 # A workload of this name from an earlier submission. Only one in a final state is replaced (it only
 # holds the name); any other state, an unknown one included, means it may still be training: refuse.
+# The older CLI's final states also include Fail, ContainerCannotRun and Unknown (its job statuses page).
+final='completed|succeeded|failed|stopped|timedout|preempted|deleted'
+[ "$cli" = new ] || final="$final|fail|containercannotrun|unknown"
 if state=$(state_of); then
   normal=$(tr '[:upper:]' '[:lower:]' <<< "$state" | tr -d ' _-')
-  case $normal in
-    completed|succeeded|failed|stopped|timedout|preempted|deleted) ;;
+  case "|$final|" in
+    *"|$normal|"*) ;;
     *)
       echo "submit_train: workload $workload of run $run_name is ${state:-in an unknown state}, not finished: refusing to replace it" >&2
       echo "submit_train: follow it with: $(show "${logs[@]}")" >&2

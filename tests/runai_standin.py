@@ -1,6 +1,8 @@
 """A stand-in for the ``runai`` CLI: each version knows only the subcommands and flags its reference documents.
 
-It refuses any other flag as cobra does (``Error: unknown flag: --x``, exit 1), answers ``--help``
+It refuses any other flag as cobra does (``Error: unknown flag: --x``, exit 1), and a value its flag
+does not take as the CLI does (``Error: invalid argument "two" for "--gpu-devices-request" flag``:
+numbers, Kubernetes quantities, Go durations, ``KEY=VALUE``, a non-negative worker count), answers ``--help``
 with the flags it knows, and keeps workloads between calls in a state file: a submission exists
 from then on, a delete leaves the name in ``Deleting`` for a few more calls, ``describe -o json``
 prints the workload with a top-level status and its pods' own statuses nested.
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -77,6 +80,23 @@ OLD_16 = {
 }
 VERSIONS = {'2.22': {**NEW_22, **QUERIES_NEW}, '2.20': {**NEW_20, **QUERIES_NEW}, '2.18': {**NEW_18, **QUERIES_NEW},
             '2.16': OLD_16}
+NUMBER = re.compile(r'^\d+(\.\d+)?$')
+QUANTITY = re.compile(r'^\d+(\.\d+)?(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E)?$')  # Kubernetes resource quantity
+DURATION = re.compile(r'^(\d+(\.\d+)?(ns|us|ms|s|m|h))+$')  # Go's time.ParseDuration
+KEY_VALUE = re.compile(r'^[A-Za-z_][A-Za-z0-9_]*=')
+PVC = re.compile(r'^claimname=[a-z0-9.-]+,path=/\S*$')
+VALUES = {  # what each flag's value must look like, and why the CLI refuses one that does not
+    **dict.fromkeys(['--gpu-devices-request', '--gpu', '--master-gpu-devices-request', '--cpu-core-request', '--cpu',
+                     '--master-cpu-core-request'], (NUMBER, 'strconv.ParseFloat: invalid syntax')),
+    **dict.fromkeys(['--cpu-memory-request', '--memory', '--master-cpu-memory-request'],
+                    (QUANTITY, 'quantities must match the regular expression')),
+    '--termination-grace-period': (DURATION, 'time: invalid duration'),
+    '--workers': (re.compile(r'^\d+$'), 'must be a non-negative whole number'),
+    **dict.fromkeys(['--environment', '--environment-variable', '--master-environment', '--master-environment-variable'],
+                    (KEY_VALUE, 'expected KEY=VALUE')),
+    **dict.fromkeys(['--existing-pvc', '--pvc-exists'], (PVC, 'expected claimname=NAME,path=PATH')),
+    '--preemptibility': (re.compile(r'^(preemptible|non-preemptible)$'), 'expected preemptible or non-preemptible'),
+}
 DELETE_TAKES = 3  # describe calls that still see a deleted workload (Deleting) before it is gone
 
 
@@ -106,6 +126,10 @@ def parse(flags: dict, args: list[str]) -> tuple[list[str], dict[str, list[str]]
                         print(f'Error: flag needs an argument: {name}', file=sys.stderr)
                         sys.exit(1)
                     inline = args[i]
+                pattern, why = VALUES.get(name, (None, ''))
+                if pattern is not None and not pattern.match(inline):
+                    print(f'Error: invalid argument "{inline}" for "{name}" flag: {why}', file=sys.stderr)
+                    sys.exit(1)
                 seen.setdefault(name, []).append(inline)
         else:
             positional.append(arg)

@@ -44,7 +44,8 @@ def test_config_drift_is_refused_with_a_diff_or_forced(finished_run: Path, tmp_p
     refused = run_train(*smoke_args(tmp_path, dataset, 'max_duration=24ba', 'model.d_model=64', 'seed=3'))
     assert refused.returncode == 2
     assert 'model.d_model: 32 -> 64; seed: 17 -> 3' in refused.stderr and refused.stderr.strip().count('\n') == 0
-    assert snapshot(run / 'checkpoints') == before and len(starts(run)) == 1 and not (run / 'meta' / 'lock.json').exists()
+    assert snapshot(run / 'checkpoints') == before and len(starts(run)) == 1
+    assert json.loads((run / 'meta' / 'lock.json').read_text())['state'] == 'released', 'the refused start let go of the run'
 
     forced = run_train(*smoke_args(tmp_path, dataset, 'max_duration=24ba', 'eval_interval=7ba', 'seed=3',
                                    'allow_config_change=true'))

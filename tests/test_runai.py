@@ -110,7 +110,26 @@ def test_a_pod_whose_node_count_disagrees_with_the_operator_refuses_to_start(tmp
     assert result.returncode == 2 and 'runs 2 pods' in result.stderr and 'PREFIX_NNODES is 1' in result.stderr
 
 
+@pytest.mark.parametrize('encoded', ['not base64!', 'WyJhIl0', 'eyJhIjogMX0'])  # garbage; ["a"]; {"a": 1}
+def test_overrides_that_do_not_decode_stop_the_pod_before_it_trains(tmp_path: Path, encoded: str) -> None:
+    """Training with no overrides, or some of them, would be another experiment, with exit 0."""
+    env = {**pod_env(tmp_path), 'PREFIX_OVERRIDES': encoded}
+    result = subprocess.run(['bash', str(REPO / 'runai' / 'pod_train.sh'), 'r', 'yamls/smoke.yaml'], env=env, cwd=REPO,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and 'PREFIX_OVERRIDES' in result.stderr and 'refusing to start' in result.stderr
+    assert 'Traceback' not in result.stderr and not (tmp_path / 'r').exists(), 'nothing started'
+
+
 STANDIN = Path(__file__).resolve().parent / 'runai_standin.py'
+
+
+def overrides_of(environment: list[str]) -> list[str]:
+    """The overrides as the pod decodes them; the value itself holds no '=' for a CLI to split at."""
+    import base64
+
+    encoded = next(e for e in environment if e.startswith('PREFIX_OVERRIDES='))[17:]
+    assert '=' not in encoded
+    return json.loads(base64.b64decode(encoded + '=' * (-len(encoded) % 4)))
 
 
 def submit(tmp_path: Path, *args: str, version: str = '2.22', existing: dict | None = None, runai: bool = True,
@@ -173,7 +192,7 @@ def test_every_cli_version_nodes_and_workload_state(tmp_path: Path, version: str
     assert sub[sub.index('--command'):] == ['--command', '--', 'bash', 'runai/pod_train.sh', 'exp1', 'yamls/smoke.yaml']
     environment = values(sub, '-e')
     assert {'PREFIX_NNODES=' + nodes, 'PREFIX_GPUS=8', 'PREFIX_RUNS_ROOT=/home/apluser/runs'} <= set(environment)
-    assert json.loads(next(e for e in environment if e.startswith('PREFIX_OVERRIDES='))[17:]) == ['optimizer.lr=1e-3']
+    assert overrides_of(environment) == ['lock_wait=600s', 'optimizer.lr=1e-3'], 'the replacement waits out the grace period'
     if version == '2.18':
         assert '--termination-grace-period' not in sub and 'no --termination-grace-period' in result.stderr
     elif version != '2.16':
@@ -229,8 +248,33 @@ def test_overrides_with_spaces_and_quotes_reach_the_trainer_intact(tmp_path: Pat
     overrides = ['optimizer.lr=1e-3', 'run_note=two words', 'quoted="yes" and \'no\'']
     result, calls, _ = submit(tmp_path, 'exp1', 'yamls/smoke.yaml', *overrides)
     assert result.returncode == 0, result.stderr
-    env = values(submitted(calls), '-e')
-    assert json.loads(next(e for e in env if e.startswith('PREFIX_OVERRIDES='))[17:]) == overrides
+    assert overrides_of(values(submitted(calls), '-e')) == ['lock_wait=600s', *overrides]
+
+
+def test_lock_wait_follows_the_grace_period_unless_given(tmp_path: Path) -> None:
+    result, calls, _ = submit(tmp_path, '--grace', '20m', 'exp1')
+    assert result.returncode == 0 and overrides_of(values(submitted(calls), '-e')) == ['lock_wait=20min']
+    result, calls, _ = submit(tmp_path, '--grace', '20m', 'exp2', 'yamls/base.yaml', 'lock_wait=1h')
+    assert result.returncode == 0 and overrides_of(values(submitted(calls), '-e')) == ['lock_wait=1h']
+
+
+@pytest.mark.parametrize(('version', 'state', 'replaced'), [
+    ('2.16', 'Fail', True), ('2.16', 'ContainerCannotRun', True), ('2.16', 'Unknown', True), ('2.16', 'Running', False),
+    ('2.22', 'Unknown', False),
+])
+def test_the_older_clis_final_states_are_final(tmp_path: Path, version: str, state: str, replaced: bool) -> None:
+    result, _, workloads = submit(tmp_path, 'exp1', version=version, existing={'exp1': {'status': state, 'left': 99}})
+    assert (result.returncode == 0) == replaced, result.stderr
+    assert (workloads['exp1']['status'] == 'Pending') == replaced
+
+
+@pytest.mark.parametrize('args', [('-g', 'two'), ('--termination-grace-period', 'forever'), ('-e', 'NOEQUALS'),
+                                  ('--workers', '-5'), ('--cpu-memory-request', '32 GB')])
+def test_the_standin_refuses_values_the_cli_would(tmp_path: Path, args: tuple) -> None:
+    env = {**os.environ, 'RUNAI_LOG': str(tmp_path / 'log'), 'FAKE_RUNAI_STATE': str(tmp_path / 'state')}
+    result = subprocess.run([sys.executable, str(STANDIN), 'training', 'pytorch', 'submit', 'w', *args], env=env,
+                            capture_output=True, text=True)
+    assert result.returncode == 1 and f'invalid argument "{args[1]}"' in result.stderr
 
 
 def test_dry_run_submits_nothing(tmp_path: Path) -> None:
@@ -250,6 +294,8 @@ def test_dry_run_submits_nothing(tmp_path: Path) -> None:
     (('--gpus', 'two', 'exp1'), '--gpus must be a positive whole number'),
     (('--grace', 'soon', 'exp1'), '--grace must be a duration'),
     (('--env', 'novalue', 'exp1'), 'is not of the form KEY=VALUE'),
+    (('--env', 'PREFIX_RUNS_ROOT=/scratch', 'exp1'), '--env PREFIX_RUNS_ROOT is set by this script'),
+    (('--env', 'PREFIX_OVERRIDES=x', 'exp1'), '--env PREFIX_OVERRIDES is set by this script'),
     (('--bogus', 'exp1'), 'unknown option --bogus'),
 ])
 def test_bad_input_never_reaches_runai(tmp_path: Path, args: tuple, message: str) -> None:

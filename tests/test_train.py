@@ -18,7 +18,7 @@ def test_smoke_run_lays_out_the_run_directory_and_learns(tmp_path: Path, dataset
     assert sorted(p.name for p in (run / 'checkpoints').iterdir()) == [
         'latest.pt', 'latest_rank0.pt', 'periodic.pt', 'periodic_rank0.pt']
     assert {p.name for p in (run / 'logs').iterdir()} == {'metrics.jsonl', 'rank0.log'}
-    meta = {'checkpoint.json', 'config.yaml', 'env.json', 'git.json', 'starts.jsonl'}
+    meta = {'checkpoint.json', 'config.yaml', 'env.json', 'git.json', 'starts.jsonl', 'lock.json', 'lock.claim-1'}
     assert {p.name for p in (run / 'meta').iterdir()} == meta
 
     losses = step_losses(run)
