@@ -248,12 +248,15 @@ class RunLock:
     # --- holding it -----------------------------------------------------------------------------
 
     def _check(self) -> None:
-        """Set ``lost`` if a newer claim exists or this generation's claim is not this process's (raises OSError)."""
+        """Set ``lost`` if a newer claim exists, this generation's claim is not this process's, or ``lock.json`` holds a
+        newer generation's record (raises OSError). The record is a second, independent sign: a file's content is
+        fresh on open (close-to-open), where a network volume's client may list a folder from its cache."""
         claims = self._claims()
-        top = max(claims, default=0)
+        record = self._record(self._raw()) or {}
+        newer = record.get('generation') if isinstance(record.get('generation'), int) else 0
+        top = max(max(claims, default=0), newer)
         mine = claims.get(self.generation)
         if top > self.generation or mine is None or self._owner(mine) != self.token:
-            record = self._record(self._raw()) or {}
             self.lost = (f'the run lock {self.path} was taken over (generation {top}) by pid {record.get("pid")} on '
                          f'host {record.get("host")}')
             log.error('%s: this process must publish nothing more', self.lost)

@@ -51,9 +51,10 @@ def test_two_nodes_on_one_shared_folder_start_and_resume_after_sigkill_bit_exact
     args = smoke_args(tmp_path / 'runs', dataset, 'max_duration=16ba')
     run = tmp_path / 'runs' / 'smoke'
     held = tmp_path / 'held'
-    nodes = start_nodes(args, tmp_path, faults({'op': 'step', 'step': 12, 'marker': str(held), 'block': True}))
+    # The checkpoint of step 10 is committed at the agreement after step 12 (a phase a step: write, rank files, latest.pt).
+    nodes = start_nodes(args, tmp_path, faults({'op': 'step', 'step': 13, 'marker': str(held), 'block': True}))
     wait_for(lambda: held.exists() and len(held.read_text().splitlines()) == 4 and committed_step(run) == 10,
-             nodes[0], 'step 12 on every rank, with the checkpoint of step 10')
+             nodes[0], 'step 13 on every rank, with the checkpoint of step 10')
     for node in nodes:
         os.killpg(node.pid, signal.SIGKILL)
         node.wait()

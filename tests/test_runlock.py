@@ -104,7 +104,7 @@ while True:
 def test_a_beating_holder_in_another_pid_namespace_is_not_taken_over(tmp_path: Path) -> None:
     """Its pid (1 or 2 in its namespace) may be any process here; only its beats tell that it is alive."""
     ready = tmp_path / 'ready'
-    holder = subprocess.Popen(['unshare', '--pid', '--fork', '--mount-proc', sys.executable, '-c', HOLDER,
+    holder = subprocess.Popen(['unshare', '--pid', '--fork', '--kill-child', '--mount-proc', sys.executable, '-c', HOLDER,
                                str(tmp_path / 'lock.json'), str(ready)], cwd=REPO, env={**os.environ, 'PYTHONPATH': str(REPO)})
     try:
         wait_for(ready.exists, holder, 'the holder takes the lock')
@@ -126,6 +126,15 @@ def test_a_holder_whose_lock_was_taken_knows_it_and_its_fence_refuses(tmp_path: 
     wait_for(lambda: lock.lost is not None)
     lock.release()
     assert json.loads((tmp_path / 'lock.json').read_text())['host'] == 'other-pod', 'the new holder keeps it'
+
+
+def test_a_newer_holders_record_alone_tells_the_holder_it_lost(tmp_path: Path) -> None:
+    """On a network volume a folder listing can come from the client's cache; a file's content is fresh on open."""
+    lock = RunLock(tmp_path / 'lock.json', beat_seconds=3600).acquire()
+    (tmp_path / 'lock.json').write_text(record(generation=2, pid=7, host='other-pod'))
+    with pytest.raises(LockLostError, match=r'taken over \(generation 2\) by pid 7 on host other-pod'):
+        lock.fence()
+    lock.release()
 
 
 def test_of_two_newcomers_racing_for_a_dead_holders_lock_exactly_one_wins(tmp_path: Path) -> None:
