@@ -209,12 +209,18 @@ def load_config(path: str, overrides: list[str]) -> TrainConfig:
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(f'config file {path} must hold a mapping of keys, not {type(raw).__name__}')
+    parsed = []
     for item in overrides:
         if '=' not in item:
             raise ConfigError(f'override {item!r} is not of the form key=value')
+        try:
+            parsed.append(OmegaConf.from_dotlist([item]))  # its value is YAML
+        except yaml.YAMLError as e:
+            raise ConfigError(f'override {item!r} is not valid YAML: {getattr(e, "problem", e)} (quote the value, and '
+                              'put a space after each ":" in a mapping: key={a: 1})') from None
     try:
         schema = OmegaConf.structured(TrainConfig)
-        merged = OmegaConf.merge(schema, OmegaConf.create(raw), OmegaConf.from_dotlist(overrides))
+        merged = OmegaConf.merge(schema, OmegaConf.create(raw), *parsed)
         cfg: TrainConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
     except OmegaConfBaseException as e:
         raise ConfigError(_one_line(e)) from None

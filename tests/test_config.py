@@ -42,6 +42,10 @@ def test_runs_root_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     ('run_name: a\nmax_duration: 10ba\ndata: {local: d}\n', ['seed'], "override 'seed' is not of the form key=value"),
     ('run_name: a\nmax_duration: 10ba\ndata: {local: d}\n', ['run_name='], "config key 'run_name' is empty"),
     ('run_name: [unclosed\n', [], 'is not valid YAML'),
+    ('run_name: a\nmax_duration: 10ba\ndata: {local: d}\n', ['model.d_model=[1'],
+     "override 'model.d_model=[1' is not valid YAML"),
+    ('run_name: a\nmax_duration: 10ba\ndata: {local: d}\n', ['loggers={tensorboard:{}}'],
+     "override 'loggers={tensorboard:{}}' is not valid YAML: found unexpected ':'"),
     ('- a list\n', [], 'must hold a mapping'),
 ])
 def test_config_errors_are_one_line_and_name_the_key(tmp_path: Path, text: str, overrides: list[str], message: str) -> None:
