@@ -26,6 +26,43 @@ DATA_FILES = ['bisect.py', 'colorsys.py', 'abc.py', 'fnmatch.py', 'genericpath.p
 SMOKE = REPO / 'yamls' / 'smoke.yaml'
 
 
+def _started_by(test: str) -> list[int]:
+    """Live processes whose environment names ``test`` (every process a test starts inherits it), but
+    multiprocessing's resource tracker, which lives as long as the process that started it, by design."""
+    mark = f'PREFIX_TEST_NAME={test}'.encode()
+    pids = []
+    for environ in Path('/proc').glob('[0-9]*/environ'):
+        try:
+            if mark in environ.read_bytes().split(b'\0') and \
+                    b'multiprocessing.resource_tracker' not in (environ.parent / 'cmdline').read_bytes():
+                pids.append(int(environ.parent.name))
+        except OSError:
+            continue
+    return pids
+
+
+@pytest.fixture(autouse=True)
+def no_process_outlives_its_test(request: pytest.FixtureRequest):
+    """Fail a test, naming it, if a process it started is still alive after it (then kill that process).
+
+    A process exiting as the test ends (a killed group being reaped) is given a few seconds first.
+    """
+    import signal
+    import time
+
+    os.environ['PREFIX_TEST_NAME'] = request.node.nodeid
+    yield
+    deadline = time.monotonic() + 10
+    while (left := _started_by(request.node.nodeid)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    for pid in left:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    assert not left, f'{request.node.nodeid} left processes running: {left} (killed now)'
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Under ``pytest -n 2 --dist loadgroup``, tests sharing an expensive session fixture run on one worker,
     so each uninterrupted reference run and the finished run are trained once, not once per worker."""
