@@ -190,7 +190,12 @@ def _check(path: Path) -> Optional[dict[str, Any]]:
     _retrying(path, lambda: verify_crc(path))
     header = _retrying(path, lambda: _read_header(path))
     if header['shards'] is not None:
-        _retrying(path, lambda: shards.check(path.parent / header['shards']))
+        folder = path.parent / header['shards']
+        try:
+            _retrying(path, lambda: shards.check(folder))
+        except pickle.UnpicklingError as e:
+            raise CheckpointError(f'{folder}: {e}: refusing it. Move the folder away if you trust its origin, or '
+                                  f'delete {path.name} to fall back to an older checkpoint') from None
     return header
 
 

@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import argparse
 import os
+import pickle
 import shutil
 import sys
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch.distributed.checkpoint.api import CheckpointException
 
 from prefix.atomic import atomic_write
 from prefix.checkpoint import LATEST, CheckpointError, global_file, safe_load
@@ -69,6 +71,8 @@ def main(argv: list[str]) -> int:
                         'a new folder: a save_pretrained folder of a Hugging Face model')
     parser.add_argument('--root', default=None, help='runs_root (default: $PREFIX_RUNS_ROOT or ./runs)')
     opts = parser.parse_args(argv)
+    # Every torch.load, DCP's of a shard folder's objects included, is restricted to plain data (as in training).
+    os.environ['TORCH_FORCE_WEIGHTS_ONLY_LOAD'] = '1'
     from prefix.runs import default_root
 
     run = RunDir.for_run(str(opts.root or default_root()), opts.run_name)
@@ -77,8 +81,15 @@ def main(argv: list[str]) -> int:
         return 1
     try:
         ckpt = whole_checkpoint(run.checkpoints)
-    except (CheckpointError, OSError, ValueError) as e:
-        print(f'prefix: error: cannot export {run.checkpoints}: {e}', file=sys.stderr)
+    except CheckpointException as e:  # DCP's, around what a rank's read raised
+        failure = next(iter(e.failures.values()), (e,))  # (exception, traceback) per failed rank
+        cause = failure[0] if isinstance(failure, tuple) else failure
+        why = ('it holds objects other than plain data and could run code when loaded: refusing it'
+               if isinstance(cause, pickle.UnpicklingError) else str(cause).splitlines()[0])
+        print(f'prefix: error: cannot export {run.checkpoints}: reading its shard folder failed: {why}', file=sys.stderr)
+        return 1
+    except (CheckpointError, OSError, ValueError, pickle.UnpicklingError) as e:
+        print(f'prefix: error: cannot export {run.checkpoints}: {str(e).splitlines()[0]}', file=sys.stderr)
         return 1
     if opts.out.suffix == '.pt':
         atomic_write(opts.out, lambda f: torch.save(ckpt, f))

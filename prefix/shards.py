@@ -12,6 +12,7 @@ group of their own, off the training thread, so a slow disk never holds a traini
 from __future__ import annotations
 
 import os
+import pickle
 import re
 import shutil
 import uuid
@@ -24,6 +25,7 @@ import torch.distributed as tdist
 import torch.distributed.checkpoint as dcp
 from composer.core import State
 from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
 from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
@@ -77,12 +79,44 @@ def publish(folder: Path, tag: str) -> None:
     fsync_dir(folder.parent)
 
 
+# What a .metadata written by DCP holds (torch 2.7); unpickling anything else could run code.
+METADATA_CLASSES = {
+    *(('torch.distributed.checkpoint.metadata', name) for name in (
+        'Metadata', 'MetadataIndex', 'TensorStorageMetadata', 'BytesStorageMetadata', 'ChunkStorageMetadata',
+        'TensorProperties', 'StorageMeta', '_MEM_FORMAT_ENCODING')),
+    ('torch.distributed.checkpoint.filesystem', '_StorageInfo'), ('torch', 'Size'),
+    ('torch.serialization', '_get_layout'), ('pathlib', 'PosixPath'),
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in METADATA_CLASSES or (module == 'torch' and isinstance(getattr(torch, name, None), torch.dtype)):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f'{METADATA} names {module}.{name}, which a checkpoint index never holds: it could '
+                                     'run code when loaded')
+
+
+class Reader(dcp.FileSystemReader):
+    """DCP's reader, but its index is unpickled through an allow-list (DCP's own ``read_metadata`` unpickles freely)."""
+
+    def read_metadata(self) -> Metadata:
+        with self.fs.create_stream(self.fs.concat_path(self.path, METADATA), 'rb') as f:
+            metadata = _MetadataUnpickler(f).load()
+        if not isinstance(metadata, Metadata):
+            raise pickle.UnpicklingError(f'{METADATA} does not hold a checkpoint index')
+        if getattr(metadata, 'storage_meta', None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
 def check(folder: Path) -> None:
     """Raise ValueError unless ``folder`` holds every byte its metadata indexes (a torn write, a lost file)."""
     if not (folder / METADATA).is_file():
         raise ValueError(f'{folder.name} has no {METADATA}: its write did not finish')
     needed: dict[str, int] = {}
-    for info in dcp.FileSystemReader(folder).read_metadata().storage_data.values():
+    for info in Reader(folder).read_metadata().storage_data.values():
         needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
     for name, size in sorted(needed.items()):
         path = folder / name
@@ -94,7 +128,7 @@ def check(folder: Path) -> None:
 
 def load(tensors: dict[str, Any], folder: Path, group: Optional[tdist.ProcessGroup]) -> None:
     """Every rank: fill ``tensors`` (this rank's shards in host memory, in the current layout) from ``folder``, in place."""
-    dcp.load(tensors, storage_reader=dcp.FileSystemReader(folder), process_group=group, no_dist=group is None)
+    dcp.load(tensors, storage_reader=Reader(folder), process_group=group, no_dist=group is None)
 
 
 def read_whole(folder: Path) -> dict[str, Any]:
@@ -103,7 +137,7 @@ def read_whole(folder: Path) -> dict[str, Any]:
     As torch's own ``format_utils.dcp_to_torch_save`` does, less its torch.save (2.7 has no public form).
     """
     tensors: dict[str, Any] = {}
-    _load_state_dict(tensors, storage_reader=dcp.FileSystemReader(folder), planner=_EmptyStateDictLoadPlanner(),
+    _load_state_dict(tensors, storage_reader=Reader(folder), planner=_EmptyStateDictLoadPlanner(),
                      no_dist=True)
     return tensors
 
