@@ -8,6 +8,7 @@ resumed run replay the exact random numbers of an uninterrupted one.
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import signal
 import tempfile
@@ -23,6 +24,7 @@ from streaming import StreamingDataLoader, StreamingDataset
 
 from prefix.agreement import gather, rank, together
 from prefix.config import DataConfig
+from prefix.data import META_FILE
 from prefix.errors import DataError
 
 
@@ -80,6 +82,16 @@ def streaming_registration() -> Iterator[None]:
 
 def collate(samples: list[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
     return {'input_ids': torch.from_numpy(np.stack([s['input_ids'] for s in samples]).astype(np.int64))}
+
+
+def dataset_info(cfg: DataConfig) -> dict[str, Any]:
+    """What ``prefix.data`` recorded of the dataset (tokenizer, vocab_size, ...): {} where the local folder has no record
+    (data prepared otherwise, or a remote dataset's cache)."""
+    try:
+        info = json.loads((Path(cfg.local) / META_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return info if isinstance(info, dict) else {}
 
 
 def build_dataloader(

@@ -51,17 +51,34 @@ def hf_model(folder: str | None, pretrained: bool, inline: dict[str, Any] | None
 
     From a local folder (its weights, or new ones of its architecture), or new of ``inline``.
     """
-    os.environ.setdefault('HF_HUB_OFFLINE', '1')  # a cluster's pod has no hub: never try
-    from transformers import CONFIG_MAPPING, AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    config = hf_config(folder, inline)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    tokenizer = None
     if folder is not None:
         path = Path(folder).expanduser()
         tokenizer = (AutoTokenizer.from_pretrained(path, local_files_only=True)
                      if (path / 'tokenizer_config.json').is_file() else None)
-        try:
-            if pretrained:
+        if pretrained:
+            try:
                 return AutoModelForCausalLM.from_pretrained(path, local_files_only=True), tokenizer
-            return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path, local_files_only=True)), tokenizer
+            except (OSError, ValueError) as e:
+                raise ConfigError(f'config key model.pretrained_model_name_or_path: {path}: {str(e).splitlines()[0]}') from None
+    try:
+        return AutoModelForCausalLM.from_config(config), tokenizer
+    except ValueError as e:  # not a causal LM
+        raise ConfigError(f'config key model.config: {str(e).splitlines()[0][:300]}') from None
+
+
+def hf_config(folder: str | None, inline: dict[str, Any] | None) -> Any:
+    """The ``transformers`` config of a local folder's model, or of ``inline`` (its ``model_type`` and fields)."""
+    os.environ.setdefault('HF_HUB_OFFLINE', '1')  # a cluster's pod has no hub: never try
+    from transformers import CONFIG_MAPPING, AutoConfig
+
+    if folder is not None:
+        path = Path(folder).expanduser()
+        try:
+            return AutoConfig.from_pretrained(path, local_files_only=True)
         except (OSError, ValueError) as e:
             raise ConfigError(f'config key model.pretrained_model_name_or_path: {path}: {str(e).splitlines()[0]}') from None
     inline = dict(inline or {})
@@ -70,9 +87,29 @@ def hf_model(folder: str | None, pretrained: bool, inline: dict[str, Any] | None
         raise ConfigError(f'config key model.config.model_type: {model_type!r} is not an architecture transformers '
                           'knows (gpt2, llama, mistral, qwen2, ...)')
     try:
-        return AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **inline)), None
-    except ValueError as e:  # not a causal LM, or a field the architecture refuses
+        return AutoConfig.for_model(model_type, **inline)
+    except ValueError as e:  # a field the architecture refuses
         raise ConfigError(f'config key model.config: {str(e).splitlines()[0][:300]}') from None
+
+
+def check_vocabulary(cfg: TrainConfig, dataset: dict[str, Any]) -> None:
+    """Refuse data whose token ids the model cannot embed (an index error mid-step; on a GPU a device-side assert).
+
+    ``dataset`` is the data's ``prefix_dataset.json`` ({} when it has none: nothing to check); an imported
+    model's vocabulary is its own business.
+    """
+    if 'vocab_size' not in dataset or cfg.model.name not in ('gpt', 'hf_causal_lm'):
+        return
+    m = cfg.model
+    if m.name == 'gpt':
+        model_vocab, fix = m.vocab_size, f'set model.vocab_size={dataset["vocab_size"]}'
+    else:
+        model_vocab = getattr(hf_config(m.pretrained_model_name_or_path, m.config), 'vocab_size', None)
+        fix = "prepare the data with the model's tokenizer (python -m prefix.data --tokenizer ...)"
+    if model_vocab is not None and dataset['vocab_size'] > model_vocab:
+        raise ConfigError(f'the dataset {cfg.data.remote or cfg.data.local} holds token ids up to '
+                          f'{dataset["vocab_size"] - 1} (tokenizer {dataset.get("tokenizer")}, {dataset["vocab_size"]} '
+                          f'ids) but the model embeds {model_vocab}: {fix}')
 
 
 class HFCausalLM(HuggingFaceModel):

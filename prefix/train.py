@@ -35,7 +35,7 @@ from prefix.agreement import RankFailures, from_rank_zero
 from prefix.checkpoint import ResumePoint, find_resume_point, is_complete, remove_leftovers
 from prefix.checkpointer import Checkpointer, never
 from prefix.config import TrainConfig
-from prefix.dataloader import build_dataloader, count_tokens
+from prefix.dataloader import build_dataloader, count_tokens, dataset_info
 from prefix.drift import check_and_record
 from prefix.duration import Duration
 from prefix.errors import ConfigError, PrefixError
@@ -74,6 +74,7 @@ def train(cfg: TrainConfig) -> int:
         cfg.data, cfg.data.val_split, batch_size=device_batch_size, seed=cfg.seed, train=False,
         max_seq_len=cfg.model.max_seq_len,
     )
+    models.check_vocabulary(cfg, dataset_info(cfg.data))
 
     # One live process per run directory; then what a killed predecessor left, and where to resume.
     # Rank 0's file work runs while the other ranks poll it (from_rank_zero): no collective waits on a disk.

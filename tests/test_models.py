@@ -17,6 +17,7 @@ import pytest
 import torch
 from conftest import (
     REPO,
+    SMOKE,
     STDLIB,
     assert_same_training,
     faults,
@@ -251,3 +252,17 @@ def test_model_build_errors_are_one_line_and_leave_no_run(tmp_path: Path, datase
     errors = [line for line in result.stderr.splitlines() if line.startswith('prefix:')]
     assert len(errors) == 1 and message in errors[0], result.stderr[-2000:]
     assert not list(tmp_path.glob('*/checkpoints/*'))
+
+
+@pytest.mark.parametrize('config, overrides, fix', [
+    (SMOKE, ['model.vocab_size=100'], 'set model.vocab_size=257'),
+    (HF_TINY, ['model.config.vocab_size=100'], "prepare the data with the model's tokenizer"),
+])
+def test_token_ids_past_the_models_vocabulary_are_refused_before_the_run_exists(
+        tmp_path: Path, dataset: Path, config: Path, overrides: list[str], fix: str) -> None:
+    """Byte data (257 ids) for a model of 100: an index error mid-step on a CPU, a device-side assert on a GPU."""
+    result = run_train(str(config), f'runs_root={tmp_path}', f'data.local={dataset}', *overrides)
+    errors = [line for line in result.stderr.splitlines() if line.startswith('prefix:')]
+    assert result.returncode == 2 and len(errors) == 1, result.stderr[-2000:]
+    assert 'holds token ids up to 256 (tokenizer byte, 257 ids) but the model embeds 100' in errors[0] and fix in errors[0]
+    assert list(tmp_path.iterdir()) == [], 'nothing was created'
