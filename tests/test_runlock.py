@@ -227,7 +227,7 @@ def test_a_stalled_beat_stops_the_commits_before_a_newcomer_takes_over_and_its_l
         old.fence()
     new.fence()  # the claims decide, not whichever record landed last
     with pytest.raises(RunLockedError, match=r'in use by pid \d+'):
-        elsewhere(RunLock(path, **timing)).acquire()  # watches, sees the new holder beat
+        elsewhere(RunLock(path, **{**timing, 'window': 10.0})).acquire()  # watches, sees the new holder beat
     old.release()
     new.release()
     assert json.loads(path.read_text())['token'] == new.token and sorted(p.name for p in tmp_path.iterdir()) == [
