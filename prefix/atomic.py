@@ -116,8 +116,3 @@ def link_temp(src: Path, dst: Path, tag: str = WRITER) -> Path:
             d.flush()
             os.fsync(d.fileno())
     return tmp
-
-
-def atomic_link(src: Path, dst: Path, tag: str = WRITER) -> None:
-    """Make ``dst`` name the same bytes as ``src``."""
-    commit(link_temp(src, dst, tag), dst)

@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from prefix.atomic import atomic_link, atomic_write, atomic_write_text
+from prefix.atomic import atomic_write, atomic_write_text, commit, link_temp
 
 
 def test_replaces_whole_file(tmp_path: Path) -> None:
@@ -28,6 +28,6 @@ def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path: Pat
 def test_link_keeps_the_bytes_when_the_source_is_replaced(tmp_path: Path) -> None:
     src, dst = tmp_path / 'latest', tmp_path / 'periodic'
     atomic_write_text(src, 'step 10')
-    atomic_link(src, dst)
+    commit(link_temp(src, dst), dst)
     atomic_write_text(src, 'step 20')
     assert dst.read_text() == 'step 10' and src.read_text() == 'step 20'

@@ -102,10 +102,10 @@ def test_contract_files_and_their_ties(finished_run: Path) -> None:
 
 
 def test_periodic_files_are_hard_links_not_copies(finished_run: Path, tmp_path: Path) -> None:
-    from prefix.atomic import atomic_link
+    from prefix.atomic import commit, link_temp
 
     ckpts = copy_run(finished_run, tmp_path) / 'checkpoints'
-    atomic_link(ckpts / 'latest.pt', ckpts / 'periodic.pt')
+    commit(link_temp(ckpts / 'latest.pt', ckpts / 'periodic.pt'), ckpts / 'periodic.pt')
     assert os.path.samefile(ckpts / 'latest.pt', ckpts / 'periodic.pt'), 'the bytes of one checkpoint exist once'
 
 
