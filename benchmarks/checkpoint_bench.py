@@ -25,6 +25,7 @@ import ctypes
 import logging
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -209,6 +210,39 @@ def startup(size: str, data: Path, root: Path, nproc: int) -> dict[str, float]:
             **{f'extra_{key}': resumed_reads[key] - fresh_reads[key] for key in fresh_reads}}
 
 
+def preemption(size: str, data: Path, root: Path) -> dict[str, float]:
+    """SIGTERM while a checkpoint write is in flight, to the process's exit, next to one write and one step.
+
+    One rank, asynchronous checkpoints every K steps: the signal is sent as soon as the second write
+    has begun (its first temporary file exists). The exit is what a pod's grace period must cover.
+    """
+    _, overrides, every, _ = SIZES[size]
+    name = f'preempt-{size}'
+    run = RunDir(root / name)
+    shutil.rmtree(run.root, ignore_errors=True)
+    cmd = [sys.executable, '-m', 'prefix.train', str(REPO / SIZES[size][0]), *overrides, f'data.local={data}',
+           f'runs_root={root}', f'run_name={name}', 'eval_interval=100000ba', f'checkpoint.interval={every}ba',
+           'checkpoint.periodic_interval=null', 'max_duration=1000ba']
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    summary = run.root / 'meta' / 'checkpoint.json'
+    while not summary.exists() or not list(run.checkpoints.glob('*.tmp')):  # the first committed, the second begun
+        if proc.poll() is not None:
+            raise RuntimeError(f'{name} exited with {proc.returncode} before its second checkpoint')
+        time.sleep(0.005)
+    signalled = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    code = proc.wait()
+    exit_s = time.monotonic() - signalled
+    records = list(jsonl.read(run.metrics))
+    writes = [r['checkpoint/write_s'] for r in records if r.get('checkpoint/write_s')]
+    times = sorted(r['time'] for r in records if 'loss/train/total' in r)
+    shutil.rmtree(run.root, ignore_errors=True)
+    if code != 143:
+        raise RuntimeError(f'{name} exited with {code} after SIGTERM, not 143')
+    return {'exit_s': exit_s, 'write_s': statistics.median(writes), 'step_s': statistics.median(
+        b - a for a, b in zip(times, times[1:], strict=False))}
+
+
 def peak_rss(cmd: list[str]) -> int:
     """Bytes: the largest resident set of any process of ``cmd``, measured by a fresh parent that waits for all."""
     probe = ('import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True, stdout=subprocess.DEVNULL, '
@@ -257,8 +291,9 @@ def main() -> None:
     parser.add_argument('--folder', type=Path, default=None, help='where checkpoints are written (default: a temp dir)')
     parser.add_argument('--reps', type=int, default=3)
     parser.add_argument('--sizes', default=','.join(SIZES))
-    parser.add_argument('--parts', default='timing,memory,resume',
-                        help='timing (what a checkpoint costs), memory (2 ranks), resume (1 and 2 ranks); default: all')
+    parser.add_argument('--parts', default='timing,preemption,memory,resume',
+                        help='timing (what a checkpoint costs), preemption (SIGTERM to exit), memory (2 ranks), resume (1 and '
+                             '2 ranks); default: all')
     parser.add_argument('--variants', default=','.join(VARIANTS), help='the timed variants (default: all)')
     opts = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -287,6 +322,14 @@ def main() -> None:
         print('| ranks | checkpoint MB | first step: fresh | resumed | resumed / (fresh + read at bandwidth) '
               '| extra read() bytes / checkpoint | extra storage reads / checkpoint |')
         print('| --- | --- | --- | --- | --- | --- | --- |')
+        if 'preemption' in opts.parts:
+            p = preemption(size, opts.data, root)
+            print(f'\n{size}: SIGTERM with a checkpoint write in flight, 1 rank')
+            print('| SIGTERM to exit | one write | one step | (exit - step) / write | formula: step + write |')
+            print('| --- | --- | --- | --- | --- |')
+            print(f'| {p["exit_s"]:.2f} s | {p["write_s"]:.2f} s | {p["step_s"]:.2f} s '
+                  f'| {(p["exit_s"] - p["step_s"]) / p["write_s"]:.2f} '
+                  f'| {sizing.preemption_seconds(p["step_s"], p["write_s"]):.2f} s |', flush=True)
         if 'memory' in opts.parts:
             memory(size, opts.data, root, params)
         if 'resume' not in opts.parts:

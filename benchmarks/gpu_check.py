@@ -117,7 +117,8 @@ def snapshot_checks(work: Path) -> None:
 
     threading.setprofile(profile)  # threads started from now on: the WriteJob's
     try:
-        job = WriteJob(0, [lambda: shards.write(host, work / 'shards-check', None)], 1, host)
+        job = WriteJob(0, [lambda: shards.write(host, work / 'shards-check', None, 'check', 600),
+                            lambda: shards.publish(work / 'shards-check', 'check')], 1, host)
         job.finish()
     finally:
         threading.setprofile(None)

@@ -9,6 +9,8 @@ measures these quantities on small models and prints them next to these formulas
 
 from __future__ import annotations
 
+from prefix.checkpointer import write_timeout_s
+
 BYTES_PER_PARAMETER = 12  # fp32 weight + AdamW's exp_avg and exp_avg_sq
 
 
@@ -39,9 +41,19 @@ def write_seconds(params: float, bandwidth: float) -> float:
     return checkpoint_bytes(params) / bandwidth
 
 
+def preemption_seconds(step_seconds: float, write: float) -> float:
+    """SIGTERM to exit: finish the step, stop the write in flight (within a chunk), write the final checkpoint."""
+    return step_seconds + write
+
+
 def grace_seconds(params: float, bandwidth: float, step_seconds: float) -> float:
-    """SIGTERM to exit: finish the step, wait for the write in flight, write the final checkpoint."""
-    return step_seconds + 2 * write_seconds(params, bandwidth)
+    """The least grace period: SIGTERM to exit at the volume's usual bandwidth."""
+    return preemption_seconds(step_seconds, write_seconds(params, bandwidth))
+
+
+def write_timeout_seconds(params: float) -> float:
+    """``checkpoint.write_timeout``'s default, prefix's own formula."""
+    return write_timeout_s(None, checkpoint_bytes(params))
 
 
 def table(models: tuple[tuple[str, float, int, int], ...] = (('1B', 1e9, 8, 8), ('7B', 7e9, 8, 8),
@@ -49,8 +61,8 @@ def table(models: tuple[tuple[str, float, int, int], ...] = (('1B', 1e9, 8, 8), 
           step_seconds: float = 10.0) -> str:
     gb = 1e9
     rows = ['| model | ranks | format | checkpoint | written per rank | host memory per rank: save (peak) | resume '
-            '| write at 300 MB/s | at 2 GB/s | grace period at 300 MB/s |',
-            '| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |']
+            '| write at 300 MB/s | at 2 GB/s | grace period at 300 MB/s | write_timeout (default) |',
+            '| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |']
     for name, params, ranks, per_node in models:
         for sharded in (True, False):
             resume = f'{host_memory_at_resume(params, ranks, per_node, sharded) / gb:.1f} GB{"" if sharded else " (shared)"}'
@@ -60,7 +72,8 @@ def table(models: tuple[tuple[str, float, int, int], ...] = (('1B', 1e9, 8, 8), 
                 f'| {host_memory_at_save(params, ranks, sharded) / gb:.1f} GB{"" if sharded else " (rank 0)"} '
                 f'| {resume} '
                 f'| {write_seconds(params, 300e6) / 60:.1f} min | {write_seconds(params, 2e9) / 60:.1f} min '
-                f'| {grace_seconds(params, 300e6, step_seconds) / 60:.0f} min |')
+                f'| {grace_seconds(params, 300e6, step_seconds) / 60:.0f} min '
+                f'| {write_timeout_seconds(params) / 60:.0f} min |')
     return '\n'.join(rows)
 
 

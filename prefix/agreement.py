@@ -32,6 +32,10 @@ class RankFailedError(PrefixError):
     """Some rank failed; every rank raises this, with one line naming the rank and what failed."""
 
 
+class PeerFailed(Exception):
+    """Work this rank shared with others (a collective) failed on another rank, which reports its own error."""
+
+
 def world_size() -> int:
     return tdist.get_world_size() if tdist.is_available() and tdist.is_initialized() else 1
 
@@ -134,10 +138,12 @@ def _picklable(outcome: Outcome) -> Outcome:
 
 
 def describe(error: BaseException) -> str:
-    """One line: an OSError's reason and file, else the exception's type and first line."""
+    """One line: an OSError's reason and file, a PrefixError's message, else the exception's type and first line."""
     if isinstance(error, OSError) and error.strerror:
         return f'{error.strerror} ({error.filename})' if error.filename else error.strerror
     text = str(error).splitlines()[0] if str(error) else ''
+    if isinstance(error, PrefixError) and text:
+        return text
     return f'{type(error).__name__}: {text}' if text else type(error).__name__
 
 
@@ -146,6 +152,7 @@ class RankFailures:
 
     def __init__(self) -> None:
         self.what: Optional[str] = None
+        self.own = False  # the failure is this rank's own, not only a peer's seen through shared work
 
     @property
     def failed(self) -> bool:
@@ -154,6 +161,7 @@ class RankFailures:
     def record(self, doing: str, error: BaseException) -> None:
         if self.what is None:
             self.what = f'{doing}: {describe(error)}'
+            self.own = not isinstance(error, PeerFailed)
             log.error('rank %d failed %s', rank(), self.what, exc_info=error)
 
     @contextmanager
@@ -165,7 +173,10 @@ class RankFailures:
             self.record(doing, e)
 
     def stop(self, intact: str) -> None:
-        """Called by every rank once they agreed that some rank failed: raise one line naming the rank(s)."""
-        failed = [(r, what) for r, what in enumerate(gather(self.what)) if what is not None]
-        ranks = ', '.join(f'rank {r} failed {what}' for r, what in failed)
+        """Called by every rank once they agreed that some rank failed: raise one line naming the rank(s) (those that
+        failed on their own, when some did, not those that only saw it through shared work)."""
+        failed = [(r, what, own) for r, (what, own) in enumerate(gather((self.what, self.own))) if what is not None]
+        if any(own for _, _, own in failed):
+            failed = [f for f in failed if f[2]]
+        ranks = ', '.join(f'rank {r} failed {what}' for r, what, _ in failed)
         raise RankFailedError(f'{ranks}; {intact}')

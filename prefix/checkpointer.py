@@ -18,18 +18,28 @@ other ranks only while its lease is current, so no rank publishes after its run 
 
 At most one write is in flight. A checkpoint that falls due while the previous write is still
 running waits for it (never skips: the interval bounds the work a kill can cost) and logs the
-wait. A preemption and the end of training wait for the write in flight, then write the final
-checkpoint synchronously. ``checkpoint.async_write=false`` makes every checkpoint synchronous.
+wait. A preemption and the end of training abandon the write in flight unless it committed (it stops
+at its next write), then write the final checkpoint synchronously: the last state is written once.
+``checkpoint.async_write=false`` makes every checkpoint synchronous.
 
 Waiting is never a collective: a rank waits for its own write in short local waits, each followed
 by the agreement all-reduce (``prefix.agreement``), so no collective waits on a disk however slow.
 A failure on any rank is agreed the same way and stops every rank with one line naming it.
+
+Every write has a deadline (``checkpoint.write_timeout``, by default from the checkpoint's size):
+while it runs, every minute rank 0 logs the ranks still writing and what they have on disk, and a
+rank still writing its own part past the deadline fails, which stops every rank with one line
+naming it. The sharded part (DCP, whose collectives wait for the slowest rank) is written first,
+so a rank that fails later in the phase never leaves the others inside DCP; a stopping rank waits
+until its thread is out of DCP's collectives before it exits.
 """
 
 from __future__ import annotations
 
 import logging
+import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -59,13 +69,31 @@ from prefix.checkpoint import (
 )
 from prefix.config import CheckpointConfig
 from prefix.duration import Duration
+from prefix.errors import PrefixError
 from prefix.journal import record_checkpoint
 from prefix.preemption import Preempted, PreemptionSignal
 from prefix.runlock import LockLostError, RunLock
 from prefix.snapshot import HostSnapshot, copy_into
-from prefix.writer import WriteJob
+from prefix.writer import WriteJob, raise_if_abandoned
 
 log = logging.getLogger(__name__)
+
+REPORT_S = 60  # how often a write that is still running is logged
+SLOWEST_BANDWIDTH = 25e6  # bytes/s: the default write_timeout lets the whole checkpoint take this long ...
+MIN_WRITE_TIMEOUT_S = 600  # ... and at least this
+
+
+def write_timeout_s(setting: Optional[str], checkpoint_bytes: float) -> float:
+    """``checkpoint.write_timeout``, or the default: a volume 10x slower than a slow PVC still finishes, a hung one is
+    noticed. ``checkpoint_bytes``: the whole checkpoint, as the ranks share the volume's bandwidth."""
+    if setting is not None:
+        return Duration.parse(setting).seconds
+    return max(MIN_WRITE_TIMEOUT_S, checkpoint_bytes / SLOWEST_BANDWIDTH)
+
+
+class WriteTimeoutError(PrefixError):
+    """A rank did not finish writing its part of a checkpoint in time: its volume is hung or too slow."""
+
 
 class Interval:
     """``200ba`` (every 200 batches) or ``90s`` / ``10min`` / ``1h`` of wall-clock time."""
@@ -106,6 +134,18 @@ class PendingSave:
     job: WriteJob
     record: SaveRecord
     rng: dict[str, Any]  # this rank's RNG states at the step: kept in the next rank file once committed
+    timeout_s: float  # this rank's part must be written by job.started + timeout_s
+    on_disk: Callable[[], int]  # bytes of this rank's files of the write so far
+    shards_name: Optional[str] = None  # its shard folder (sharded format)
+
+    @property
+    def deadline(self) -> float:
+        return self.job.started + self.timeout_s
+
+    @property
+    def writing(self) -> bool:
+        """This rank is busy with its own part (not waiting for the others inside a collective, nor at a barrier)."""
+        return self.job.status().busy and not self.job.waiting_for_peers
 
 
 @dataclass
@@ -165,6 +205,8 @@ class Checkpointer(Callback):
         self.interval = Interval(cfg.interval)
         self.periodic = Interval(cfg.periodic_interval) if cfg.periodic_interval else None
         self.asynchronous = cfg.async_write
+        self.write_timeout = cfg.write_timeout
+        self._next_report = 0.0  # when the write in flight is next logged, if still running
         self.config = config
         self.resume = resume
         self.saves: list[SaveRecord] = []
@@ -201,7 +243,8 @@ class Checkpointer(Callback):
         # copied into the live tensors here: the reading thread never touches CUDA.
         host = self._host_copies()[0].empty_like(live)
         folder = self.folder / self.resume.shards
-        together(lambda: shards.load(host, folder, self.shards_group))[agreement.rank()].get()
+        deadline_s = write_timeout_s(self.write_timeout, shards.nbytes(host) * agreement.world_size())
+        together(lambda: shards.load(host, folder, self.shards_group, deadline_s))[agreement.rank()].get()
         tensors = copy_into(live, host)
         rest = safe_load(global_file(self.folder, self.resume.kind), mmap=True)['state']
         state.load_state_dict({**rest, **tensors}, logger)
@@ -227,7 +270,7 @@ class Checkpointer(Callback):
             self.periodic is not None and self.periodic.due(step),
         )
         if preempt or due or periodic:
-            self.save(state, periodic=periodic, wait=preempt)
+            self.save(state, periodic=periodic, wait=preempt, abandon=preempt)
         if preempt:
             raise Preempted(step)
         self.preemption.arm()  # a step exists that a stop signal should save
@@ -246,6 +289,7 @@ class Checkpointer(Callback):
             pending.job.finish()
         else:
             pending.job.abort()  # the other ranks may be gone: never commit what they may not have written
+            self._leave(pending)
 
     # --- agreeing -------------------------------------------------------------------------------
 
@@ -260,12 +304,24 @@ class Checkpointer(Callback):
             if self.lock is not None and not self.lock.holds():  # the write failed because the run was taken over
                 self.failures.record('holding the run lock', LockLostError(self.lock.lost))
             self.failures.record(f'writing the checkpoint of step {pending.record.step}', pending.job.error)
+        report = False
+        if pending is not None and status is not None and status.busy:
+            now = time.monotonic()
+            if now > pending.deadline and pending.writing:
+                self.failures.record(f'writing the checkpoint of step {pending.record.step}', WriteTimeoutError(
+                    f'still writing after {pending.timeout_s / 60:.1f} min (checkpoint.write_timeout), '
+                    f'{pending.on_disk() / 1e6:.1f} MB on disk: its volume is hung or too slow (raise '
+                    'checkpoint.write_timeout for a slow one)'))
+            report = now >= self._next_report
         # Rank 0 holds the next phase back while its lease is not current: every phase after the first publishes.
         held = self.lock is not None and not self.lock.current()
-        *agreed, failed, busy, unfinished = any_rank([
-            *flags, self.failures.failed, bool(status and (status.busy or held)), bool(status and not status.done)])
+        *agreed, failed, busy, unfinished, report = any_rank([
+            *flags, self.failures.failed, bool(status and (status.busy or held)), bool(status and not status.done),
+            report])
         if failed:
             self._stop()
+        if report and pending is not None:
+            self._report_progress(pending)
         if pending is not None:
             if not busy:
                 pending.job.release()  # every rank has finished the phase: all start the next one
@@ -278,6 +334,61 @@ class Checkpointer(Callback):
         while self._pending is not None:  # the same on every rank: saves and their ends are agreed
             self._pending.job.wait(POLL_S)
             self._agree()
+
+    def _abandon(self) -> None:
+        """Every rank: stop the write in flight (at its next write call) and wait until every rank's thread has ended;
+        what it committed before it stopped stays committed (the ranks agree on rank 0's word)."""
+        pending = self._pending
+        assert pending is not None
+        job, started = pending.job, time.monotonic()
+        job.abort()
+        while True:
+            if job.running() and time.monotonic() > pending.deadline and not job.waiting_for_peers:
+                self.failures.record(f'writing the checkpoint of step {pending.record.step}', WriteTimeoutError(
+                    f'still writing after {pending.timeout_s / 60:.1f} min (checkpoint.write_timeout), not stopping '
+                    'when abandoned: its volume is hung'))
+            running, failed = any_rank([job.running(), self.failures.failed])
+            if failed:
+                self._stop()
+            if not running:
+                break
+            job.join(POLL_S)
+        self._pending = None
+        committed = agreement.gather(pending.record.committed)[0]
+        if committed:
+            self._committed = Committed(pending.record.step, self.generation, pending.rng)
+        else:
+            self._discard(pending.shards_name)
+        log.info('the checkpoint write of step %d in flight was %s, then stopped in %.2f s: the last checkpoint of this '
+                 'start replaces it', pending.record.step, 'committed' if committed else 'abandoned uncommitted',
+                 time.monotonic() - started)
+
+    def _report_progress(self, pending: PendingSave) -> None:
+        """Every rank, once a minute while a write runs: rank 0 logs who is still writing and how far they got."""
+        self._next_report = time.monotonic() + REPORT_S
+        ranks = agreement.gather((pending.writing, pending.on_disk()))
+        if agreement.rank() != 0:
+            return
+        writing = [f'rank {r} ({written / 1e6:.1f} MB on disk)' for r, (busy, written) in enumerate(ranks) if busy]
+        log.warning('the checkpoint of step %d is still being written after %.1f min (checkpoint.write_timeout: %.1f '
+                    'min): %s', pending.record.step, (time.monotonic() - pending.job.started) / 60,
+                    pending.timeout_s / 60, ', '.join(writing) + ' still writing' if writing else
+                    'every rank has written its part and waits for the others')
+
+    def _leave(self, pending: PendingSave) -> None:
+        """After an abort: wait until this rank's write thread has stopped (at its next write) and is out of DCP's
+        collectives, which the other ranks' threads end (or DCP's timeout does), so that no rank exits with its
+        thread inside one. A thread stuck on this rank's own disk past its deadline is left behind: nothing
+        interrupts it, and no other rank waits for it in a collective."""
+        job, started = pending.job, time.monotonic()
+        while job.running():
+            if time.monotonic() > pending.deadline and not job.waiting_for_peers:
+                log.warning("leaving the checkpoint write of step %d behind: it is stuck on this rank's disk", job.step)
+                return
+            if time.monotonic() - started > REPORT_S / 6:
+                log.warning('waiting for the checkpoint write of step %d to stop before exiting', job.step)
+                started = time.monotonic()
+            job.join(POLL_S)
 
     def _finished(self, pending: PendingSave) -> None:
         self._pending = None
@@ -293,22 +404,32 @@ class Checkpointer(Callback):
         pending, self._pending = self._pending, None
         if pending is not None:
             pending.job.abort()
-        newest = self._committed.step if self._committed is not None else None
-        committed, lost = agreement.gather((pending is not None and pending.record.committed,
-                                            self.lock is not None and self.lock.lost is not None))[0]
-        if committed:
-            newest = pending.record.step  # rank 0 renamed it into place before the failure
-        intact = f'the checkpoint of step {newest} is intact' if newest is not None else 'no checkpoint was written yet'
-        if lost:
-            self.failures.stop('another start holds the run now and continues it from the newest checkpoint; this one '
-                               'stopped without publishing anything more')
-        self.failures.stop(f'{intact}. Fix the cause, then run the same command again to resume')
+        try:
+            newest = self._committed.step if self._committed is not None else None
+            committed, lost = agreement.gather((pending is not None and pending.record.committed,
+                                                self.lock is not None and self.lock.lost is not None))[0]
+            if committed:
+                newest = pending.record.step  # rank 0 renamed it into place before the failure
+            intact = f'the checkpoint of step {newest} is intact' if newest is not None else 'no checkpoint was written yet'
+            if lost:
+                self.failures.stop('another start holds the run now and continues it from the newest checkpoint; this '
+                                   'one stopped without publishing anything more')
+            self.failures.stop(f'{intact}. Fix the cause, then run the same command again to resume')
+        finally:
+            if pending is not None:  # after the last collective: the ranks whose threads wait in DCP leave together
+                self._leave(pending)
 
     # --- saving ---------------------------------------------------------------------------------
 
-    def save(self, state: State, periodic: bool, wait: bool) -> None:
-        """Snapshot the state and hand it to a background write; ``wait`` (or sync mode) waits for the commit."""
+    def save(self, state: State, periodic: bool, wait: bool, abandon: bool = False) -> None:
+        """Snapshot the state and hand it to a background write; ``wait`` (or sync mode) waits for the commit.
+
+        ``abandon`` (a preemption, agreed by every rank): a write still in flight is abandoned unless already
+        committed, so that the grace period pays for one write, this one.
+        """
         started = time.monotonic()
+        if abandon and self._pending is not None:
+            self._abandon()
         still_writing = self._pending is not None and not self._pending.job.status().done
         self._drain()
         if still_writing:
@@ -356,30 +477,57 @@ class Checkpointer(Callback):
         payload = state_copy.copy(payload) if payload is not None else None
         record = SaveRecord(step, periodic, asynchronous)
         rank_payload = rank_state(history, step)
-        phases = self._phases(record, rank_payload, payload, tensors, name, periodic)
-        return PendingSave(WriteJob(step, phases, agreement.world_size(), (rank_payload, payload, tensors)), record, rng)
+        # The ranks share the volume: a sharded checkpoint is about world size times this rank's part.
+        part = shards.nbytes(tensors) + shards.nbytes(payload)
+        timeout_s = write_timeout_s(self.write_timeout, part * agreement.world_size() if self.sharded else part)
+        phases = self._phases(record, rank_payload, payload, tensors, name, periodic, timeout_s)
+        self._next_report = time.monotonic() + REPORT_S
+        job = WriteJob(step, phases, agreement.world_size(), (rank_payload, payload, tensors))
+        return PendingSave(job, record, rng, timeout_s, lambda: self._on_disk(name, payload is not None), name)
 
     def _host_copies(self) -> tuple[HostSnapshot, HostSnapshot]:
         """Where the shards and latest.pt's payload are copied: in asynchronous mode slabs kept for every
         checkpoint (the final one too, and the resume's read), else one-off slabs freed with the write."""
         return self._kept if self.asynchronous else (HostSnapshot(keep=False), HostSnapshot(keep=False))
 
+    def _discard(self, shards_name: Optional[str]) -> None:
+        """Remove this rank's temporary files of an abandoned write, and rank 0 the temporary shard folder (every
+        rank is out of DCP by then: it raises on every rank together, and an abandon waits for every rank)."""
+        tag = str(self.generation)
+        temp_path(rank_file(self.folder, agreement.rank()), tag).unlink(missing_ok=True)
+        if agreement.rank() == 0:
+            temp_path(global_file(self.folder), tag).unlink(missing_ok=True)
+            if shards_name is not None:
+                shutil.rmtree(temp_path(self.folder / shards_name, tag), ignore_errors=True)
+
+    def _on_disk(self, shards_name: Optional[str], latest: bool) -> int:
+        """Bytes of this rank's temporary files of the write in flight (for the progress log)."""
+        rank, tag = agreement.rank(), str(self.generation)
+        paths = [temp_path(rank_file(self.folder, rank), tag)]
+        if latest:
+            paths.append(temp_path(global_file(self.folder), tag))
+        if shards_name is not None:
+            paths.extend(temp_path(self.folder / shards_name, tag).glob(f'__{rank}_*'))
+        return sum(p.stat().st_size for p in paths if p.exists())
+
     def _phases(self, record: SaveRecord, rank_payload: dict[str, Any], payload: Optional[dict[str, Any]],
-                tensors: Optional[dict[str, Any]], shards_name: Optional[str], periodic: bool) -> list:
+                tensors: Optional[dict[str, Any]], shards_name: Optional[str], periodic: bool, timeout_s: float) -> list:
         rank, world_size = agreement.rank(), agreement.world_size()
         latest, mine = global_file(self.folder), rank_file(self.folder, rank)
         tag = str(self.generation)
 
         def write() -> None:
             try:
-                record.bytes += write_temp(mine, lambda f: torch.save(rank_payload, f), tag).stat().st_size
+                # DCP first: every rank enters its collectives, whatever fails on a rank later in this phase.
                 if tensors is not None and shards_name is not None:  # every rank its shards, whole once all return
-                    record.bytes += shards.write(tensors, self.folder / shards_name, self.shards_group, tag)
+                    record.bytes += shards.write(tensors, self.folder / shards_name, self.shards_group, tag, timeout_s)
+                record.bytes += write_temp(mine, lambda f: torch.save(rank_payload, f), tag,
+                                           raise_if_abandoned).stat().st_size
                 if payload is not None:
-                    record.bytes += write_temp(latest, lambda f: torch.save(payload, f), tag).stat().st_size
+                    record.bytes += write_temp(latest, lambda f: torch.save(payload, f), tag,
+                                               raise_if_abandoned).stat().st_size
             except BaseException:
-                for path in (mine, latest) if payload is not None else (mine,):  # abandoned: its temporary files go
-                    temp_path(path, tag).unlink(missing_ok=True)
+                self._discard(shards_name)  # abandoned or failed: its temporary files go
                 raise
 
         def publish_rank_files() -> None:

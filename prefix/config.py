@@ -57,12 +57,15 @@ class CheckpointConfig:
     ``async_write``: training waits only for a copy of the state in host memory, the write runs in
     the background; ``false`` makes training wait for the whole write. ``format``: ``sharded`` (the
     model and optimizer in a folder of shards that every rank writes; the default under FSDP) or
-    ``full`` (everything in latest.pt, written by rank 0; the default otherwise).
+    ``full`` (everything in latest.pt, written by rank 0; the default otherwise). ``write_timeout``: how
+    long a rank may take to write its part of one checkpoint before every rank stops, naming it (a hung
+    volume); by default the whole checkpoint at 25 MB/s, at least 10 minutes (README: Checkpoints).
     """
 
     interval: str = setting('5min', units='ba,s,min,h')
     periodic_interval: Optional[str] = setting(None, units='ba,s,min,h')
     async_write: bool = True
+    write_timeout: Optional[str] = setting(None, units='s,min,h')
     format: Optional[str] = setting(None, choices=('full', 'sharded'), fixed=True)  # None: set by load_config
 
 

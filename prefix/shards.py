@@ -7,6 +7,8 @@ The folder is written as ``<name>.<generation>.tmp`` and renamed (``publish``) o
 written it; ``latest.pt`` (written by rank 0, the commit point) names it, so a folder is never named
 before it is whole. DCP's own collectives run on a gloo
 group of their own, off the training thread, so a slow disk never holds a training collective.
+Each write and read sets that group's timeout from the caller's deadline: a little longer, so that
+prefix's own deadline (which names the slow rank) always comes first.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ import pickle
 import re
 import shutil
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Optional
@@ -24,19 +28,21 @@ import torch
 import torch.distributed as tdist
 import torch.distributed.checkpoint as dcp
 from composer.core import State
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+from torch.distributed.checkpoint.filesystem import FileSystem
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
 from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
-from prefix.atomic import fsync_dir, tag_of, temp_path
+from prefix import writer
+from prefix.agreement import PeerFailed
+from prefix.atomic import CheckedWriter, fsync_dir, tag_of, temp_path
 
 PREFIX = 'shards-'
 GENERATION = re.compile(r'^shards-\d+-g(\d+)-')
 METADATA = '.metadata'
-# DCP waits for every rank's writes inside its own collectives (on this group, on a writer thread):
-# long enough for a 100 GB checkpoint on a slow volume, short enough that a lost rank is noticed.
-GROUP_TIMEOUT = timedelta(hours=2)
+MARGIN_S = 60  # DCP's group waits this much longer than its caller's deadline
 
 
 def new_name(step: int, generation: int) -> str:
@@ -54,20 +60,61 @@ def checkpoint_group() -> Optional[tdist.ProcessGroup]:
     """DCP's own gloo group; every rank calls this together, once. None when not distributed."""
     if not tdist.is_initialized() or tdist.get_world_size() == 1:
         return None
-    return tdist.new_group(backend='gloo', timeout=GROUP_TIMEOUT)
+    return tdist.new_group(backend='gloo')
 
 
-def write(tensors: dict[str, Any], folder: Path, group: Optional[tdist.ProcessGroup], tag: str) -> int:
+def _set_timeout(group: Optional[tdist.ProcessGroup], seconds: float) -> None:
+    """How long DCP's collectives on ``group`` wait for the slowest rank (torch has no public setter)."""
+    if group is not None:
+        tdist.distributed_c10d._set_pg_timeout(timedelta(seconds=seconds + MARGIN_S), group)
+
+
+class _FileSystem(FileSystem):
+    """DCP's files, written as prefix writes its own (``CheckedWriter``): stopped when abandoned, synced as they grow."""
+
+    @contextmanager
+    def create_stream(self, path: Any, mode: str) -> Iterator[Any]:
+        with super().create_stream(path, mode) as stream:
+            yield CheckedWriter(stream, writer.raise_if_abandoned) if 'w' in mode else stream
+
+
+class _Writer(dcp.FileSystemWriter):
+    """DCP's writer, telling the write job which parts are this rank's own I/O and stopping when it is aborted."""
+
+    def __init__(self, path: Path) -> None:
+        # per_thread_copy_ahead=0: the tensors are in host memory already, and DCP's copy-ahead loader would
+        # take this thread's current CUDA stream (GPU 0's, on a writer thread) on any host with a GPU.
+        super().__init__(path, sync_files=True, per_thread_copy_ahead=0)
+        self.fs = _FileSystem()
+
+    def write_data(self, plan: Any, planner: Any) -> Any:
+        with writer.own_io():
+            return super().write_data(plan, planner)
+
+    def finish(self, metadata: Metadata, results: Any) -> None:
+        with writer.own_io():
+            super().finish(metadata, results)
+
+
+def write(tensors: dict[str, Any], folder: Path, group: Optional[tdist.ProcessGroup], tag: str,
+          deadline_s: float) -> int:
     """Every rank: write this rank's shards of ``tensors`` (host memory) into ``folder``'s temporary folder; its bytes.
 
-    Returns once every rank has written (DCP gathers on ``group``); rank 0 then ``publish``es the folder.
+    Returns once every rank has written (DCP gathers on ``group``, for at most ``deadline_s`` plus a
+    margin); rank 0 then ``publish``es the folder. Every rank enters and leaves DCP's collectives
+    together: a failure on one rank, or an abort, raises on every rank.
     """
     tmp = temp_path(folder, tag)
-    # per_thread_copy_ahead=0: the tensors are in host memory already, and DCP's copy-ahead loader would
-    # take this thread's current CUDA stream (GPU 0's, on a writer thread) on any host with a GPU.
-    writer = dcp.FileSystemWriter(tmp, sync_files=True, per_thread_copy_ahead=0)
-    metadata = dcp.save(tensors, storage_writer=writer, process_group=group, no_dist=group is None)
+    _set_timeout(group, deadline_s)
     rank = tdist.get_rank(group) if group is not None else 0
+    try:
+        with writer.collective():
+            metadata = dcp.save(tensors, storage_writer=_Writer(tmp), process_group=group, no_dist=group is None)
+    except CheckpointException as e:  # every rank raises it: each reports its own failure, or the failing ranks
+        if rank in e.failures:
+            raise e.failures[rank][0] from None
+        raise PeerFailed(f'rank {", ".join(map(str, sorted(e.failures)))} failed its part of the shard '
+                                'folder') from None
     return sum(info.length for info in metadata.storage_data.values() if info.relative_path.startswith(f'__{rank}_'))
 
 
@@ -126,8 +173,9 @@ def check(folder: Path) -> None:
             raise ValueError(f'{folder.name}/{name} is truncated ({path.stat().st_size} of {size} bytes)')
 
 
-def load(tensors: dict[str, Any], folder: Path, group: Optional[tdist.ProcessGroup]) -> None:
+def load(tensors: dict[str, Any], folder: Path, group: Optional[tdist.ProcessGroup], deadline_s: float) -> None:
     """Every rank: fill ``tensors`` (this rank's shards in host memory, in the current layout) from ``folder``, in place."""
+    _set_timeout(group, deadline_s)
     dcp.load(tensors, storage_reader=Reader(folder), process_group=group, no_dist=group is None)
 
 

@@ -8,16 +8,64 @@ run straight through.
 
 A job is handed host memory only (``prefix.snapshot.host_only`` checks it before the thread starts):
 the thread never touches CUDA, whose current device on a new thread is GPU 0, not the rank's.
+
+An aborted job stops at its next write call (``raise_if_abandoned``, called by every stream a phase writes
+through) rather than after its phase: an abandoned checkpoint costs no more disk time. Where a phase
+waits inside a collective (DCP's), it says so (``collective``, and ``own_io`` for the parts that are
+this rank's own I/O), so that the ranks can tell a rank that is slow on its disk from one that waits
+for it, and never exit while their thread is inside a collective.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any, NamedTuple, Optional
 
 from prefix.snapshot import host_only
+
+_local = threading.local()  # .job: the WriteJob whose thread this is
+
+
+class Abandoned(Exception):
+    """Raised in an aborted job's thread at its next write: nothing more of its checkpoint is written."""
+
+
+def raise_if_abandoned() -> None:
+    """Raise ``Abandoned`` if this thread's job was aborted (a no-op outside a job's thread)."""
+    job = getattr(_local, 'job', None)
+    if job is not None and job._aborted:
+        raise Abandoned(f'the checkpoint of step {job.step} was abandoned')
+
+
+@contextmanager
+def collective() -> Iterator[None]:
+    """A part of a phase that waits for the other ranks (all of it but its ``own_io``)."""
+    job = getattr(_local, 'job', None)
+    if job is None:
+        yield
+        return
+    job._in_collective, job._own_io = True, False
+    try:
+        yield
+    finally:
+        job._in_collective = False
+
+
+@contextmanager
+def own_io() -> Iterator[None]:
+    """Inside ``collective``: this rank's own reads and writes, which no other rank waits in."""
+    job = getattr(_local, 'job', None)
+    if job is None:
+        yield
+        return
+    job._own_io = True
+    try:
+        yield
+    finally:
+        job._own_io = False
 
 
 class JobStatus(NamedTuple):
@@ -44,11 +92,14 @@ class WriteJob:
         self._allowed = len(phases) if world_size == 1 else 1  # phases the ranks agreed may run
         self._done = 0
         self._aborted = False
+        self._in_collective = False
+        self._own_io = False
         self._cond = threading.Condition()
         self._thread = threading.Thread(target=self._run, name=f'checkpoint-step-{step}', daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
+        _local.job = self
         for index, phase in enumerate(self._phases):
             with self._cond:
                 self._cond.wait_for(lambda i=index: self._allowed > i or self._aborted)
@@ -87,11 +138,20 @@ class WriteJob:
         with self._cond:
             self._cond.wait_for(lambda: self.error is not None or self._aborted or self._done == self._allowed, timeout)
 
-    def abort(self) -> None:
-        """Run no further phase (another rank failed): nothing more is written or committed.
+    @property
+    def waiting_for_peers(self) -> bool:
+        """Its thread waits inside a collective for other ranks, not on this rank's disk."""
+        return self._in_collective and not self._own_io
 
-        A phase already running is not waited for: it may be a write of minutes, and the ranks are
-        stopping. Its temporary file is removed at the next start.
+    def running(self) -> bool:
+        return self._thread.is_alive()
+
+    def join(self, timeout: float) -> None:
+        self._thread.join(timeout)
+
+    def abort(self) -> None:
+        """Run no further phase (another rank failed, or a preemption drops this write): nothing more is
+        committed, and the phase running stops at its next write (``raise_if_abandoned``) with its temporary files removed.
         """
         with self._cond:
             self._aborted = True

@@ -12,6 +12,7 @@ import pytest
 import torch
 from conftest import (
     REPO,
+    assert_same_training,
     copy_run,
     faults,
     group_gone,
@@ -144,3 +145,29 @@ def test_a_second_ctrl_c_exits_at_once_while_sigterm_repeats_wait_for_the_save(t
     proc.send_signal(signal.SIGINT)
     proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGINT and 'SIGINT received again: exiting now' in log.read_text()
+
+
+def test_sigterm_abandons_the_write_in_flight_and_writes_the_final_checkpoint_once(
+        tmp_path: Path, dataset: Path, reference) -> None:
+    """The write of step 8 is in flight (its rank file's fsync held) when SIGTERM comes: it stops at its next write,
+    uncommitted, and only the step the signal stopped at is written; the resume is bit-exact."""
+    args = smoke_args(tmp_path, dataset, 'max_duration=24ba', 'checkpoint.interval=4ba', 'checkpoint.periodic_interval=null')
+    run = tmp_path / 'smoke'
+    held, release = tmp_path / 'held', tmp_path / 'release'
+    proc = start(args, env=faults({'op': 'fsync', 'path': 'latest_rank0.pt.*.tmp', 'skip': 1, 'times': 1,
+                                   'marker': str(held), 'block': True, 'release': str(release)}))
+    wait_for(held.exists, proc, 'the write of step 8')
+    os.kill(proc.pid, signal.SIGTERM)
+    wait_for(lambda: 'SIGTERM received' in (run / 'logs' / 'rank0.log').read_text(), proc)
+    release.touch()
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == PREEMPTED_EXIT_CODE, out[-3000:]
+    step = saved_step(run)
+    assert step > 8 and 'the checkpoint write of step 8 in flight was abandoned uncommitted' in out
+    assert 'checkpoint saved at step 8' not in out and f'checkpoint saved at step {step}' in out
+    assert not list((run / 'checkpoints').glob('*.tmp')), 'the abandoned write left its temporary files behind'
+
+    resumed = run_train(*args)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert starts(run)[-1]['start_step'] == step
+    assert_same_training(reference(0, 'max_duration=24ba'), run)
