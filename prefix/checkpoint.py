@@ -141,6 +141,7 @@ class ResumePoint:
     config: dict[str, Any]
     shards: Optional[str] = None  # the folder of the model's and optimizer's shards (sharded format)
     generation: Optional[int] = None  # of the run lock whose holder wrote it (None: written before prefix kept it)
+    lr: Optional[float] = None  # the learning rate the schedule multiplies (Composer's base_lrs: the first start's)
     rng: Optional[dict[str, Any]] = field(default=None, repr=False)
 
     @property
@@ -178,7 +179,14 @@ def _read_header(path: Path) -> dict[str, Any]:
         'config': ckpt['config'],
         'shards': ckpt.get('shards'),
         'generation': ckpt.get('generation'),
+        'lr': _base_lr(ckpt['state']),
     }
+
+
+def _base_lr(state: dict[str, Any]) -> Optional[float]:
+    """The learning rate the scheduler multiplies; Composer restores it with the scheduler, so it is the first start's."""
+    schedulers = list(state.get('schedulers', {}).values())
+    return float(schedulers[0]['base_lrs'][0]) if schedulers else None
 
 
 def _check(path: Path) -> Optional[dict[str, Any]]:

@@ -40,13 +40,16 @@ class DataConfig:
 
 @dataclass
 class OptimizerConfig:
-    """Decoupled AdamW with linear warmup and cosine decay to ``min_lr_ratio``."""
+    """Decoupled AdamW with linear warmup and cosine decay to ``min_lr_ratio`` (``prefix.schedule``)."""
 
     lr: float = 1.0e-3
     weight_decay: float = 0.0
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     warmup: str = setting('0ba', units='ba', zero_ok=True)
     min_lr_ratio: float = 0.1
+    # Where the cosine reaches lr * min_lr_ratio (None: max_duration); after it the learning rate stays there. Set to
+    # the old max_duration when raising max_duration, a run goes on without a jump in the learning rate.
+    decay_end: Optional[str] = setting(None, units='ba,ep')
     grad_clip_norm: float = 1.0
 
 

@@ -21,13 +21,14 @@ from composer import Trainer
 from composer.algorithms import GradientClipping
 from composer.core import DataSpec, Evaluator
 from composer.devices import Device, DeviceCPU, DeviceGPU
-from composer.optim import CosineAnnealingWithWarmupScheduler, DecoupledAdamW
+from composer.optim import DecoupledAdamW
 from composer.utils import dist, reproducibility
 from streaming import StreamingDataLoader
 
 from prefix import (
     composer_fixes,  # noqa: F401  (applied on import)
     models,
+    schedule,
     trackers,
 )
 from prefix import config as config_lib
@@ -92,6 +93,8 @@ def train(cfg: TrainConfig) -> int:
                 print(f'run {cfg.run_name} is already complete: step {resume.global_step} reached '
                       f'max_duration={cfg.max_duration} ({run.root}); nothing to do', flush=True)
             return 0
+        if resume is not None and rank == 0:
+            schedule.warn_of_jump(resume, config_dict, len(train_loader))  # raising max_duration stretches the cosine
         return fit(cfg, config_dict, run, resume, train_loader, val_loader, device, preemption, lock, generation)
     finally:
         if lock is not None:
@@ -189,7 +192,7 @@ def training_args(
         'eval_subset_num_batches': cfg.eval_batches if cfg.eval_batches is not None else -1,
         'max_duration': cfg.max_duration,
         'optimizers': DecoupledAdamW(model.parameters(), lr=opt.lr, betas=tuple(opt.betas), weight_decay=opt.weight_decay),
-        'schedulers': CosineAnnealingWithWarmupScheduler(t_warmup=opt.warmup, alpha_f=opt.min_lr_ratio),
+        'schedulers': schedule.build(opt),
         'step_schedulers_every_batch': True,
         'algorithms': [GradientClipping('norm', opt.grad_clip_norm)] if opt.grad_clip_norm > 0 else [],
         'device': device,

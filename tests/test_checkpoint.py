@@ -112,6 +112,7 @@ def test_periodic_files_are_hard_links_not_copies(finished_run: Path, tmp_path: 
 def test_resume_point_prefers_latest(finished_run: Path) -> None:
     point = find_resume_point(finished_run / 'checkpoints')
     assert point is not None and point.kind == 'latest' and point.global_step == 22 and point.rng is not None
+    assert point.lr == 3.0e-3, "the scheduler's base learning rate (yamls/smoke.yaml's optimizer.lr)"
     assert is_complete(point.timestamp, '22ba') and not is_complete(point.timestamp, '23ba')
     assert is_complete(point.timestamp, f'{22 * 8}sp') and not is_complete(point.timestamp, '1ep')
 
