@@ -21,6 +21,7 @@ from prefix.checkpoint import (
     remove_leftovers,
     restore_rng,
     safe_load,
+    verify_crc,
 )
 
 
@@ -146,6 +147,48 @@ def test_a_flipped_bit_is_caught_by_the_crc_and_falls_back(finished_run: Path, t
     with caplog.at_level(logging.WARNING):
         point = find_resume_point(ckpts)
     assert point is not None and point.kind == 'periodic' and 'fails its CRC-32 check' in caplog.text
+
+
+def _rchar() -> int:
+    return int(next(line for line in Path('/proc/self/io').read_text().splitlines() if line.startswith('rchar:')).split()[1])
+
+
+def test_the_crc_check_maps_the_records_and_reads_none_of_them(tmp_path: Path) -> None:
+    """The node leader's CRC pass fills the page cache for the ranks' mapped loads without a copy through read():
+    a resume passes the checkpoint through read() nowhere (benchmarks/README.md: what a resume reads)."""
+    path = tmp_path / 'big.pt'
+    torch.save({'w': torch.arange(8 << 20, dtype=torch.int32)}, path)  # 32 MB
+    before = _rchar()
+    verify_crc(path)
+    assert _rchar() - before < (1 << 20)
+    flip_a_weight_byte(path)
+    with pytest.raises(ValueError, match='record big/data/0 fails its CRC-32 check'):
+        verify_crc(path)
+
+
+def test_the_crc_check_of_compressed_records_and_of_a_renamed_header(tmp_path: Path) -> None:
+    """What zipfile.testzip catches: a compressed record that fails its CRC, a local header naming another record."""
+    import zipfile
+
+    path = tmp_path / 'deflated.zip'
+    with zipfile.ZipFile(path, 'w', compression=zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr('a', b'x' * 1000)
+        archive.writestr('b', os.urandom(100000))  # deflate keeps random bytes as they are: a flip stays a flip
+        info = archive.getinfo('b')
+    verify_crc(path)
+    data = bytearray(path.read_bytes())
+    data[info.header_offset + 30 + 1 + info.compress_size // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match='record b fails'):
+        verify_crc(path)
+    stored = tmp_path / 'stored.zip'
+    with zipfile.ZipFile(stored, 'w') as archive:
+        archive.writestr('a', b'1' * 100)
+    data = bytearray(stored.read_bytes())
+    data[30] = ord('z')  # the name in a's local header
+    stored.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match='record a fails'):
+        verify_crc(stored)
 
 
 def test_a_damaged_rank_file_costs_only_its_rng_state(finished_run: Path, tmp_path: Path,
