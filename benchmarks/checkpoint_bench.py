@@ -21,6 +21,7 @@ the fresh start, summed over every process: bytes through read(), and bytes from
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import logging
 import os
@@ -30,6 +31,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -164,19 +166,39 @@ def io_of_descendants(cmd: list[str]) -> dict[str, int]:
     This process is a subreaper (``main``), so every descendant, an orphaned one too, is reaped here,
     and Linux adds a reaped child's I/O counters to its parent's: ``/proc/self/io`` then sums them.
     Memory-mapped reads count in ``read_bytes`` when they reach the disk, never in ``rchar``.
+
+    ``rchar_per_process`` is the other way of summing "over every process of the run": each process's own
+    ``/proc/<pid>/io`` as last seen while it ran (polled every 50 ms). Those counters include what the
+    process's reaped children read, so a launcher that outlives its ranks counts their reads a second time:
+    any byte a rank reads through read() counts twice that way.
     """
-    def counters() -> dict[str, int]:
-        lines = Path('/proc/self/io').read_text().splitlines()
+    def counters(pid: object = 'self') -> dict[str, int]:
+        lines = Path(f'/proc/{pid}/io').read_text().splitlines()
         return {key: int(value) for key, value in (line.split(': ') for line in lines)}
 
     ours = {child.pid for child in psutil.Process().children()}  # e.g. multiprocessing's resource tracker
+    seen: dict[int, int] = {}  # pid: rchar as last polled
+    done = threading.Event()
+
+    def poll() -> None:
+        while not done.wait(0.05):
+            for child in psutil.Process().children(recursive=True):
+                if child.pid not in ours:
+                    with contextlib.suppress(OSError):
+                        seen[child.pid] = counters(child.pid)['rchar']
+
+    poller = threading.Thread(target=poll, daemon=True)
     before = counters()
+    poller.start()
     subprocess.run(cmd, check=True, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     while orphans := [child.pid for child in psutil.Process().children() if child.pid not in ours]:
         for pid in orphans:
             os.waitpid(pid, 0)
+    done.set()
+    poller.join()
     after = counters()
-    return {key: after[key] - before[key] for key in ('rchar', 'read_bytes')}
+    return {**{key: after[key] - before[key] for key in ('rchar', 'read_bytes')},
+            'rchar_per_process': sum(seen.values())}
 
 
 def startup(size: str, data: Path, root: Path, nproc: int) -> dict[str, float]:
@@ -318,10 +340,6 @@ def main() -> None:
                     runs[variant].append(time_variant(size, variant, opts.data, root, loaders))
                 print(f'  {size}: repetition {rep + 1}/{opts.reps} done', flush=True)
             report(size, params, runs, interval_s, base_interval)
-        print(f'\n{size}: resume, with the checkpoint evicted from the page cache (reads summed over every process)')
-        print('| ranks | checkpoint MB | first step: fresh | resumed | resumed / (fresh + read at bandwidth) '
-              '| extra read() bytes / checkpoint | extra storage reads / checkpoint |')
-        print('| --- | --- | --- | --- | --- | --- | --- |')
         if 'preemption' in opts.parts:
             p = preemption(size, opts.data, root)
             print(f'\n{size}: SIGTERM with a checkpoint write in flight, 1 rank')
@@ -334,11 +352,17 @@ def main() -> None:
             memory(size, opts.data, root, params)
         if 'resume' not in opts.parts:
             continue
+        print(f'\n{size}: resume, with the checkpoint evicted from the page cache (reads summed over every process)')
+        print('| ranks | checkpoint MB | first step: fresh | resumed | resumed / (fresh + read at bandwidth) '
+              '| extra read() bytes / checkpoint | the same, each process\'s counters summed | '
+              'extra storage reads / checkpoint |')
+        print('| --- | --- | --- | --- | --- | --- | --- | --- |')
         for nproc in (1, 2):
             s = startup(size, opts.data, root, nproc)
             at_bw = s['checkpoint_bytes'] / read_bw
             print(f'| {nproc} | {s["checkpoint_bytes"] / 1e6:.1f} | {s["fresh_s"]:.2f} s | {s["resumed_s"]:.2f} s '
                   f'| {s["resumed_s"] / (s["fresh_s"] + at_bw):.2f} | {s["extra_rchar"] / s["checkpoint_bytes"]:.2f} '
+                  f'| {s["extra_rchar_per_process"] / s["checkpoint_bytes"]:.2f} '
                   f'| {s["extra_read_bytes"] / s["checkpoint_bytes"]:.2f} |', flush=True)
 
 
