@@ -5,6 +5,12 @@ volume can take minutes, so prefix never enters a collective while some rank doe
 work runs on a thread (``together``) and every rank polls it in short local waits, each followed by
 one tiny all-reduce, until every rank's work is done; only then are the (small) results exchanged.
 
+Slow work may have a deadline (``together(..., deadline_s)``): a rank still at its own part of the
+work when it passes makes every rank stop with one line naming it. A worker thread says which of its
+waits are other ranks' (``collective``) and which its own I/O inside them (``own_io``), so that a
+rank waiting inside DCP's collective for a slow peer is never taken for the slow one, and no rank
+exits while its thread is inside a collective that the others' exit or DCP's timeout will end.
+
 A rank-local failure becomes an agreed stop the same way: ``RankFailures`` holds the first
 exception a rank hit in prefix's own callbacks, the ranks learn of it from the flag in their
 per-step all-reduce, and every rank then raises one ``RankFailedError`` naming the failing rank.
@@ -14,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, Optional
@@ -81,34 +88,93 @@ class Outcome:
         return self.value
 
 
-def wait_until_done(done: Callable[[float], bool]) -> None:
-    """Poll ``done(timeout)`` (True once this rank's work is over) with every rank until all are over.
+class Activity:
+    """What a worker thread is doing inside a collective: waiting for other ranks, or its own I/O."""
+
+    def __init__(self) -> None:
+        self.in_collective = False
+        self.own_io = False
+
+    @property
+    def waiting_for_peers(self) -> bool:
+        return self.in_collective and not self.own_io
+
+
+_local = threading.local()  # .activity: the current worker thread's
+
+
+def track(activity: Activity) -> None:
+    """The current thread reports what it does to ``activity`` (called first thing in a worker thread)."""
+    _local.activity = activity
+
+
+@contextmanager
+def collective() -> Iterator[None]:
+    """Work that waits for the other ranks (all of it but its ``own_io``), e.g. a DCP save or load."""
+    activity = getattr(_local, 'activity', None)
+    if activity is None:
+        yield
+        return
+    activity.in_collective, activity.own_io = True, False
+    try:
+        yield
+    finally:
+        activity.in_collective = False
+
+
+@contextmanager
+def own_io() -> Iterator[None]:
+    """Inside ``collective``: this rank's own reads and writes, which no other rank waits in."""
+    activity = getattr(_local, 'activity', None)
+    if activity is None:
+        yield
+        return
+    activity.own_io = True
+    try:
+        yield
+    finally:
+        activity.own_io = False
+
+
+def wait_until_done(done: Callable[[float], bool], late: Callable[[], bool] = lambda: False) -> list[int]:
+    """Poll ``done(timeout)`` (True once this rank's work is over) with every rank until all are over, or until
+    some rank is ``late``: then the late ranks (none when every rank finished).
 
     Every rank runs the same number of rounds, because whether to go on is agreed too.
     """
-    while any_rank([not done(POLL_S)])[0]:
-        pass
+    while True:
+        running = not done(POLL_S)
+        is_late = running and late()
+        if world_size() == 1:
+            if is_late or not running:
+                return [0] if is_late else []
+            continue
+        running, any_late = any_rank([running, is_late])
+        if any_late:
+            return [r for r, flag in enumerate(gather(is_late)) if flag]
+        if not running:
+            return []
 
 
-def together(work: Optional[Callable[[], Any]]) -> list[Outcome]:
+def together(work: Optional[Callable[[], Any]], deadline_s: Optional[float] = None, doing: str = '') -> list[Outcome]:
     """Run ``work`` on the ranks that have some, on a thread, and give every rank every rank's outcome.
 
     No rank waits in a collective for more than ``POLL_S`` plus the others' lag, however long the work.
+    With ``deadline_s``: a rank whose own part of ``doing`` is still running after it makes every rank raise
+    one ``RankFailedError`` naming it.
     """
     outcome = Outcome()
+    activity = Activity()
     thread = None
     if work is not None:
         def run() -> None:
+            track(activity)
             try:
                 outcome.value = work()
             except BaseException as e:
                 outcome.error = e
         thread = threading.Thread(target=run, name='prefix-together', daemon=True)
         thread.start()
-    if world_size() == 1:
-        if thread is not None:
-            thread.join()
-        return [outcome]
 
     def done(timeout: float) -> bool:
         if thread is None:
@@ -116,13 +182,25 @@ def together(work: Optional[Callable[[], Any]]) -> list[Outcome]:
         thread.join(timeout)
         return not thread.is_alive()
 
-    wait_until_done(done)
+    deadline = time.monotonic() + deadline_s if deadline_s is not None else None
+    late = wait_until_done(done, lambda: deadline is not None and time.monotonic() > deadline
+                           and not activity.waiting_for_peers)
+    if late:
+        while thread is not None and thread.is_alive() and activity.waiting_for_peers:
+            thread.join(POLL_S)  # inside a collective: the late rank's exit, or its timeout, ends it
+        assert deadline_s is not None
+        ranks = ', '.join(f'rank {r}' for r in late)
+        raise RankFailedError(f'{ranks} failed {doing}: still at it after {deadline_s / 60:.1f} min '
+                              '(checkpoint.write_timeout): its volume is hung or too slow (raise '
+                              'checkpoint.write_timeout for a slow one)')
+    if world_size() == 1:
+        return [outcome]
     return gather(_picklable(outcome))
 
 
-def from_rank_zero(work: Callable[[], Any]) -> Any:
+def from_rank_zero(work: Callable[[], Any], deadline_s: Optional[float] = None, doing: str = '') -> Any:
     """``work`` runs on rank 0 alone; every rank returns its result, or raises its exception."""
-    return together(work if rank() == 0 else None)[0].get()
+    return together(work if rank() == 0 else None, deadline_s, doing)[0].get()
 
 
 def _picklable(outcome: Outcome) -> Outcome:

@@ -53,6 +53,8 @@ from prefix.errors import PrefixError
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
+SLOWEST_BANDWIDTH = 25e6  # bytes/s: the default write_timeout lets the whole checkpoint take this long ...
+MIN_WRITE_TIMEOUT_S = 600  # ... and at least this
 READ_RETRY_S = (1.0, 2.0, 4.0, 8.0)  # waits before the next try of a read that failed with an OSError
 CRC_CHUNK = 16 << 20  # bytes of a record checked at a time
 MADV_POPULATE_READ = getattr(mmap, 'MADV_POPULATE_READ', 22)  # Linux 5.14; Python 3.11's mmap does not name it
@@ -153,6 +155,15 @@ class ResumePoint:
     @property
     def filename(self) -> str:
         return f'{self.kind}.pt'
+
+
+def write_timeout_s(setting: Optional[str], checkpoint_bytes: float) -> float:
+    """``checkpoint.write_timeout``, or the default: a volume 10x slower than a slow PVC still finishes, a hung one is
+    noticed. ``checkpoint_bytes``: the whole checkpoint, as the ranks share the volume's bandwidth. It bounds every
+    wait on a checkpoint's files: its write, and a resume's reads."""
+    if setting is not None:
+        return Duration.parse(setting).seconds
+    return max(MIN_WRITE_TIMEOUT_S, checkpoint_bytes / SLOWEST_BANDWIDTH)
 
 
 def verify_crc(path: Path) -> None:
@@ -264,7 +275,7 @@ def _check(path: Path) -> Optional[dict[str, Any]]:
     return header
 
 
-def _choose_global(folder: Path) -> Optional[dict[str, Any]]:
+def _choose_global(folder: Path, write_timeout: Optional[str]) -> Optional[dict[str, Any]]:
     """Every rank: the newest global checkpoint every node can read, falling back loudly from latest to periodic.
 
     The check runs on each node's local leader, on a thread, while every rank polls it (``agreement.together``):
@@ -274,7 +285,9 @@ def _choose_global(folder: Path) -> Optional[dict[str, Any]]:
     leader = dist.get_local_rank() == 0
     for kind in (LATEST, PERIODIC):
         path = global_file(folder, kind)
-        outcomes = together((lambda p=path: _check(p)) if leader else None)
+        size = path.stat().st_size if path.exists() else 0
+        outcomes = together((lambda p=path: _check(p)) if leader else None, write_timeout_s(write_timeout, size),
+                            f'checking {path.name}')
         refused = next((o.error for o in outcomes if isinstance(o.error, CheckpointError)), None)
         if refused is not None:
             raise refused
@@ -340,9 +353,10 @@ def referenced_shards(folder: Path) -> Optional[set[str]]:
     return names - {None}
 
 
-def find_resume_point(folder: Path) -> Optional[ResumePoint]:
-    """Agree on one checkpoint across ranks and load this rank's RNG states for its step."""
-    chosen = _choose_global(folder)
+def find_resume_point(folder: Path, write_timeout: Optional[str] = None) -> Optional[ResumePoint]:
+    """Agree on one checkpoint across ranks and load this rank's RNG states for its step; ``write_timeout`` (the
+    config's ``checkpoint.write_timeout``) bounds the wait for each node's check of the global file."""
+    chosen = _choose_global(folder, write_timeout)
     if chosen is None:
         return None
     point = ResumePoint(**chosen)

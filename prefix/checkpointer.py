@@ -66,6 +66,7 @@ from prefix.checkpoint import (
     referenced_shards,
     restore_rng,
     safe_load,
+    write_timeout_s,
 )
 from prefix.config import CheckpointConfig
 from prefix.duration import Duration
@@ -79,18 +80,6 @@ from prefix.writer import WriteJob, raise_if_abandoned
 log = logging.getLogger(__name__)
 
 REPORT_S = 60  # how often a write that is still running is logged
-SLOWEST_BANDWIDTH = 25e6  # bytes/s: the default write_timeout lets the whole checkpoint take this long ...
-MIN_WRITE_TIMEOUT_S = 600  # ... and at least this
-
-
-def write_timeout_s(setting: Optional[str], checkpoint_bytes: float) -> float:
-    """``checkpoint.write_timeout``, or the default: a volume 10x slower than a slow PVC still finishes, a hung one is
-    noticed. ``checkpoint_bytes``: the whole checkpoint, as the ranks share the volume's bandwidth."""
-    if setting is not None:
-        return Duration.parse(setting).seconds
-    return max(MIN_WRITE_TIMEOUT_S, checkpoint_bytes / SLOWEST_BANDWIDTH)
-
-
 class WriteTimeoutError(PrefixError):
     """A rank did not finish writing its part of a checkpoint in time: its volume is hung or too slow."""
 
@@ -244,7 +233,8 @@ class Checkpointer(Callback):
         host = self._host_copies()[0].empty_like(live)
         folder = self.folder / self.resume.shards
         deadline_s = write_timeout_s(self.write_timeout, shards.nbytes(host) * agreement.world_size())
-        together(lambda: shards.load(host, folder, self.shards_group, deadline_s))[agreement.rank()].get()
+        together(lambda: shards.load(host, folder, self.shards_group, deadline_s), deadline_s,
+                 f'reading {self.resume.shards}')[agreement.rank()].get()
         tensors = copy_into(live, host)
         rest = safe_load(global_file(self.folder, self.resume.kind), mmap=True)['state']
         state.load_state_dict({**rest, **tensors}, logger)
@@ -286,7 +276,8 @@ class Checkpointer(Callback):
         if pending is None:
             return
         if agreement.world_size() == 1:
-            pending.job.finish()
+            while pending.job.running() and time.monotonic() < pending.deadline:  # a hung write is left behind
+                pending.job.join(POLL_S)
         else:
             pending.job.abort()  # the other ranks may be gone: never commit what they may not have written
             self._leave(pending)

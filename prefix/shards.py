@@ -36,7 +36,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
 from prefix import writer
-from prefix.agreement import PeerFailed
+from prefix.agreement import PeerFailed, collective, own_io
 from prefix.atomic import CheckedWriter, fsync_dir, tag_of, temp_path
 
 PREFIX = 'shards-'
@@ -88,11 +88,11 @@ class _Writer(dcp.FileSystemWriter):
         self.fs = _FileSystem()
 
     def write_data(self, plan: Any, planner: Any) -> Any:
-        with writer.own_io():
+        with own_io():
             return super().write_data(plan, planner)
 
     def finish(self, metadata: Metadata, results: Any) -> None:
-        with writer.own_io():
+        with own_io():
             super().finish(metadata, results)
 
 
@@ -108,7 +108,7 @@ def write(tensors: dict[str, Any], folder: Path, group: Optional[tdist.ProcessGr
     _set_timeout(group, deadline_s)
     rank = tdist.get_rank(group) if group is not None else 0
     try:
-        with writer.collective():
+        with collective():
             metadata = dcp.save(tensors, storage_writer=_Writer(tmp), process_group=group, no_dist=group is None)
     except CheckpointException as e:  # every rank raises it: each reports its own failure, or the failing ranks
         if rank in e.failures:
@@ -145,7 +145,12 @@ class _MetadataUnpickler(pickle.Unpickler):
 
 
 class Reader(dcp.FileSystemReader):
-    """DCP's reader, but its index is unpickled through an allow-list (DCP's own ``read_metadata`` unpickles freely)."""
+    """DCP's reader, but its index is unpickled through an allow-list (DCP's own ``read_metadata`` unpickles freely),
+    and its reads are this rank's own I/O inside DCP's collectives (``agreement.own_io``)."""
+
+    def read_data(self, plan: Any, planner: Any) -> Any:
+        with own_io():
+            return super().read_data(plan, planner)
 
     def read_metadata(self) -> Metadata:
         with self.fs.create_stream(self.fs.concat_path(self.path, METADATA), 'rb') as f:
@@ -176,7 +181,8 @@ def check(folder: Path) -> None:
 def load(tensors: dict[str, Any], folder: Path, group: Optional[tdist.ProcessGroup], deadline_s: float) -> None:
     """Every rank: fill ``tensors`` (this rank's shards in host memory, in the current layout) from ``folder``, in place."""
     _set_timeout(group, deadline_s)
-    dcp.load(tensors, storage_reader=Reader(folder), process_group=group, no_dist=group is None)
+    with collective():
+        dcp.load(tensors, storage_reader=Reader(folder), process_group=group, no_dist=group is None)
 
 
 def read_whole(folder: Path) -> dict[str, Any]:

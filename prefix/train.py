@@ -33,7 +33,7 @@ from prefix import (
 )
 from prefix import config as config_lib
 from prefix.agreement import RankFailures, from_rank_zero
-from prefix.checkpoint import ResumePoint, find_resume_point, is_complete, remove_leftovers
+from prefix.checkpoint import MIN_WRITE_TIMEOUT_S, ResumePoint, find_resume_point, is_complete, remove_leftovers
 from prefix.checkpointer import Checkpointer, never
 from prefix.config import TrainConfig
 from prefix.dataloader import build_dataloader, count_tokens, dataset_info
@@ -83,11 +83,13 @@ def train(cfg: TrainConfig) -> int:
     lock, generation = acquire_on_rank_zero(run.lock, Duration.parse(cfg.lock_wait).seconds, preemption)
     try:
         tee_output(run.console(rank))
-        from_rank_zero(lambda: remove_leftovers(run.checkpoints, generation))
-        resume = find_resume_point(run.checkpoints)
+        small = MIN_WRITE_TIMEOUT_S  # the deadline of rank 0's work on small files
+        from_rank_zero(lambda: remove_leftovers(run.checkpoints, generation), small, 'removing leftovers')
+        resume = find_resume_point(run.checkpoints, cfg.checkpoint.write_timeout)
         config_dict = config_lib.to_dict(cfg)
         if resume is not None:
-            from_rank_zero(lambda: check_and_record(resume.config, config_dict, resume.global_step, run.config_changes))
+            from_rank_zero(lambda: check_and_record(resume.config, config_dict, resume.global_step, run.config_changes),
+                           small, f'recording config changes in {run.config_changes}')
         if resume is not None and is_complete(resume.timestamp, cfg.max_duration):
             if rank == 0:
                 print(f'run {cfg.run_name} is already complete: step {resume.global_step} reached '
@@ -130,7 +132,8 @@ def fit(
     rank = dist.get_global_rank()
     gpus = gpu_names()
     git, previous, starts = from_rank_zero(lambda: (
-        write_snapshots(run, config_lib.to_yaml(cfg), gpus), previous_start(run), start_count(run)))
+        write_snapshots(run, config_lib.to_yaml(cfg), gpus), previous_start(run), start_count(run)),
+        MIN_WRITE_TIMEOUT_S, f'writing {run.meta}')
     failures = RankFailures()  # what a callback of this rank hit, until the ranks agree to stop on it
     journal = Journal(run.starts, resume.filename if resume else None, git.get('commit'), previous, failures)
     checkpointer = Checkpointer(run.checkpoints, cfg.checkpoint, config_dict, resume, preemption, failures,

@@ -11,19 +11,19 @@ the thread never touches CUDA, whose current device on a new thread is GPU 0, no
 
 An aborted job stops at its next write call (``raise_if_abandoned``, called by every stream a phase writes
 through) rather than after its phase: an abandoned checkpoint costs no more disk time. Where a phase
-waits inside a collective (DCP's), it says so (``collective``, and ``own_io`` for the parts that are
-this rank's own I/O), so that the ranks can tell a rank that is slow on its disk from one that waits
-for it, and never exit while their thread is inside a collective.
+waits inside a collective (DCP's), it says so (``agreement.collective``), so that the ranks can tell a
+rank that is slow on its disk from one that waits for it, and never exit while their thread is inside
+a collective.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import Any, NamedTuple, Optional
 
+from prefix.agreement import Activity, track
 from prefix.snapshot import host_only
 
 _local = threading.local()  # .job: the WriteJob whose thread this is
@@ -38,34 +38,6 @@ def raise_if_abandoned() -> None:
     job = getattr(_local, 'job', None)
     if job is not None and job._aborted:
         raise Abandoned(f'the checkpoint of step {job.step} was abandoned')
-
-
-@contextmanager
-def collective() -> Iterator[None]:
-    """A part of a phase that waits for the other ranks (all of it but its ``own_io``)."""
-    job = getattr(_local, 'job', None)
-    if job is None:
-        yield
-        return
-    job._in_collective, job._own_io = True, False
-    try:
-        yield
-    finally:
-        job._in_collective = False
-
-
-@contextmanager
-def own_io() -> Iterator[None]:
-    """Inside ``collective``: this rank's own reads and writes, which no other rank waits in."""
-    job = getattr(_local, 'job', None)
-    if job is None:
-        yield
-        return
-    job._own_io = True
-    try:
-        yield
-    finally:
-        job._own_io = False
 
 
 class JobStatus(NamedTuple):
@@ -92,14 +64,14 @@ class WriteJob:
         self._allowed = len(phases) if world_size == 1 else 1  # phases the ranks agreed may run
         self._done = 0
         self._aborted = False
-        self._in_collective = False
-        self._own_io = False
+        self.activity = Activity()
         self._cond = threading.Condition()
         self._thread = threading.Thread(target=self._run, name=f'checkpoint-step-{step}', daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
         _local.job = self
+        track(self.activity)
         for index, phase in enumerate(self._phases):
             with self._cond:
                 self._cond.wait_for(lambda i=index: self._allowed > i or self._aborted)
@@ -141,7 +113,7 @@ class WriteJob:
     @property
     def waiting_for_peers(self) -> bool:
         """Its thread waits inside a collective for other ranks, not on this rank's disk."""
-        return self._in_collective and not self._own_io
+        return self.activity.waiting_for_peers
 
     def running(self) -> bool:
         return self._thread.is_alive()

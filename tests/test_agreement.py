@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import signal
 import subprocess
+import threading
 from pathlib import Path
 
 import pytest
@@ -148,3 +149,33 @@ def test_checkpoints_slower_than_the_collective_timeout(tmp_path: Path, dataset:
     assert_same_training(reference(2, 'max_duration=24ba'), run)
     assert sorted(p.name for p in (run / 'checkpoints').iterdir()) == [
         'latest.pt', 'latest_rank0.pt', 'latest_rank1.pt', 'periodic.pt', 'periodic_rank0.pt', 'periodic_rank1.pt']
+
+
+def test_work_past_its_deadline_stops_with_one_line_naming_the_rank() -> None:
+    never = threading.Event()  # the work waits for it, as a read from a hung volume does
+    with pytest.raises(RankFailedError, match=r'^rank 0 failed reading x: still at it after 0.0 min '
+                                              r'\(checkpoint.write_timeout\): its volume is hung or too slow'):
+        together(never.wait, deadline_s=0.2, doing='reading x')
+    assert together(lambda: 7, deadline_s=0.2, doing='reading y')[0].value == 7
+
+
+@pytest.mark.slow
+def test_a_resume_read_hung_on_one_rank_stops_every_rank_at_its_deadline(tmp_path: Path, dataset: Path) -> None:
+    """Rank 1's read of its shards never returns: rank 0, which waits for it inside DCP's collective, is not
+    the one named; every rank exits 1 with the same line, and nothing of the checkpoint changes."""
+    args = smoke_args(tmp_path, dataset, 'fsdp={}', 'dist_timeout=1h', 'checkpoint.write_timeout=6s')
+    run = tmp_path / 'smoke'
+    assert run_train(*args, 'max_duration=8ba', nproc=2).returncode == 0
+    before = sorted((p.name, p.stat().st_mtime_ns) for p in (run / 'checkpoints').iterdir())
+    hung = {'op': 'call', 'target': 'torch.distributed.checkpoint.filesystem:FileSystemReader.read_data', 'rank': 1,
+            'block': True}
+    proc = start([*args, 'max_duration=12ba'], faults(hung))
+    assert proc.wait(timeout=HANG) != 0 and group_gone(proc.pid, timeout=HANG)
+    errors = {error_line(run / 'logs' / f'rank{r}.log') for r in (0, 1)}
+    assert len(errors) == 1, errors
+    error = errors.pop()
+    assert error.startswith('prefix: error: rank 1 failed reading shards-000000008-') and \
+        'still at it after 0.1 min (checkpoint.write_timeout)' in error, error
+    for r in (0, 1):
+        assert 'terminate called' not in (run / 'logs' / f'rank{r}.log').read_text()
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in (run / 'checkpoints').iterdir()) == before
