@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import json
 import logging
 import os
 import shutil
@@ -232,11 +233,18 @@ def startup(size: str, data: Path, root: Path, nproc: int) -> dict[str, float]:
             **{f'extra_{key}': resumed_reads[key] - fresh_reads[key] for key in fresh_reads}}
 
 
-def preemption(size: str, data: Path, root: Path) -> dict[str, float]:
+# A volume whose writes are throttled (a network volume at its dirty-page limit), simulated by the tests' fault
+# injector: every write call of a checkpoint file waits 50 ms, so a write outlasts the step after it.
+THROTTLED = [{'op': 'call', 'target': 'prefix.atomic:CheckedWriter.write', 'sleep': 0.05}]
+
+
+def preemption(size: str, data: Path, root: Path, throttled: bool) -> dict[str, float]:
     """SIGTERM while a checkpoint write is in flight, to the process's exit, next to one write and one step.
 
     One rank, asynchronous checkpoints every K steps: the signal is sent as soon as the second write
     has begun (its first temporary file exists). The exit is what a pod's grace period must cover.
+    On this machine's disk the write ends within the step the signal waits for (the write and the step
+    share 2 cores); ``throttled`` writes through a slow volume instead, where the write outlasts the step.
     """
     _, overrides, every, _ = SIZES[size]
     name = f'preempt-{size}'
@@ -245,7 +253,11 @@ def preemption(size: str, data: Path, root: Path) -> dict[str, float]:
     cmd = [sys.executable, '-m', 'prefix.train', str(REPO / SIZES[size][0]), *overrides, f'data.local={data}',
            f'runs_root={root}', f'run_name={name}', 'eval_interval=100000ba', f'checkpoint.interval={every}ba',
            'checkpoint.periodic_interval=null', 'max_duration=1000ba']
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env = dict(os.environ)
+    if throttled:
+        env.update(PYTHONPATH=os.pathsep.join(filter(None, [str(REPO / 'tests' / 'faults'), env.get('PYTHONPATH')])),
+                   PREFIX_TEST_FAULTS=json.dumps(THROTTLED))
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     summary = run.root / 'meta' / 'checkpoint.json'
     while not summary.exists() or not list(run.checkpoints.glob('*.tmp')):  # the first committed, the second begun
         if proc.poll() is not None:
@@ -341,13 +353,14 @@ def main() -> None:
                 print(f'  {size}: repetition {rep + 1}/{opts.reps} done', flush=True)
             report(size, params, runs, interval_s, base_interval)
         if 'preemption' in opts.parts:
-            p = preemption(size, opts.data, root)
             print(f'\n{size}: SIGTERM with a checkpoint write in flight, 1 rank')
-            print('| SIGTERM to exit | one write | one step | (exit - step) / write | formula: step + write |')
-            print('| --- | --- | --- | --- | --- |')
-            print(f'| {p["exit_s"]:.2f} s | {p["write_s"]:.2f} s | {p["step_s"]:.2f} s '
-                  f'| {(p["exit_s"] - p["step_s"]) / p["write_s"]:.2f} '
-                  f'| {sizing.preemption_seconds(p["step_s"], p["write_s"]):.2f} s |', flush=True)
+            print('| volume | SIGTERM to exit | one write | one step | (exit - step) / write | formula: step + write |')
+            print('| --- | --- | --- | --- | --- | --- |')
+            for throttled in (False, True):
+                p = preemption(size, opts.data, root, throttled)
+                print(f'| {"throttled (50 ms a write call)" if throttled else "this disk"} | {p["exit_s"]:.2f} s '
+                      f'| {p["write_s"]:.2f} s | {p["step_s"]:.2f} s | {(p["exit_s"] - p["step_s"]) / p["write_s"]:.2f} '
+                      f'| {sizing.preemption_seconds(p["step_s"], p["write_s"]):.2f} s |', flush=True)
         if 'memory' in opts.parts:
             memory(size, opts.data, root, params)
         if 'resume' not in opts.parts:

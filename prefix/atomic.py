@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, Optional
 
 TMP_SUFFIX = '.tmp'
-SYNC_EVERY = 64 << 20  # bytes written between two flushes to the disk
+SYNC_EVERY = 1 << 30  # bytes written between two flushes to the disk: a stopped write stops within this much
 WRITER = f'p{os.getpid()}-{uuid.uuid4().hex[:8]}'  # this process's tag, unique across machines and restarts
 # What os.link raises where a filesystem has no hard links (or no more for this file): copy instead.
 NO_HARD_LINKS = (errno.EPERM, errno.EXDEV, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK)
