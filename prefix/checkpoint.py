@@ -387,7 +387,7 @@ def find_resume_point(folder: Path, write_timeout: Optional[str] = None) -> Opti
 
 
 def is_complete(timestamp: dict[str, int], max_duration: str) -> bool:
-    """Whether a checkpoint's timestamp has reached ``max_duration`` (``200ba``, ``1ep``, ``1000tok``, ``64sp``)."""
+    """Whether a checkpoint's timestamp has reached ``max_duration`` (``200ba``, ``1ep``)."""
     return Duration.parse(max_duration).reached(timestamp)
 
 

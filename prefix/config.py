@@ -118,7 +118,8 @@ class TrainConfig:
     run_name: str = MISSING
     runs_root: Optional[str] = None
     seed: int = setting(17, fixed=True)
-    max_duration: str = setting(units='ba,ep,tok,sp')
+    # In batches or epochs: the learning-rate schedule (warmup, decay_end) is counted in batches.
+    max_duration: str = setting(units='ba,ep')
     global_batch_size: int = setting(32, fixed=True)
     device_microbatch_size: Optional[int] = None
     precision: Optional[str] = setting(None, choices=(None, 'fp32', 'amp_bf16', 'amp_fp16'))

@@ -37,6 +37,7 @@ def test_runs_root_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     ('max_duration: 10ba\ndata: {local: d}\n', [], "missing required config key 'run_name'"),
     ('run_name: a\nmax_duration: 10ba\n', [], "missing required config key 'data.local'"),
     ('run_name: a\nmax_duration: ten\ndata: {local: d}\n', [], "config key 'max_duration': 'ten' is not a duration"),
+    ('run_name: a\nmax_duration: 4096tok\ndata: {local: d}\n', [], "config key 'max_duration': '4096tok'"),
     ('run_name: a\nmax_duration: 10ba\ndata: {local: d}\n', ['checkpoint.interval=5weeks'], "'checkpoint.interval'"),
     ('run_name: a\nmax_duration: 10ba\ndata: {local: d}\n', ['model.n_heads=3'], 'not divisible by model.n_heads'),
     ('run_name: a\nmax_duration: 10ba\ndata: {local: d}\n', ['seed'], "override 'seed' is not of the form key=value"),
