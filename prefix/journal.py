@@ -45,6 +45,7 @@ class Journal(Callback):
         self.previous = previous
         self.failures = failures
         self._started = False  # an end record belongs only to a start that was recorded
+        self.outcome: Optional[str] = None  # how this start ended, once it says so: what the trackers report
 
     def fit_start(self, state: State, logger: Logger) -> None:
         if dist.get_global_rank() != 0:
@@ -71,7 +72,8 @@ class Journal(Callback):
             self._started = True
 
     def end(self, reason: str, step: int, error: Optional[BaseException] = None) -> None:
-        """Rank 0: how this start ended (``completed``, ``preempted`` or ``failed``); a SIGKILL leaves none."""
+        """How this start ended (``completed``, ``preempted`` or ``failed``), on rank 0 recorded; a SIGKILL leaves none."""
+        self.outcome = reason
         if not self._started:
             return
         record = {'event': 'end', 'reason': reason, **_now(), 'step': step,

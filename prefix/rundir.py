@@ -123,3 +123,8 @@ class RunDir:
     def trackers(self) -> Path:
         """The tracker runs (MLflow, W&B) this run continues at every start."""
         return self.meta / 'trackers.json'
+
+    @property
+    def mlflow_ledger(self) -> Path:
+        """How much of ``logs/metrics.jsonl`` the MLflow run is known to hold (prefix.mlflow_run)."""
+        return self.meta / 'mlflow.json'

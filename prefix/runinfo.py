@@ -33,7 +33,12 @@ def last_step_after(run: RunDir, since: float) -> Optional[int]:
 
 def start_count(run: RunDir) -> int:
     """How many times the run has started so far."""
-    return sum(e.get('event') == 'start' for e in jsonl.read(run.starts))
+    return len(start_steps(run))
+
+
+def start_steps(run: RunDir) -> list[int]:
+    """The step each start so far began from, in order (start ``n`` is item ``n - 1``)."""
+    return [e.get('start_step', 0) for e in jsonl.read(run.starts) if e.get('event') == 'start']
 
 
 def previous_start(run: RunDir) -> tuple[Optional[str], Optional[int]]:

@@ -6,8 +6,8 @@ their start made rank-local), and continues the tracker run whose id ``meta/trac
 - TensorBoard writes to ``logs/tensorboard/``; a start purges the events from the step it resumed
   from on, so that the steps trained again replace, in TensorBoard's view, the ones the kill
   interrupted (the resume step's own values are written again from ``logs/metrics.jsonl``).
-- MLflow continues its run and takes each metric only for the steps the run does not hold yet (the
-  steps trained again are bit-exact repeats of the ones it holds); the run is tagged with each start.
+- MLflow continues its run, kept equal to ``logs/metrics.jsonl`` by a sender thread that catches up
+  whatever the server missed (``prefix.mlflow_run``); the run is tagged with each start.
 - W&B continues its run (``resume='allow'``); steps at or below the run's latest are not sent (W&B
   would refuse them), and each start is recorded in the run's config. Offline, each start is a local
   run with the same id, which ``wandb sync`` merges.
@@ -15,7 +15,8 @@ their start made rank-local), and continues the tracker run whose id ``meta/trac
 Each start shows as a ``prefix.start.<n>`` tag or config entry (value: the step it began from) and,
 in TensorBoard and MLflow, a ``prefix/start`` metric at that step. A tracker that fails (a server that
 cannot be reached, a full disk) never stops training: it is dropped with one warning, and the metrics
-stay in ``logs/metrics.jsonl``.
+stay in ``logs/metrics.jsonl``. MLflow's status and W&B's exit code are how the start ended
+(``Journal.outcome``), set once: FINISHED / 0 only when training completed.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sys
 import urllib.request
 import uuid
 from collections.abc import Callable
@@ -31,19 +31,18 @@ from pathlib import Path
 from typing import Any, Optional
 
 from composer.core import Event, State
-from composer.loggers import Logger, LoggerDestination, MLFlowLogger, WandBLogger
+from composer.loggers import Logger, LoggerDestination, WandBLogger
 
 from prefix import jsonl
 from prefix.agreement import describe
 from prefix.atomic import atomic_write_text
 from prefix.config import LoggersConfig, MLflowConfig, WandBConfig
-from prefix.preemption import Preempted
+from prefix.mlflow_run import START_KEY, MLflow, complete, ended
+from prefix.preemption import PREEMPTED_EXIT_CODE
 from prefix.rundir import RunDir
 
 log = logging.getLogger(__name__)
 
-START_KEY = 'prefix/start'  # the metric that marks a start, at the step it began from
-MLFLOW_BATCH = 1000  # metrics per request, MLflow's limit
 HTTP_TIMEOUT_S = 10  # an MLflow server that stops answering costs this much, a few times, not minutes
 
 
@@ -104,7 +103,7 @@ class TensorBoard(LoggerDestination):
 
         self._step = step = int(state.timestamp.batch)
         self._writer = SummaryWriter(str(self.folder), purge_step=step, flush_secs=3600)
-        for (key, _), (value, at) in logged_values(self.metrics_path, lambda key, s: s == step).items():
+        for key, (value, at) in values_at(self.metrics_path, step).items():
             self._writer.add_scalar(key, value, step, walltime=at)
             self._replayed.add(key)
         self._writer.add_scalar(START_KEY, self.start_number, step)
@@ -129,82 +128,16 @@ class TensorBoard(LoggerDestination):
             self._writer = None
 
 
-class MLflow(MLFlowLogger):
-    """Composer's MLFlowLogger continuing one MLflow run, each step once, its starts as tags.
-
-    At a start, the steps up to and including the resume point that the run lacks (sent
-    asynchronously by a start that was killed, or by one that could not reach the server) are sent
-    from ``logs/metrics.jsonl``; then a value is sent only for a step past the latest the run holds.
-    """
-
-    def __init__(self, cfg: MLflowConfig, tracking_uri: str, run_id: Optional[str], run_name: str,
-                 start_number: int, metrics_path: Path) -> None:
-        # Every value sent, even one equal to the step before (Composer's default skips repeats).
-        super().__init__(experiment_name=cfg.experiment_name, run_name=run_name, tracking_uri=tracking_uri,
-                         log_system_metrics=False, log_duplicated_metric_every_n_steps=1)
-        self.known_run_id, self.start_number, self.metrics_path = run_id, start_number, metrics_path
-        self._held: dict[str, int] = {}  # per metric, the latest step the run holds
-
-    def init(self, state: State, logger: Logger) -> None:
-        # Composer's init also broadcasts the run id to the other ranks; here only rank 0 has a tracker.
-        import mlflow
-
-        self.tags['run_name'] = state.run_name
-        self._global_exception_occurred = 0
-        self._run_id = self.known_run_id
-        if self._run_id is not None:
-            try:
-                run = self._mlflow_client.get_run(self._run_id)
-                self._held = {m.key: m.step for m in run.data.to_proto().metrics}
-            except mlflow.exceptions.MlflowException as e:
-                log.warning('the MLflow run %s this run kept is gone (%s); starting a new one', self._run_id,
-                            describe(e))
-                self._run_id = None
-        if self._run_id is None:
-            self._run_id = self._mlflow_client.create_run(self._experiment_id, run_name=self.run_name).info.run_id
-        mlflow.start_run(run_id=self._run_id, tags=self.tags, log_system_metrics=False)
-
-    def fit_start(self, state: State, logger: Logger) -> None:
-        from mlflow.entities import Metric
-
-        step = int(state.timestamp.batch)
-        missing = logged_values(self.metrics_path,
-                                lambda key, s: self._held.get(self.rename(key), -1) < s <= step)
-        batch = [Metric(self.rename(key), value, int(at * 1000), s) for (key, s), (value, at) in missing.items()]
-        for i in range(0, len(batch), MLFLOW_BATCH):
-            self._mlflow_client.log_batch(self._run_id, metrics=batch[i:i + MLFLOW_BATCH])
-        for metric in batch:
-            self._held[metric.key] = max(self._held.get(metric.key, -1), metric.step)
-        # Sent now, not queued: the start is not in logs/metrics.jsonl, and a kill loses the queue.
-        self._mlflow_client.set_tag(self._run_id, f'prefix.start.{self.start_number}', str(step))
-        self._mlflow_client.log_metric(self._run_id, START_KEY, self.start_number, step=step)
-
-    def log_metrics(self, metrics: dict[str, Any], step: Optional[int] = None) -> None:
-        step = step or 0
-        new = {k: v for k, v in metrics.items() if step > self._held.get(self.rename(k), -1)}
-        if new:
-            super().log_metrics(new, step)
-            self._held.update({self.rename(k): step for k in new})
-
-    def post_close(self) -> None:
-        """Flush, and mark the run: FINISHED, KILLED (preempted: a later start continues it) or FAILED."""
-        import mlflow
-
-        mlflow.flush_async_logging()
-        error = sys.exc_info()[1]
-        status = 'FINISHED' if error is None else 'KILLED' if isinstance(error, Preempted) else 'FAILED'
-        self._mlflow_client.set_terminated(self._run_id, status=status)
-        mlflow.end_run(status)
-
-
 class WandB(WandBLogger):
     """Composer's WandBLogger continuing one W&B run; steps W&B already holds are not sent again."""
 
-    def __init__(self, cfg: WandBConfig, run_id: str, run_name: str, folder: Path, start_number: int) -> None:
+    def __init__(self, cfg: WandBConfig, run_id: str, run_name: str, folder: Path, start_number: int,
+                 outcome: Callable[[], Optional[str]]) -> None:
         super().__init__(project=cfg.project, entity=cfg.entity, name=run_name,
                          init_kwargs={'id': run_id, 'resume': 'allow', 'dir': str(folder)})
-        self.start_number = start_number
+        self.start_number, self.outcome = start_number, outcome
         self._next_step = 0  # W&B refuses steps below the run's current one
+        self._ended = False
 
     def init(self, state: State, logger: Logger) -> None:
         # Composer's init also broadcasts entity and project to the other ranks; here only rank 0 has a tracker.
@@ -226,21 +159,35 @@ class WandB(WandBLogger):
             super().log_metrics(metrics, step)
             self._next_step = max(self._next_step, step or 0)
 
+    def post_close(self) -> None:
+        """Finish the run once, with how this start ended: exit code 0 only when training completed; preempted,
+        the run is marked preempting (W&B shows it preempted, and resumable)."""
+        import wandb
 
-def logged_values(path: Path, wanted: Callable[[str, int], bool]) -> dict[tuple[str, int], tuple[float, float]]:
-    """The last value ``logs/metrics.jsonl`` holds for each wanted (metric, step), with its time.
+        if self._ended or wandb.run is None or self._is_in_atexit:  # wandb's own exit hook finished it already
+            return
+        self._ended = True
+        outcome = self.outcome()
+        if outcome == 'preempted':
+            wandb.run.mark_preempting()
+        wandb.finish(exit_code={'completed': 0, 'preempted': PREEMPTED_EXIT_CODE}.get(outcome or '', 1))
 
-    The file is the run's own record, appended at every step of every start: what a tracker lost
-    to a kill or an outage is there.
+
+def values_at(path: Path, step: int) -> dict[str, tuple[float, float]]:
+    """The values ``logs/metrics.jsonl`` holds for ``step``, each with its time: the run's own record of a step.
+
+    Read from the end back to the last start that logged ``step`` (within a start, steps only grow), so
+    that a start of a long run does not read the whole log.
     """
-    values: dict[tuple[str, int], tuple[float, float]] = {}
-    for record in jsonl.read(path):
-        step = record.get('step')
-        if step is None:
-            continue
-        for key, value in record.items():
-            if key not in ('step', 'time') and isinstance(value, (int, float)) and wanted(key, step):
-                values[key, step] = (float(value), record['time'])
+    values: dict[str, tuple[float, float]] = {}
+    for record in jsonl.read_backward(path):
+        at = record.get('step')
+        if at == step:
+            for key, value in record.items():
+                if key not in ('step', 'time') and isinstance(value, (int, float)) and key not in values:
+                    values[key] = (float(value), record['time'])
+        elif isinstance(at, int) and at < step and values:
+            break
     return values
 
 
@@ -255,40 +202,77 @@ def unreachable(uri: str) -> Optional[str]:
         return f'{type(e).__name__}: {e}'
 
 
-def build(cfg: LoggersConfig, run: RunDir, run_name: str, start_number: int) -> list[LoggerDestination]:
-    """Rank 0: the configured trackers, each continuing the tracker run whose id ``run.trackers`` keeps."""
-    ids: dict[str, Any] = json.loads(run.trackers.read_text()) if run.trackers.exists() else {}
+def build(cfg: LoggersConfig, run: RunDir, run_name: str, start_number: int,
+          outcome: Callable[[], Optional[str]]) -> list[LoggerDestination]:
+    """Rank 0: the configured trackers, each continuing the tracker run whose id ``run.trackers`` keeps.
+
+    ``outcome`` says how the start ended (``Journal.outcome``) when the trackers close.
+    """
+    ids = _ids(run)
     trackers: list[LoggerDestination] = []
     if cfg.tensorboard is not None:
         trackers.append(Guarded('TensorBoard', TensorBoard(run.tensorboard, start_number, run.metrics)))
     if cfg.mlflow is not None:
-        tracking = _mlflow(cfg.mlflow, ids, run, run_name, start_number)
+        tracking = _reachable_mlflow(cfg.mlflow, ids, run, 'this start logs nothing to MLflow',
+                                     lambda uri, known: MLflow(cfg.mlflow, uri, known, run, start_number, outcome))
         if tracking is not None:
-            trackers.append(tracking)
+            trackers.append(Guarded('MLflow', tracking))
     if cfg.wandb is not None:
         ids.setdefault('wandb_run_id', uuid.uuid4().hex[:16])
-        trackers.append(Guarded('W&B', WandB(cfg.wandb, ids['wandb_run_id'], run_name, run.logs, start_number)))
+        trackers.append(Guarded('W&B', WandB(cfg.wandb, ids['wandb_run_id'], run_name, run.logs, start_number,
+                                             outcome)))
     if trackers:
         trackers.append(Guarded('keeping the tracker ids', _IdKeeper(run.trackers, ids, trackers)))
     return trackers
 
 
-def _mlflow(cfg: MLflowConfig, ids: dict[str, Any], run: RunDir, run_name: str,
-            start_number: int) -> Optional[LoggerDestination]:
-    uri = cfg.tracking_uri or os.environ.get('MLFLOW_TRACKING_URI') or run.mlruns.as_uri()
+def complete_all(cfg: LoggersConfig, run: RunDir) -> None:
+    """Rank 0, for a run already complete: a tracker that missed its end (MLflow down when it completed) gets it now.
+
+    Costs nothing when the trackers had it: TensorBoard's files are written as training goes, W&B's
+    offline runs are synced by ``wandb sync``, and MLflow's ledger says whether its run was ended.
+    """
+    if cfg.mlflow is None:
+        return
+    ids = _ids(run)
+    known = _kept_mlflow_run(ids, _mlflow_uri(cfg.mlflow, run))
+    if known is not None and ended(known, run):
+        return
+    found = _reachable_mlflow(cfg.mlflow, ids, run, 'its run is completed the next time this command runs',
+                              lambda uri, known: (uri, complete(cfg.mlflow, uri, known, run)))
+    if found is not None and found[1] != known:
+        ids.update(mlflow_run_id=found[1], mlflow_tracking_uri=found[0])
+        atomic_write_text(run.trackers, json.dumps(ids, indent=2) + '\n')
+
+
+def _ids(run: RunDir) -> dict[str, Any]:
+    return json.loads(run.trackers.read_text()) if run.trackers.exists() else {}
+
+
+def _mlflow_uri(cfg: MLflowConfig, run: RunDir) -> str:
+    return cfg.tracking_uri or os.environ.get('MLFLOW_TRACKING_URI') or run.mlruns.as_uri()
+
+
+def _kept_mlflow_run(ids: dict[str, Any], uri: str) -> Optional[str]:
+    """The MLflow run earlier starts kept, if they logged to the same server."""
+    return ids.get('mlflow_run_id') if ids.get('mlflow_tracking_uri') == uri else None
+
+
+def _reachable_mlflow(cfg: MLflowConfig, ids: dict[str, Any], run: RunDir, otherwise: str,
+                      make: Callable[[str, Optional[str]], Any]) -> Any:
+    """``make(uri, kept run id)`` if the MLflow server answers (None, with one warning, if not)."""
+    uri = _mlflow_uri(cfg, run)
     problem = unreachable(uri)
     if problem is not None:
-        log.warning('the MLflow server %s cannot be reached (%s); this start logs nothing to MLflow, the metrics '
-                    'stay in logs/metrics.jsonl and go to MLflow at a later start that reaches it', uri, problem)
+        log.warning('the MLflow server %s cannot be reached (%s); %s, the metrics stay in logs/metrics.jsonl and go '
+                    'to MLflow when it answers again', uri, problem, otherwise)
         return None
     os.environ.setdefault('MLFLOW_HTTP_REQUEST_TIMEOUT', str(HTTP_TIMEOUT_S))
     os.environ.setdefault('MLFLOW_HTTP_REQUEST_MAX_RETRIES', '2')
-    known = ids.get('mlflow_run_id') if ids.get('mlflow_tracking_uri') == uri else None
     try:
-        return Guarded('MLflow', MLflow(cfg, uri, known, run_name, start_number, run.metrics))
+        return make(uri, _kept_mlflow_run(ids, uri))
     except Exception as e:  # Composer's constructor already talks to the server (the experiment)
-        log.warning('MLflow at %s failed (%s); this start logs nothing to MLflow, the metrics stay in '
-                    'logs/metrics.jsonl', uri, describe(e))
+        log.warning('MLflow at %s failed (%s); %s, the metrics stay in logs/metrics.jsonl', uri, describe(e), otherwise)
         return None
 
 

@@ -94,6 +94,7 @@ def train(cfg: TrainConfig) -> int:
             if rank == 0:
                 print(f'run {cfg.run_name} is already complete: step {resume.global_step} reached '
                       f'max_duration={cfg.max_duration} ({run.root}); nothing to do', flush=True)
+                trackers.complete_all(cfg.loggers, run)  # a tracker down when it completed
             return 0
         if resume is not None and rank == 0:
             schedule.warn_of_jump(resume, config_dict, len(train_loader))  # raising max_duration stretches the cosine
@@ -152,24 +153,26 @@ def fit(
         save_interval=never,
         callbacks=[checkpointer, journal],
         # Rank 0 logs; each tracker continues the tracker run of earlier starts (prefix.trackers).
+        # The trackers report how the start ended as the journal records it, once, when they close.
         loggers=[MetricsLogger(run.metrics, failures),
-                 *(trackers.build(cfg.loggers, run, cfg.run_name, starts + 1) if rank == 0 else [])],
+                 *(trackers.build(cfg.loggers, run, cfg.run_name, starts + 1, lambda: journal.outcome)
+                   if rank == 0 else [])],
     )
     average_gradients_on_gloo(trainer.state.model)
     try:
         trainer.fit()
     except BaseException as e:
+        journal.end('preempted' if isinstance(e, Preempted) else 'failed', int(trainer.state.timestamp.batch),
+                    None if isinstance(e, Preempted) else e)
         # Not Trainer.close(): its barrier would wait for ranks that may be in another collective, or gone.
         trainer.engine.close()
         if not isinstance(e, Preempted):
-            journal.end('failed', int(trainer.state.timestamp.batch), e)
             raise
-        journal.end('preempted', int(trainer.state.timestamp.batch))
         if rank == 0:
             print(f'run {cfg.run_name} {e}; run the same command to resume', flush=True)
         return PREEMPTED_EXIT_CODE
-    trainer.close()
     journal.end('completed', int(trainer.state.timestamp.batch))
+    trainer.close()
     if rank == 0:
         print(f'run {cfg.run_name} complete at step {int(trainer.state.timestamp.batch)} ({run.root})', flush=True)
     return 0

@@ -70,3 +70,18 @@ def test_good_run_names(name: str) -> None:
 def test_bad_run_names(name: str) -> None:
     with pytest.raises(ConfigError):
         validate_run_name(name)
+
+
+def test_the_readme_tracker_overrides_parse() -> None:
+    import shlex
+
+    readme = (REPO / 'README.md').read_text()
+    block = readme.split('<!-- tracker overrides')[1].split('```bash\n')[1].split('```')[0]
+    seen = set()
+    for line in block.splitlines():
+        overrides = shlex.split(line)[4:]  # after: composer -m prefix.train yamls/base.yaml
+        cfg = load_config(str(REPO / 'yamls' / 'base.yaml'), overrides)
+        configured = {name for name in ('tensorboard', 'mlflow', 'wandb') if getattr(cfg.loggers, name) is not None}
+        assert configured, f'{line!r} configures no tracker'
+        seen |= configured
+    assert seen == {'tensorboard', 'mlflow', 'wandb'}
