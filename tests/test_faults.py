@@ -73,7 +73,8 @@ def _limit_file_size(limit: int):
 def test_a_failed_checkpoint_write_keeps_the_previous_checkpoint(finished_run: Path, tmp_path: Path, dataset: Path) -> None:
     run = copy_run(finished_run, tmp_path)
     size = (run / 'checkpoints' / 'latest.pt').stat().st_size
-    result = subprocess.run(train_cmd(*smoke_args(tmp_path, dataset, 'max_duration=30ba')), env=run_env(), cwd=REPO,
+    args = smoke_args(tmp_path, dataset, 'max_duration=30ba', 'loggers.mlflow={}')  # MLflow's file store, logs/mlruns
+    result = subprocess.run(train_cmd(*args), env=run_env(), cwd=REPO,
                             capture_output=True, text=True, timeout=300, preexec_fn=_limit_file_size(size // 2))
     assert result.returncode == 1, result.stderr[-2000:]
     error = result.stderr.strip().splitlines()[-1]
@@ -81,8 +82,17 @@ def test_a_failed_checkpoint_write_keeps_the_previous_checkpoint(finished_run: P
     assert 'the checkpoint of step 22 is intact' in error
     assert torch.load(run / 'checkpoints' / 'latest.pt', weights_only=True)['global_step'] == 22
     assert not any(p.name.endswith('.tmp') for p in (run / 'checkpoints').iterdir())
-    again = run_train(*smoke_args(tmp_path, dataset, 'max_duration=30ba'))
+    assert mlflow_status(run) == 'FAILED'  # how the start ended, though Composer's exit hook closes MLflow again
+    again = run_train(*args)
     assert again.returncode == 0 and starts(run)[-1]['start_step'] == 22
+    assert mlflow_status(run) == 'FINISHED'
+
+
+def mlflow_status(run: Path) -> str:
+    from mlflow.tracking import MlflowClient
+
+    run_id = json.loads((run / 'meta' / 'trackers.json').read_text())['mlflow_run_id']
+    return MlflowClient(tracking_uri=(run / 'logs' / 'mlruns').as_uri()).get_run(run_id).info.status
 
 
 def test_a_second_process_on_the_same_run_is_refused(tmp_path: Path, dataset: Path) -> None:

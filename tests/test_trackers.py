@@ -256,9 +256,9 @@ def test_sigterm_to_two_ranks_ends_the_mlflow_run_killed_then_finished_after_the
     assert wandb_endings(run) == [(True, 143), (False, 0)]
 
 
-def test_an_mlflow_outage_inside_a_start_is_caught_up_when_the_server_answers_again(
+def test_mlflow_outages_are_caught_up_within_the_start_and_after_the_run_completed_by_the_same_command(
         tmp_path: Path, dataset: Path, server: MLflowServer) -> None:
-    args = smoke_args(tmp_path, dataset, 'max_duration=16ba', f'loggers.mlflow.tracking_uri={server.uri}')
+    args = smoke_args(tmp_path, dataset, 'max_duration=20ba', f'loggers.mlflow.tracking_uri={server.uri}')
     run = tmp_path / 'smoke'
     first, go_on, early = hold(tmp_path, 4)
     held, release, late = hold(tmp_path, 12)
@@ -273,28 +273,14 @@ def test_an_mlflow_outage_inside_a_start_is_caught_up_when_the_server_answers_ag
     held_then(proc, held)
     server.start()
     wait_for(lambda: 'MLflow answers again' in log.read_text(), proc, 'the sender catches up')
-    assert held_steps(server, run)[-1] >= 11  # the steps trained during the outage, before this start ends
-    release.touch()
-    out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 0, err[-3000:]
-    assert_one_run_with_every_step_once(server, run, 'FINISHED')
-    assert err.count('MLflow failed') == 1
+    assert held_steps(server, run) == list(range(12))  # the steps trained during the outage, within this start
 
-
-def test_a_run_that_completes_while_mlflow_is_down_is_completed_by_the_same_command(
-        tmp_path: Path, dataset: Path, server: MLflowServer) -> None:
-    args = smoke_args(tmp_path, dataset, 'max_duration=12ba', f'loggers.mlflow.tracking_uri={server.uri}')
-    run = tmp_path / 'smoke'
-    held, release, rule = hold(tmp_path, 6)
-    proc = start_train(args, **faults(rule))
-    wait_for(lambda: len(held_steps(server, run)) >= 2, proc, 'the server holds the first steps')
-    held_then(proc, held)
-    server.stop()
+    server.stop()  # down again, through the end of the run
     release.touch()
     out, err = proc.communicate(timeout=180)
     assert proc.returncode == 0, err[-3000:]
     assert 'MLflow did not get the end of this start' in err
-    assert sorted(step_losses(run)) == list(range(12))
+    assert sorted(step_losses(run)) == list(range(20))
 
     server.start()
     again = run_train(*args)
