@@ -16,6 +16,15 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
+# The MLflow tracking server the tracker tests run, in a venv of its own, as users run it: the full
+# mlflow package pulls scipy, scikit-learn and matplotlib, which torchmetrics then imports in every
+# trainer process (3 s each). SQLAlchemy 2.1 breaks MLflow 2.x's store.
+MLFLOW_SERVER := .venv-mlflow/.installed
+$(MLFLOW_SERVER): Makefile
+	test -x .venv-mlflow/bin/python || $(PYTHON) -m venv .venv-mlflow
+	.venv-mlflow/bin/pip install --quiet 'mlflow>=2.14.1,<3' 'sqlalchemy<2.1'
+	touch $(MLFLOW_SERVER)
+
 # The default dataset: the Python standard library's own sources, byte-tokenized.
 $(DATA)/train/index.json: | $(STAMP)
 	$(BIN)/python -m prefix.data $(DATA) --overwrite \
@@ -27,7 +36,7 @@ train: venv data
 	$(BIN)/composer -m prefix.train yamls/base.yaml
 
 # Two workers; tests sharing an expensive fixture stay on one worker (tests/conftest.py).
-test: venv
+test: venv $(MLFLOW_SERVER)
 	$(BIN)/python -m pytest -q -ra -n 2 --dist loadgroup
 
 lint: venv

@@ -68,7 +68,8 @@ def mlflow_server(folder: Path) -> tuple[subprocess.Popen, str]:
     with socket.socket() as s:
         s.bind(('127.0.0.1', 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen([str(Path(sys.executable).parent / 'mlflow'), 'server', '--host', '127.0.0.1', '--port',
+    server = REPO / '.venv-mlflow' / 'bin' / 'mlflow'  # its own venv; make test installs it
+    proc = subprocess.Popen([str(server), 'server', '--host', '127.0.0.1', '--port',
                              str(port), '--workers', '1', '--backend-store-uri', f'sqlite:///{folder}/mlflow.db',
                              '--default-artifact-root', str(folder / 'artifacts')],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -156,6 +156,9 @@ def wait_until_done(done: Callable[[float], bool], late: Callable[[], bool] = la
             return []
 
 
+_lingering: list[tuple[threading.Thread, Activity]] = []  # threads left inside a collective (leave())
+
+
 def together(work: Optional[Callable[[], Any]], deadline_s: Optional[float] = None, doing: str = '') -> list[Outcome]:
     """Run ``work`` on the ranks that have some, on a thread, and give every rank every rank's outcome.
 
@@ -186,8 +189,10 @@ def together(work: Optional[Callable[[], Any]], deadline_s: Optional[float] = No
     late = wait_until_done(done, lambda: deadline is not None and time.monotonic() > deadline
                            and not activity.waiting_for_peers)
     if late:
-        while thread is not None and thread.is_alive() and activity.waiting_for_peers:
-            thread.join(POLL_S)  # inside a collective: the late rank's exit, or its timeout, ends it
+        if thread is not None and thread.is_alive() and activity.waiting_for_peers:
+            # Inside a collective, which the late rank's exit (or its timeout) ends: waited for by leave(),
+            # once this rank has printed its line (a launcher kills the other ranks when one exits).
+            _lingering.append((thread, activity))
         assert deadline_s is not None
         ranks = ', '.join(f'rank {r}' for r in late)
         raise RankFailedError(f'{ranks} failed {doing}: still at it after {deadline_s / 60:.1f} min '
@@ -196,6 +201,17 @@ def together(work: Optional[Callable[[], Any]], deadline_s: Optional[float] = No
     if world_size() == 1:
         return [outcome]
     return gather(_picklable(outcome))
+
+
+def leave() -> None:
+    """Before the process exits on an error: wait for a thread ``together`` left inside a collective.
+
+    A late rank's exit, or the collective's own timeout, ends it; a thread still inside gloo at
+    interpreter exit would abort the process (``terminate called``, exit 134).
+    """
+    for thread, activity in _lingering:
+        while thread.is_alive() and activity.waiting_for_peers:
+            thread.join(POLL_S)
 
 
 def from_rank_zero(work: Callable[[], Any], deadline_s: Optional[float] = None, doing: str = '') -> Any:

@@ -26,6 +26,7 @@ from composer.utils import dist, reproducibility
 from streaming import StreamingDataLoader
 
 from prefix import (
+    agreement,
     composer_fixes,  # noqa: F401  (applied on import)
     models,
     schedule,
@@ -224,7 +225,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         cfg = config_lib.load_config(argv[0], argv[1:])
         return train(cfg)
     except PrefixError as e:
-        return e.report()
+        code = e.report()
+        agreement.leave()  # after the line is out: another rank's exit may end this one at once
+        return code
 
 
 if __name__ == '__main__':
