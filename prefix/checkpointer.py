@@ -332,6 +332,8 @@ class Checkpointer(Callback):
         pending = self._pending
         assert pending is not None
         job, started = pending.job, time.monotonic()
+        log.info('stopping the checkpoint write of step %d in flight: it is abandoned unless it has committed',
+                 pending.record.step)
         job.abort()
         while True:
             if job.running() and time.monotonic() > pending.deadline and not job.waiting_for_peers:

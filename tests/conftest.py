@@ -64,10 +64,10 @@ def no_process_outlives_its_test(request: pytest.FixtureRequest):
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Under ``pytest -n 2 --dist loadgroup``, tests sharing an expensive session fixture run on one worker,
-    so each uninterrupted reference run and the finished run are trained once, not once per worker."""
+    """Under ``pytest -n 2 --dist loadgroup``, tests sharing an expensive fixture run on one worker, so each
+    uninterrupted reference run, the finished run and the tracked run are trained once, not once per worker."""
     for item in items:
-        for shared in ('reference', 'finished_run'):
+        for shared in ('reference', 'finished_run', 'tracked_run'):
             if shared in getattr(item, 'fixturenames', ()):
                 item.add_marker(pytest.mark.xdist_group(shared))
                 break
