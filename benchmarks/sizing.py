@@ -42,8 +42,9 @@ def write_seconds(params: float, bandwidth: float) -> float:
 
 
 def preemption_seconds(step_seconds: float, write: float) -> float:
-    """SIGTERM to exit: finish the step, stop the write in flight (within a chunk), write the final checkpoint."""
-    return step_seconds + write
+    """SIGTERM to exit: finish the step and, with several ranks, the next (the ranks agree on the signal while a step
+    computes), stop the write in flight (within a chunk), write the final checkpoint."""
+    return 2 * step_seconds + write
 
 
 def grace_seconds(params: float, bandwidth: float, step_seconds: float) -> float:

@@ -23,6 +23,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from datetime import timedelta
 from typing import Any, Optional
 
 import torch
@@ -51,20 +52,42 @@ def rank() -> int:
     return tdist.get_rank() if world_size() > 1 else 0
 
 
-def _device() -> torch.device:
-    """Where a collective's tensor must live: the current GPU for NCCL, else the CPU."""
-    if tdist.get_backend() == 'nccl':
-        return torch.device('cuda', torch.cuda.current_device())
-    return torch.device('cpu')
+_group: Optional[tdist.ProcessGroup] = None  # the agreement's collectives go here (None: the default group, gloo)
+
+
+def connect(timeout_s: float) -> None:
+    """Every rank, once, right after the process group is set up: where the agreement's collectives go.
+
+    On gloo (CPU training) the default group. On NCCL a gloo group of its own, so that the per-step
+    flags are CPU tensors: an all-reduce on NCCL would need them on the GPU, and reading the result
+    back would wait for every kernel queued before it (a host-device sync per step).
+    """
+    global _group
+    if world_size() > 1 and tdist.get_backend() != 'gloo':
+        _group = tdist.new_group(backend='gloo', timeout=timedelta(seconds=timeout_s))
 
 
 def any_rank(flags: list[bool]) -> list[bool]:
-    """Element-wise OR of ``flags`` over all ranks (one tiny all-reduce), so every rank decides alike."""
+    """Element-wise OR of ``flags`` over all ranks (one tiny all-reduce on the CPU), so every rank decides alike."""
     if world_size() == 1:
         return flags
-    tensor = torch.tensor([int(f) for f in flags], dtype=torch.int32, device=_device())
-    tdist.all_reduce(tensor, op=tdist.ReduceOp.MAX)
-    return [bool(v) for v in tensor.cpu().tolist()]
+    tensor = torch.tensor([int(f) for f in flags], dtype=torch.int32)
+    tdist.all_reduce(tensor, op=tdist.ReduceOp.MAX, group=_group)
+    return [bool(v) for v in tensor.tolist()]
+
+
+def any_rank_later(flags: list[bool]) -> Callable[[], list[bool]]:
+    """``any_rank``, issued now and read later: the all-reduce runs while this rank works on, and reading it waits
+    only if some rank has not issued it yet. Every rank must read it before its next collective of its own."""
+    if world_size() == 1:
+        return lambda: flags
+    tensor = torch.tensor([int(f) for f in flags], dtype=torch.int32)
+    work = tdist.all_reduce(tensor, op=tdist.ReduceOp.MAX, group=_group, async_op=True)
+
+    def read() -> list[bool]:
+        work.wait()
+        return [bool(v) for v in tensor.tolist()]
+    return read
 
 
 def gather(obj: Any) -> list[Any]:
@@ -72,7 +95,7 @@ def gather(obj: Any) -> list[Any]:
     if world_size() == 1:
         return [obj]
     out: list[Any] = [None] * world_size()
-    tdist.all_gather_object(out, obj)
+    tdist.all_gather_object(out, obj, group=_group)
     return out
 
 

@@ -1,8 +1,11 @@
 """When to checkpoint, and how one checkpoint is written: a Composer callback.
 
-After every step the ranks agree, in one small all-reduce, on a preemption request, a checkpoint
-interval that is due, and on the write in flight: has some rank failed (anything in prefix's
-callbacks, not only the write), is some rank still busy with a phase, is some rank not done. A
+Every step the ranks agree, in one small all-reduce, on a preemption request, a checkpoint interval
+due by the clock, and whether some rank has failed (anything in prefix's callbacks, not only the
+write): with several ranks issued as the step begins and read at its end, so no rank waits for it
+(a signal that arrives during a step is acted on at the end of the next). While a write is in flight the
+all-reduce runs at the step's end instead, with its state: is some rank still busy with a phase, is
+some rank not done. An interval in batches is due at the same step everywhere. A
 checkpoint takes a snapshot of the state (in async mode the only moment training waits: tensors
 are copied to host memory, RNG and dataloader state captured) and hands it to a ``WriteJob``:
 
@@ -49,9 +52,10 @@ import torch
 import torch.distributed as tdist
 from composer.core import Callback, Event, State
 from composer.loggers import Logger
+from torch.nn.parallel import DistributedDataParallel
 
 from prefix import agreement, shards
-from prefix.agreement import POLL_S, RankFailures, any_rank, together
+from prefix.agreement import POLL_S, RankFailures, any_rank, any_rank_later, together
 from prefix.atomic import commit, link_temp, temp_path, write_temp
 from prefix.checkpoint import (
     LATEST,
@@ -93,11 +97,13 @@ class Interval:
         self.seconds = duration.seconds if duration.is_wall_clock else None
         self.last = time.monotonic()
 
-    def due(self, step: int) -> bool:
-        """This rank's view; clocks differ, so callers agree across ranks (``any_rank``)."""
-        if self.batches is not None:
-            return step % self.batches == 0
-        return time.monotonic() - self.last >= self.seconds
+    def due_at(self, step: int) -> bool:
+        """Due by the step count: the same on every rank."""
+        return self.batches is not None and step % self.batches == 0
+
+    def due_by_clock(self) -> bool:
+        """Due by this rank's clock; clocks differ, so the ranks agree on it (``any_rank``)."""
+        return self.seconds is not None and time.monotonic() - self.last >= self.seconds
 
     def reset(self) -> None:
         self.last = time.monotonic()
@@ -161,6 +167,27 @@ def _unmap_optimizer_state(state: State) -> None:
                     values[key] = value.clone()
 
 
+def settle_ddp_buckets(state: State) -> None:
+    """A resumed process, before its first step: give DDP the gradient buckets the uninterrupted run has.
+
+    DDP (``find_unused_parameters=False``, as Composer wraps the model) reduces the first backward of a
+    process in one bucket holding every gradient, records the order in which the gradients became ready,
+    and from then on reduces in buckets of that order. A resumed process would reduce its first step in
+    the one bucket where the uninterrupted run used the ordered buckets, and with 3 or more ranks some
+    sums come out in another order (not bit-exact, measured with 4 ranks). So one throwaway forward and
+    backward of the batch's first microbatch records the order, which the first step's forward then
+    builds the buckets from; its gradients are dropped, and the caller restores the RNG states after it.
+    """
+    model = state.model
+    if not isinstance(model, DistributedDataParallel):
+        return
+    rows = state.device_train_microbatch_size
+    batch = {k: v[:rows] if isinstance(v, torch.Tensor) else v for k, v in state.batch.items()}
+    model.module.loss(model(batch), batch).backward()
+    for param in model.parameters():
+        param.grad = None
+
+
 def _position(state: State) -> tuple[int, int]:
     """What a checkpoint must match to be the state's: the batch and the epoch (which ends after the last batch)."""
     return int(state.timestamp.batch), int(state.timestamp.epoch)
@@ -203,6 +230,8 @@ class Checkpointer(Callback):
         self._pending: Optional[PendingSave] = None
         self._committed = Committed(resume.global_step, resume.generation, resume.rng) if resume else None
         self._pending_rng = resume.rng if resume else None
+        self._exchange: Optional[Callable[[], list[bool]]] = None  # this step's flags, in flight (before_train_batch)
+        self._unsettled = resume is not None  # DDP's buckets, before the first step of a resumed process
         self._saved_position: Optional[tuple[int, int]] = None  # of the last checkpoint this start took
 
     # --- events ---------------------------------------------------------------------------------
@@ -246,19 +275,35 @@ class Checkpointer(Callback):
             self.periodic.reset()
 
     def batch_start(self, state: State, logger: Logger) -> None:
+        if self._unsettled:
+            self._unsettled = False
+            settle_ddp_buckets(state)  # every rank (a collective), before the RNG states are restored
         # The first batch after a resume draws exactly the random numbers the uninterrupted run drew.
         if self._pending_rng is not None:
             rng, self._pending_rng = self._pending_rng, None
             with self.failures.guard('restoring its RNG states'):
                 restore_rng(rng)
 
+    def before_train_batch(self, state: State, logger: Logger) -> None:
+        # With no write in flight the ranks agree on this step's flags while it computes: no rank waits for the
+        # all-reduce, and a signal that arrives during the step is acted on at the next one. A write in flight
+        # is agreed on at the step's end (_agree), where its phases advance.
+        if self._pending is None and agreement.world_size() > 1:
+            self._check_lock()
+            self._exchange = any_rank_later([*self._wanted(), self.failures.failed])
+
     def batch_checkpoint(self, state: State, logger: Logger) -> None:
         step = int(state.timestamp.batch)
-        preempt, due, periodic = self._agree(
-            self.preemption.requested,
-            self.interval.due(step),
-            self.periodic is not None and self.periodic.due(step),
-        )
+        if self._exchange is not None:
+            exchange, self._exchange = self._exchange, None
+            preempt, due, periodic, failed = exchange()
+            if failed:
+                self._stop()
+        else:
+            preempt, due, periodic = self._agree(*self._wanted())
+        # Intervals in batches are due at the same step on every rank: not agreed on.
+        due = due or self.interval.due_at(step)
+        periodic = periodic or (self.periodic is not None and self.periodic.due_at(step))
         if preempt or due or periodic:
             self.save(state, periodic=periodic, wait=preempt, abandon=preempt)
         if preempt:
@@ -284,10 +329,18 @@ class Checkpointer(Callback):
 
     # --- agreeing -------------------------------------------------------------------------------
 
-    def _agree(self, *flags: bool) -> list[bool]:
-        """OR ``flags`` over the ranks, in the same all-reduce as the state of the write in flight; act on that state."""
+    def _wanted(self) -> list[bool]:
+        """This rank's view of what the ranks must agree on: a stop signal, and checkpoints due by the clock."""
+        return [self.preemption.requested, self.interval.due_by_clock(),
+                self.periodic is not None and self.periodic.due_by_clock()]
+
+    def _check_lock(self) -> None:
         if self.lock is not None and self.lock.lost is not None:
             self.failures.record('holding the run lock', LockLostError(self.lock.lost))
+
+    def _agree(self, *flags: bool) -> list[bool]:
+        """OR ``flags`` over the ranks, in the same all-reduce as the state of the write in flight; act on that state."""
+        self._check_lock()
         pending = self._pending
         status = pending.job.status() if pending is not None else None
         if pending is not None and status is not None and status.failed:

@@ -13,7 +13,6 @@ from typing import Any, Optional, Union
 
 import composer.core.state
 import composer.distributed.prepare_distributed
-import composer.trainer.trainer
 import composer.utils.checkpoint
 import torch
 from composer.utils import dist
@@ -38,23 +37,6 @@ def _signal_file_of_this_node(rng: Optional[random.Random] = None) -> str:
 
 
 dist.get_node_signal_file_name = _signal_file_of_this_node
-
-
-# composer.distributed.dist_strategy.prepare_ddp_module (as composer.trainer.trainer calls it) wraps the
-# model in DistributedDataParallel with find_unused_parameters=False, under which DDP regroups its
-# gradient buckets after the first step of each process. A resumed process thus all-reduces its first
-# steps in another bucket layout than the uninterrupted run did at the same steps, and with 3 or more
-# ranks the per-element sums come out in another order: not bit-exact (measured with 4 ranks).
-# find_unused_parameters=True keeps the first layout for the whole run, in every process (DDP then
-# also walks the autograd graph once per step to find unused parameters).
-_prepare_ddp_module = composer.trainer.trainer.prepare_ddp_module
-
-
-def _prepare_ddp_module_with_fixed_buckets(module: torch.nn.Module, find_unused_parameters: bool) -> torch.nn.Module:
-    return _prepare_ddp_module(module, find_unused_parameters=True)
-
-
-composer.trainer.trainer.prepare_ddp_module = _prepare_ddp_module_with_fixed_buckets
 
 
 # composer.utils.checkpoint._torch_load_with_validation: every rank torch.loads the whole checkpoint into

@@ -59,7 +59,9 @@ def train(cfg: TrainConfig) -> int:
     if cfg.deterministic:
         reproducibility.configure_deterministic_mode()  # before any CUDA work: cuBLAS reads its workspace setting once
     device = DeviceGPU() if torch.cuda.is_available() else DeviceCPU()
-    dist.initialize_dist(device, timeout=Duration.parse(cfg.dist_timeout).seconds)
+    timeout_s = Duration.parse(cfg.dist_timeout).seconds
+    dist.initialize_dist(device, timeout=timeout_s)
+    agreement.connect(timeout_s)  # before any collective of prefix's own
     rank, world_size = dist.get_global_rank(), dist.get_world_size()
     logging.basicConfig(level=logging.INFO, format=f'%(asctime)s [rank{rank}] %(name)s: %(message)s')
     logging.getLogger('streaming').setLevel(logging.WARNING)

@@ -88,12 +88,13 @@ def test_sigterm_to_the_composer_launcher_reaches_every_rank(tmp_path: Path, dat
     release.touch()
     proc.communicate(timeout=120)
     assert group_gone(proc.pid, timeout=120), 'the ranks exit after saving'
-    assert saved_step(run) == 7
+    # The signal came at the end of step 7: the ranks agree on it while step 8 computes, and save step 8.
+    assert saved_step(run) == 8
     for rank in (0, 1):  # each rank's output is kept, though the launcher drops rank 1's console
         rank_state = torch.load(run / 'checkpoints' / f'latest_rank{rank}.pt', weights_only=True)
-        assert rank_state['global_step'] == 7 and rank_state['world_size'] == 2
+        assert rank_state['global_step'] == 8 and rank_state['world_size'] == 2
         assert f'[rank{rank}]' in logs[rank].read_text()
-    assert 'preempted at step 7' in logs[0].read_text()
+    assert 'preempted at step 8' in logs[0].read_text()
     resumed = run_train(*args, nproc=2)
     assert resumed.returncode == 0, resumed.stdout[-3000:]
     assert sorted(step_losses(run)) == list(range(20))
