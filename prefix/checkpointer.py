@@ -51,6 +51,7 @@ from typing import Any, Optional
 import torch
 import torch.distributed as tdist
 from composer.core import Callback, Event, State
+from composer.core.precision import get_precision_context
 from composer.loggers import Logger
 from torch.nn.parallel import DistributedDataParallel
 
@@ -183,7 +184,9 @@ def settle_ddp_buckets(state: State) -> None:
         return
     rows = state.device_train_microbatch_size
     batch = {k: v[:rows] if isinstance(v, torch.Tensor) else v for k, v in state.batch.items()}
-    model.module.loss(model(batch), batch).backward()
+    with get_precision_context(state.precision, state.precision_config):  # as the step itself runs (its memory)
+        loss = model.module.loss(model(batch), batch)
+    loss.backward()
     for param in model.parameters():
         param.grad = None
 

@@ -119,7 +119,8 @@ def test_world_size_changes_carry_model_optimizer_and_data_position(tmp_path: Pa
     args = smoke_args(tmp_path / 'elastic', dataset, 'max_duration=24ba', 'model.dropout=0.0', 'checkpoint.interval=1h',
                       'checkpoint.periodic_interval=null')
     run = tmp_path / 'elastic' / 'smoke'
-    for nproc, stop_at in ((2, 8), (1, 16)):
+    # Signalled at the end of step 8 (2 ranks: agreed on while step 9 computes, step 9 saved) and of step 16 (1 rank).
+    for nproc, stop_at, saved in ((2, 8, 9), (1, 16, 16)):
         held, release = tmp_path / f'held-{stop_at}', tmp_path / f'release-{stop_at}'
         hold = {'op': 'step', 'step': stop_at, 'marker': str(held), 'block': True, 'release': str(release)}
         proc = subprocess.Popen(train_cmd(*args, nproc=nproc if nproc > 1 else 0), env=run_env(**faults(hold)), cwd=REPO,
@@ -129,7 +130,7 @@ def test_world_size_changes_carry_model_optimizer_and_data_position(tmp_path: Pa
         release.touch()
         assert proc.wait(timeout=120) in (PREEMPTED_EXIT_CODE, -signal.SIGTERM)
         assert group_gone(proc.pid, timeout=120), 'the ranks save and exit'
-        assert torch.load(run / 'checkpoints' / 'latest.pt', weights_only=True)['global_step'] == stop_at
+        assert torch.load(run / 'checkpoints' / 'latest.pt', weights_only=True)['global_step'] == saved
         ckpts = {p.name for p in (run / 'checkpoints').iterdir()}
         assert ckpts == ({'latest.pt', 'latest_rank0.pt', 'latest_rank1.pt'} if nproc == 2 else
                          {'latest.pt', 'latest_rank0.pt'}), 'rank files of ranks the run no longer has are removed'

@@ -120,7 +120,8 @@ def test_world_size_2_1_2_carries_the_shards_over(tmp_path: Path, dataset: Path,
     args = smoke_args(tmp_path, dataset, *RUN, 'model.dropout=0.0', 'checkpoint.interval=1h',
                       'checkpoint.periodic_interval=null')
     run = tmp_path / 'smoke'
-    for nproc, stop_at in ((2, 8), (1, 16)):
+    # Signalled at the end of step 8 (2 ranks: agreed on while step 9 computes, step 9 saved) and of step 16 (1 rank).
+    for nproc, stop_at, saved in ((2, 8, 9), (1, 16, 16)):
         held, release = tmp_path / f'held-{stop_at}', tmp_path / f'release-{stop_at}'
         proc = subprocess.Popen(train_cmd(*args, nproc=nproc if nproc > 1 else 0), cwd=REPO, start_new_session=True,
                                 env=run_env(**faults({'op': 'step', 'step': stop_at, 'marker': str(held), 'block': True,
@@ -134,7 +135,7 @@ def test_world_size_2_1_2_carries_the_shards_over(tmp_path: Path, dataset: Path,
         logs = [run / 'logs' / f'rank{r}.log' for r in range(nproc)]
         wait_for(lambda ls=logs: all('SIGTERM received' in log.read_text() for log in ls), proc)
         release.touch()
-        assert proc.wait(timeout=180) == PREEMPTED_EXIT_CODE and committed_step(run) == stop_at
+        assert proc.wait(timeout=180) == PREEMPTED_EXIT_CODE and committed_step(run) == saved
     final = run_train(*args, nproc=2)
     assert final.returncode == 0, final.stdout[-3000:]
     assert [s['world_size'] for s in starts(run)] == [2, 1, 2]

@@ -218,10 +218,10 @@ def start_train(args: list[str], nproc: int = 0, **env: str) -> subprocess.Popen
 
 
 def hold(tmp_path: Path, step: int) -> tuple[Path, Path, dict]:
-    """A fault that holds every rank at the end of batch ``step`` until the test releases it."""
+    """A fault that holds every rank at the end of batch ``step`` (its metrics written, before its checkpoint) until the
+    test releases it."""
     held, release = tmp_path / f'held-{step}', tmp_path / f'release-{step}'
-    return held, release, {'op': 'step', 'step': step, 'event': 'batch_end', 'block': True, 'marker': str(held),
-                           'release': str(release)}
+    return held, release, {'op': 'step', 'step': step, 'block': True, 'marker': str(held), 'release': str(release)}
 
 
 def wandb_endings(run: Path) -> list[tuple[bool, int | None]]:
