@@ -177,10 +177,11 @@ def settle_ddp_buckets(state: State) -> None:
     the one bucket where the uninterrupted run used the ordered buckets, and with 3 or more ranks some
     sums come out in another order (not bit-exact, measured with 4 ranks). So one throwaway forward and
     backward of the batch's first microbatch records the order, which the first step's forward then
-    builds the buckets from; its gradients are dropped, and the caller restores the RNG states after it.
+    builds the buckets from; its gradients are dropped, and the caller restores the RNG states after it. With 2
+    ranks every sum has two terms, equal in either order: nothing to settle.
     """
     model = state.model
-    if not isinstance(model, DistributedDataParallel):
+    if not isinstance(model, DistributedDataParallel) or agreement.world_size() < 3:
         return
     rows = state.device_train_microbatch_size
     batch = {k: v[:rows] if isinstance(v, torch.Tensor) else v for k, v in state.batch.items()}
