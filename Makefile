@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DATA := data/stdlib
 
-.PHONY: venv data train test lint bench gpu-check
+.PHONY: venv data train test lint bench bench-goodput gpu-check
 
 # The venv is (re)installed only when missing or when pyproject.toml changed.
 $(STAMP): pyproject.toml
@@ -43,9 +43,14 @@ lint: venv
 	$(BIN)/ruff check prefix tests benchmarks
 	$(BIN)/shellcheck runai/*.sh .ci/run
 
-# Checkpoint cost and resume time (benchmarks/README.md); not part of the tests.
+# Checkpoint cost and resume time, then prefix against plain Composer (benchmarks/README.md); not part of the tests.
 bench: venv data
 	$(BIN)/python benchmarks/checkpoint_bench.py --data $(DATA)
+	$(BIN)/python benchmarks/goodput_bench.py
+
+# prefix against plain Composer with autoresume: throughput, start-up part by part, goodput under a preemption trace.
+bench-goodput: venv data
+	$(BIN)/python benchmarks/goodput_bench.py
 
 # The CUDA paths on a machine with one GPU, in a few minutes (benchmarks/gpu_check.py); not part of the tests.
 gpu-check: venv data

@@ -1,11 +1,12 @@
 """Fault injection for the tests, loaded by every Python process whose ``PYTHONPATH`` holds this folder.
 
 The tests simulate the cluster's world here (slow or failing disks, a process held at a chosen
-moment) so that prefix's own code has no test hooks. ``PREFIX_TEST_FAULTS`` holds a JSON list of
+moment), and the benchmarks observe the trainer from outside (``record``), so that prefix's own
+code has no test or timing hooks. ``PREFIX_TEST_FAULTS`` holds a JSON list of
 rules; with it unset this module does nothing. A rule:
 
 - ``op``: ``fsync`` | ``open`` | ``link`` | ``replace`` (the path is the file's), ``step`` (before
-  Composer runs ``event`` at the batch count ``step``), ``call`` (``target`` is
+  Composer runs ``event`` at the batch count ``step``, or every time without ``step``), ``call`` (``target`` is
   ``module:qualname``, patched right after the module is imported; ``when`` is ``before`` or ``after``),
   ``set`` (``target`` is ``module:NAME``, set to ``value`` right after the module is imported: short
   timeouts), or ``gpu_threads``: ``torch.cuda.is_available()`` and ``device_count()`` say a GPU is there on every
@@ -14,7 +15,9 @@ rules; with it unset this module does nothing. A rule:
 - ``rank``: only in the process of that global rank (``RANK``, 0 without a launcher);
 - ``after``: only once that file exists (another rule's marker: a volume that freezes from a given moment);
 - ``skip``: let that many matches pass first; ``times``: act that many times at most (default: always);
-- what it does, in this order: ``marker`` (create that file, with a line per hit: the test waits
+- what it does, in this order: ``record`` (append a JSON line to that file: the rank, the rule's
+  ``event``, ``target`` or path, the batch count, and when it happened; a ``call``'s line is written
+  after it returns, with ``start`` and ``end``), ``marker`` (create that file, with a line per hit: the test waits
   for it), ``sleep`` (seconds: a slow volume), ``block`` (wait
   until the file ``release`` exists, forever without one), ``error`` (raise ``OSError`` of that errno
   name, or an exception class name of ``builtins`` such as ``MemoryError``).
@@ -42,7 +45,13 @@ def _rank() -> int:
     return int(os.environ.get('RANK', '0'))
 
 
-def _act(index: int, path: str = '') -> None:
+def _record(index: int, what: str, start: float, step: int | None = None) -> None:
+    line = {'rank': _rank(), 'what': what, 'step': step, 'start': start, 'end': time.time()}
+    with builtins_open(RULES[index]['record'], 'a') as f:
+        f.write(json.dumps(line) + '\n')
+
+
+def _act(index: int, path: str = '', step: int | None = None) -> None:
     rule = RULES[index]
     if 'after' in rule and not os.path.exists(rule['after']):
         return
@@ -51,6 +60,8 @@ def _act(index: int, path: str = '') -> None:
         return
     if 'times' in rule and _hits[index] > rule.get('skip', 0) + rule['times']:
         return
+    if 'record' in rule and rule['op'] != 'call':
+        _record(index, rule.get('event', path), time.time(), step)
     if 'marker' in rule:
         with builtins_open(rule['marker'], 'a') as f:
             f.write(f'{os.getpid()} {path}\n')
@@ -154,11 +165,14 @@ def _wrap_call(index: int, qualname: str):
         when = RULES[index].get('when', 'before')
 
         def wrapper(*args, **kwargs):
+            start = time.time()
             if when == 'before' and _applies(index):
                 _act(index)
             result = original(*args, **kwargs)
             if when == 'after' and _applies(index):
                 _act(index)
+            if 'record' in RULES[index] and _applies(index):
+                _record(index, RULES[index]['target'], start)
             return result
 
         setattr(owner, attr, wrapper)
@@ -166,15 +180,17 @@ def _wrap_call(index: int, qualname: str):
 
 
 def _wrap_event(index: int):
-    """A patch of Composer's Engine that acts on rule ``index`` before ``event`` runs at batch count ``step``."""
+    """A patch of Composer's Engine that acts on rule ``index`` before ``event`` runs at batch count ``step`` (any
+    without one)."""
     def patch(module) -> None:
         original = module.Engine.run_event
         rule = RULES[index]
 
         def run_event(self, event, *args, **kwargs):
-            if _applies(index) and str(getattr(event, 'value', event)) == rule.get('event', 'batch_checkpoint') \
-                    and int(self.state.timestamp.batch) == rule['step']:
-                _act(index)
+            if _applies(index) and str(getattr(event, 'value', event)) == rule.get('event', 'batch_checkpoint'):
+                step = int(self.state.timestamp.batch)
+                if rule.get('step', step) == step:
+                    _act(index, step=step)
             return original(self, event, *args, **kwargs)
 
         module.Engine.run_event = run_event

@@ -1,0 +1,379 @@
+"""prefix against what a user would run instead (``benchmarks/plain_composer.py``): ``make bench-goodput``.
+
+Both sides train the same experiment (``yamls/base.yaml``: prefix's GPT, d_model 128, 4 layers, global
+batch 16) with the same ranks (the ``composer`` launcher, CPU ranks on gloo, ``OMP_NUM_THREADS=1``),
+data and checkpoint interval. Every number comes from outside the trainers: the tests' probe
+(``tests/faults``, ``record``) writes when each step ended and how long chosen calls took, on rank 0.
+
+- ``throughput``: seconds per step over steps 30-150 with no checkpoint due, the sides interleaved,
+  ``--reps`` times; the median of the per-repetition ratios.
+- ``startup``: from process start to the end of the first new step, part by part, for a fresh
+  start and for a resume whose checkpoint was evicted from the page cache, next to the disk's read
+  bandwidth (``--startup-model``: the 57 M model, whose checkpoint is 684 MB).
+- ``goodput``: a seeded preemption trace (graceful: SIGTERM to the ranks, as a pod's first process
+  forwards it, SIGKILL to every process after ``--grace`` seconds; hard: SIGKILL at once), each kill
+  at a seeded instant after the first new step and followed by an immediate restart of the same
+  command, replayed against each side, next to the same run uninterrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import random
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+import torch
+from checkpoint_bench import disk_bandwidth, drop_cache
+
+REPO = Path(__file__).resolve().parent.parent
+PROBE = REPO / 'tests' / 'faults'
+BIN = Path(sys.executable).parent
+CONFIG = str(REPO / 'yamls' / 'base.yaml')
+COMMON = ['eval_interval=100000ba', 'checkpoint.periodic_interval=null']
+MODEL_57M = ['model.d_model=768', 'model.n_heads=12', 'model.n_layers=8', 'global_batch_size=2']
+# What start-up is made of: the probe times these calls (the same on both sides but the last).
+PARTS = {
+    'process group': 'composer.utils.dist:initialize_dist',
+    'data': 'streaming.base.dataset:StreamingDataset.__init__',
+    'model build': 'prefix.composer_model:ComposerGPT.__init__',
+    'checkpoint read': 'composer.utils.checkpoint:load_checkpoint',
+    'resume point (prefix)': 'prefix.checkpoint:find_resume_point',
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def command(side: str, nproc: int, args: list[str]) -> list[str]:
+    launcher = [str(BIN / 'composer'), '-n', str(nproc), '--master_port', str(free_port())]
+    entry = ['-m', 'prefix.train'] if side == 'prefix' else [str(REPO / 'benchmarks' / 'plain_composer.py')]
+    return [*launcher, *entry, CONFIG, *COMMON, *args]
+
+
+def checkpoint_args(side: str, every: str) -> list[str]:
+    """The checkpoint interval, as each side is given it; '' for none due."""
+    if side == 'prefix':
+        return [f'checkpoint.interval={every or "10h"}']
+    return [f'checkpoint.interval={every or "1000000ba"}']
+
+
+def checkpoint_files(side: str, run: Path) -> list[Path]:
+    folder = run / ('checkpoints' if side == 'prefix' else 'composer')
+    return [p for p in folder.rglob('*') if p.is_file() and not p.is_symlink()]
+
+
+@dataclass
+class Start:
+    """One process start of a run: when it began and ended, and what the probe saw of it (rank 0)."""
+
+    began: float
+    records: list[dict[str, Any]] = field(default_factory=list)
+    signalled: float | None = None
+    kind: str = ''  # how it was preempted
+    ended: float | None = None
+    code: int | None = None
+
+    @property
+    def steps(self) -> dict[int, float]:
+        return {r['step']: r['end'] for r in self.records if r['what'] == 'batch_end'}
+
+    def spent(self, target: str) -> float:
+        return sum(r['end'] - r['start'] for r in self.records if r['what'] == target)
+
+
+class Probe:
+    """The probe's records of a run's processes, read as they are appended."""
+
+    def __init__(self, path: Path, extra: list[str] = ()) -> None:
+        self.path, self.offset = path, 0
+        rules = [{'op': 'step', 'event': 'batch_end', 'record': str(path), 'rank': 0},
+                 {'op': 'step', 'event': 'fit_start', 'record': str(path), 'rank': 0},
+                 *({'op': 'call', 'target': t, 'record': str(path), 'rank': 0} for t in extra)]
+        self.env = {**os.environ, 'OMP_NUM_THREADS': '1', 'PYTHONPATH': str(PROBE), 'PREFIX_TEST_FAULTS': json.dumps(rules)}
+        self.env.pop('PREFIX_RUNS_ROOT', None)
+
+    def new(self) -> list[dict[str, Any]]:
+        if not self.path.exists():
+            return []
+        with self.path.open() as f:
+            f.seek(self.offset)
+            text = f.read()
+        complete = text[:text.rfind('\n') + 1]
+        self.offset += len(complete)
+        return [json.loads(line) for line in complete.splitlines()]
+
+
+def start(cmd: list[str], probe: Probe, log: Path) -> tuple[subprocess.Popen, Start]:
+    began = time.time()
+    with log.open('a') as out:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=probe.env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    return proc, Start(began)
+
+
+def finish(proc: subprocess.Popen, s: Start, probe: Probe) -> Start:
+    s.code = proc.wait()
+    gone(proc)
+    s.ended = time.time()
+    s.records += probe.new()
+    return s
+
+
+def gone(proc: subprocess.Popen) -> None:
+    """Wait until every process of the start's session has exited (a pod is gone only then)."""
+    while any(p.info['pid'] != proc.pid for p in psutil.process_iter(['pid']) if _session(p) == proc.pid):
+        time.sleep(0.01)
+
+
+def _session(p: psutil.Process) -> int | None:
+    try:
+        return os.getsid(p.pid)
+    except OSError:
+        return None
+
+
+def run_once(side: str, nproc: int, args: list[str], probe: Probe, log: Path) -> Start:
+    proc, s = start(command(side, nproc, args), probe, log)
+    s = finish(proc, s, probe)
+    if s.code != 0:
+        raise RuntimeError(f'{side} exited with {s.code}: see {log}')
+    return s
+
+
+# --- throughput -----------------------------------------------------------------------------------
+
+# prefix's own work in a step, timed by the probe in a run of its own (its records would slow the timed runs).
+PER_STEP = ['prefix.checkpointer:Checkpointer.batch_start', 'prefix.checkpointer:Checkpointer.batch_checkpoint',
+            'prefix.logs:MetricsLogger.log_metrics']
+
+
+def step_times(s: Start, first: int, last: int) -> list[float]:
+    steps = s.steps
+    return [steps[i + 1] - steps[i] for i in range(first, last)]
+
+
+def throughput(root: Path, reps: int, nproc: int) -> None:
+    """Per-step time of each side: the median step of steps 30-150 (a step the machine interrupted counts once)."""
+    first, last = 30, 150
+    per_step: dict[str, list[float]] = {'prefix': [], 'composer': []}
+    for rep in range(reps):
+        for side in per_step:  # interleaved: a drift of the machine hits both sides alike
+            name = f'tput-{side}-{rep}'
+            s = run_once(side, nproc, [f'runs_root={root}', f'run_name={name}', f'max_duration={last + 2}ba',
+                                       *checkpoint_args(side, '')], Probe(root / f'{name}.jsonl'), root / f'{name}.log')
+            per_step[side].append(statistics.median(step_times(s, first, last)))
+        print(f'  throughput: repetition {rep + 1}/{reps}: prefix {per_step["prefix"][-1] * 1e3:.2f} ms/step, composer '
+              f'{per_step["composer"][-1] * 1e3:.2f} ms/step', flush=True)
+    ratios = [p / c for p, c in zip(per_step['prefix'], per_step['composer'], strict=True)]
+    s = run_once('prefix', nproc, [f'runs_root={root}', 'run_name=tput-parts', f'max_duration={last + 2}ba',
+                                   *checkpoint_args('prefix', '')], Probe(root / 'tput-parts.jsonl', PER_STEP),
+                 root / 'tput-parts.log')
+    t0, t1 = s.steps[first], s.steps[last]  # a step's batch_checkpoint comes after its batch_end
+    parts = {t: sum(r['end'] - r['start'] for r in s.records if r['what'] == t and t0 < r['end'] <= t1) / (last - first)
+             for t in PER_STEP}
+    step = statistics.median(step_times(s, first, last))
+    print(f'\nthroughput, {nproc} ranks, median step of steps {first}-{last}, no checkpoint due, {reps} repetitions:')
+    print('| s/step prefix | s/step plain Composer | prefix / Composer: median | each repetition |')
+    print('| --- | --- | --- | --- |')
+    print(f'| {statistics.median(per_step["prefix"]):.4f} | {statistics.median(per_step["composer"]):.4f} '
+          f'| **{statistics.median(ratios):.3f}** | {", ".join(f"{r:.3f}" for r in ratios)} |')
+    print(f'\nprefix\'s own work per step on rank 0 (a run of its own, {step * 1e3:.1f} ms a step):')
+    print('| call | ms per step | % of a step |')
+    print('| --- | --- | --- |')
+    for target, spent in parts.items():
+        print(f'| `{target.split(":")[1]}` | {spent * 1e3:.3f} | {100 * spent / step:.2f} % |')
+    total = sum(parts.values())
+    print(f'| all | {total * 1e3:.3f} | **{100 * total / step:.2f} %** |', flush=True)
+
+
+# --- start-up, part by part -----------------------------------------------------------------------
+
+def startup(root: Path, nproc: int, model: list[str]) -> None:
+    _, read_bw = disk_bandwidth(root)
+    rows = []
+    for side in ('prefix', 'composer'):
+        name = f'startup-{side}'
+        args = [*model, f'runs_root={root}', f'run_name={name}', *checkpoint_args(side, '')]
+        probe = Probe(root / f'{name}.jsonl', list(PARTS.values()))
+        fresh = run_once(side, nproc, [*args, 'max_duration=2ba'], probe, root / f'{name}.log')
+        files = checkpoint_files(side, root / name)
+        size = sum(p.stat().st_size for p in files)
+        for path in files:
+            drop_cache(path)
+        resumed = run_once(side, nproc, [*args, 'max_duration=4ba'], probe, root / f'{name}.log')
+        rows += [(side, 'fresh', fresh, size), (side, 'resume', resumed, size)]
+    print(f'\nstart to the end of the first new step, {nproc} ranks, rank 0, seconds; checkpoint evicted from the page '
+          f'cache before a resume; disk read {read_bw / 1e6:.0f} MB/s')
+    print(f'| side | start | total | launcher + imports | {" | ".join(PARTS)} | other | first step | checkpoint MB |')
+    print('| --- ' * (len(PARTS) + 7) + '|')
+    totals = {}
+    for side, kind, s, size in rows:
+        fit = min(r['end'] for r in s.records if r['what'] == 'fit_start')
+        first_step = min(r['end'] for r in s.records if r['what'] == 'batch_end')
+        work = min(r['start'] for r in s.records if r['what'] in PARTS.values())  # the first piece of it
+        parts = [s.spent(t) for t in PARTS.values()]
+        total = first_step - s.began
+        imports = work - s.began
+        other = fit - s.began - imports - sum(parts)
+        totals[side, kind] = total
+        print(f'| {side} | {kind} | {total:.2f} | {imports:.2f} | {" | ".join(f"{p:.2f}" for p in parts)} | {other:.2f} '
+              f'| {first_step - fit:.2f} | {size / 1e6:.1f} |', flush=True)
+    at_bw = rows[0][3] / read_bw
+    print(f'\nprefix: resume / (fresh + checkpoint read at the disk\'s bandwidth, {at_bw:.2f} s) = '
+          f'**{totals["prefix", "resume"] / (totals["prefix", "fresh"] + at_bw):.3f}** (goal <= 1.10); fresh start - '
+          f'Composer\'s = **{totals["prefix", "fresh"] - totals["composer", "fresh"]:+.2f} s** (goal <= +1 s)', flush=True)
+
+
+# --- goodput under a preemption trace -------------------------------------------------------------
+
+@dataclass
+class Event:
+    kind: str  # graceful | hard
+    after_s: float  # after the end of the start's first new step
+
+
+def trace(seed: int, events: int, lo: float, hi: float) -> list[Event]:
+    rng = random.Random(seed)
+    return [Event(rng.choice(('graceful', 'hard')), round(rng.uniform(lo, hi), 2)) for _ in range(events)]
+
+
+def preempt(proc: subprocess.Popen, s: Start, kind: str, grace: float) -> None:
+    s.signalled, s.kind = time.time(), kind
+    if kind == 'graceful':
+        for rank in psutil.Process(proc.pid).children():  # as runai/pod_train.sh forwards the pod's SIGTERM
+            rank.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            pass
+    with contextlib.suppress(ProcessLookupError):  # what is left when the grace period ends: every process of the pod
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+def replay(side: str, nproc: int, args: list[str], events: list[Event], probe: Probe, log: Path,
+           grace: float) -> list[Start]:
+    starts: list[Start] = []
+    pending = list(events)
+    while True:
+        proc, s = start(command(side, nproc, args), probe, log)
+        starts.append(s)
+        if pending:
+            event = pending[0]
+            first = None
+            while proc.poll() is None:
+                s.records += probe.new()
+                steps = s.steps
+                if first is None and steps:
+                    first = min(steps.values())
+                if first is not None and time.time() >= first + event.after_s:
+                    pending.pop(0)
+                    preempt(proc, s, event.kind, grace)
+                    break
+                time.sleep(0.01)
+        finish(proc, s, probe)
+        if s.code == 0:
+            return starts
+        if s.signalled is None:
+            raise RuntimeError(f'{side} exited with {s.code} unsignalled: see {log}')
+
+
+def weights(side: str, run: Path) -> dict[str, torch.Tensor]:
+    if side == 'prefix':
+        path = run / 'checkpoints' / 'latest.pt'
+    else:
+        path = run / 'composer' / 'latest-rank0.pt'
+    return torch.load(path, map_location='cpu', weights_only=True, mmap=True)['state']['model']
+
+
+def goodput(root: Path, nproc: int, steps: int, every: int, events: list[Event], grace: float) -> None:
+    print(f'\ngoodput: {steps} steps, a checkpoint every {every} steps, {nproc} ranks; trace: '
+          + ', '.join(f'{e.kind} at +{e.after_s:.1f} s' for e in events), flush=True)
+    rows = []
+    for side in ('prefix', 'composer'):
+        args = [f'max_duration={steps}ba', *checkpoint_args(side, f'{every}ba'), f'runs_root={root}']
+        plain = run_once(side, nproc, [*args, f'run_name=plain-{side}'], Probe(root / f'plain-{side}.jsonl'),
+                         root / f'plain-{side}.log')
+        starts = replay(side, nproc, [*args, f'run_name=trace-{side}'], events, Probe(root / f'trace-{side}.jsonl'),
+                        root / f'trace-{side}.log', grace)
+        step_s = statistics.median(b - a for a, b in zip(sorted(plain.steps.values()), sorted(plain.steps.values())[1:],
+                                                         strict=False))
+        equal = all(torch.equal(a, b) for a, b in zip(weights(side, root / f'plain-{side}').values(),
+                                                      weights(side, root / f'trace-{side}').values(), strict=True))
+        rows.append((side, plain, starts, step_s, equal))
+        print(f'  {side}: {len(starts)} starts, exits {[s.code for s in starts]}', flush=True)
+    print('\n| side | preemption | at step | stop: signal to exit | start-up: start to its first new step '
+          '| steps redone | their time |')
+    print('| --- ' * 7 + '|')
+    summary = []
+    for side, plain, starts, step_s, equal in rows:
+        lost_parts = {'stop': 0.0, 'start-up': 0.0, 'redone': 0.0}
+        again = 0
+        for before, after in zip(starts, starts[1:], strict=False):
+            reached = max(before.steps, default=0)
+            redone = max(reached - (min(after.steps) - 1), 0)
+            stop = before.ended - before.signalled
+            startup = min(after.steps.values()) - step_s - after.began  # to the start of its first step
+            again += redone
+            lost_parts['stop'] += stop
+            lost_parts['start-up'] += startup
+            lost_parts['redone'] += redone * step_s
+            print(f'| {side} | {before.kind} | {reached} | {stop:.2f} s | {startup:.2f} s | {redone} '
+                  f'| {redone * step_s:.2f} s |')
+        wall_plain = plain.ended - plain.began
+        wall = starts[-1].ended - starts[0].began
+        summary.append((side, wall_plain, wall, lost_parts, again, equal, step_s))
+    print('\n| side | step | wall, uninterrupted | wall, under the trace | time lost | of it: stops | start-ups '
+          '| redone steps | other | steps trained again | goodput (uninterrupted / under the trace) '
+          '| final weights = uninterrupted |')
+    print('| --- ' * 12 + '|')
+    for side, wall_plain, wall, parts, again, equal, step_s in summary:
+        lost = wall - wall_plain
+        print(f'| {side} | {step_s * 1e3:.0f} ms | {wall_plain:.1f} s | {wall:.1f} s | {lost:.1f} s '
+              f'| {parts["stop"]:.1f} s | {parts["start-up"]:.1f} s | {parts["redone"]:.1f} s '
+              f'| {lost - sum(parts.values()):+.1f} s | {again} | **{wall_plain / wall:.3f}** | {"yes" if equal else "no"} |',
+              flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('--parts', default='throughput,startup,goodput')
+    parser.add_argument('--nproc', type=int, default=2)
+    parser.add_argument('--reps', type=int, default=5)
+    parser.add_argument('--startup-model', choices=('57m', 'base'), default='57m')
+    parser.add_argument('--steps', type=int, default=1000, help='goodput: max_duration in batches')
+    parser.add_argument('--every', type=int, default=200, help='goodput: the checkpoint interval in batches')
+    parser.add_argument('--seed', type=int, default=0, help='goodput: the trace')
+    parser.add_argument('--events', type=int, default=4)
+    parser.add_argument('--after', default='4,14', help='goodput: each kill this many seconds (uniform) after the '
+                                                        'first new step')
+    parser.add_argument('--grace', type=float, default=30.0, help='seconds from SIGTERM to SIGKILL')
+    parser.add_argument('--folder', type=Path, default=None, help='where runs are written (default: a temp dir)')
+    opts = parser.parse_args()
+    root = Path(tempfile.mkdtemp(prefix='prefix-goodput-', dir=opts.folder))
+    print(f'runs under {root}; {os.cpu_count()} CPU cores, torch {torch.__version__}', flush=True)
+    if 'throughput' in opts.parts:
+        throughput(root, opts.reps, opts.nproc)
+    if 'startup' in opts.parts:
+        startup(root, opts.nproc, MODEL_57M if opts.startup_model == '57m' else [])
+    if 'goodput' in opts.parts:
+        lo, hi = (float(x) for x in opts.after.split(','))
+        goodput(root, opts.nproc, opts.steps, opts.every, trace(opts.seed, opts.events, lo, hi), opts.grace)
+
+
+if __name__ == '__main__':
+    main()
