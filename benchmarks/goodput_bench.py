@@ -60,8 +60,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def command(side: str, nproc: int, args: list[str]) -> list[str]:
-    launcher = [str(BIN / 'composer'), '-n', str(nproc), '--master_port', str(free_port())]
+def command(side: str, nproc: int, args: list[str], log: Path) -> list[str]:
+    """The side's command; the launcher keeps the other ranks' output next to ``log`` (prefix's ranks keep theirs too)."""
+    keep = [arg for out in ('stdout', 'stderr') for arg in (f'--{out}', f'{log.with_suffix("")}-rank{{rank}}.{out}')]
+    launcher = [str(BIN / 'composer'), '-n', str(nproc), '--master_port', str(free_port()), *keep]
     entry = ['-m', 'prefix.train'] if side == 'prefix' else [str(REPO / 'benchmarks' / 'plain_composer.py')]
     return [*launcher, *entry, CONFIG, *COMMON, *args]
 
@@ -147,19 +149,29 @@ def _session(p: psutil.Process) -> int | None:
         return None
 
 
+RETRIES = 2  # a start that fails on its own is run again, as a cluster restarts a failed pod, and reported
+
+
 def run_once(side: str, nproc: int, args: list[str], probe: Probe, log: Path) -> Start:
-    proc, s = start(command(side, nproc, args), probe, log)
-    s = finish(proc, s, probe)
-    if s.code != 0:
-        raise RuntimeError(f'{side} exited with {s.code}: see {log}')
-    return s
+    for _ in range(RETRIES + 1):
+        proc, s = start(command(side, nproc, args, log), probe, log)
+        s = finish(proc, s, probe)
+        if s.code == 0:
+            return s
+        failed(side, s, log)
+    raise RuntimeError(f'{side} exited with {s.code} {RETRIES + 1} times: see {log}')
+
+
+def failed(side: str, s: Start, log: Path) -> None:
+    print(f'  {side}: a start failed on its own (exit {s.code}), started again; its output: {log}, '
+          f'{log.with_suffix("")}-rank*', flush=True)
 
 
 # --- throughput -----------------------------------------------------------------------------------
 
 # prefix's own work in a step, timed by the probe in a run of its own (its records would slow the timed runs).
 PER_STEP = ['prefix.checkpointer:Checkpointer.batch_start', 'prefix.checkpointer:Checkpointer.batch_checkpoint',
-            'prefix.logs:MetricsLogger.log_metrics']
+            'prefix.logs:MetricsLogger.log_metrics', 'prefix.logs:MetricsLogger.batch_end']
 
 
 def step_times(s: Start, first: int, last: int) -> list[float]:
@@ -188,10 +200,11 @@ def throughput(root: Path, reps: int, nproc: int) -> None:
              for t in PER_STEP}
     step = statistics.median(step_times(s, first, last))
     print(f'\nthroughput, {nproc} ranks, median step of steps {first}-{last}, no checkpoint due, {reps} repetitions:')
-    print('| s/step prefix | s/step plain Composer | prefix / Composer: median | each repetition |')
-    print('| --- | --- | --- | --- |')
-    print(f'| {statistics.median(per_step["prefix"]):.4f} | {statistics.median(per_step["composer"]):.4f} '
-          f'| **{statistics.median(ratios):.3f}** | {", ".join(f"{r:.3f}" for r in ratios)} |')
+    medians = {side: statistics.median(times) for side, times in per_step.items()}
+    print('| s/step prefix | s/step plain Composer | ratio of the two | each repetition\'s ratio | their median |')
+    print('| --- | --- | --- | --- | --- |')
+    print(f'| {medians["prefix"]:.4f} | {medians["composer"]:.4f} | {medians["prefix"] / medians["composer"]:.3f} '
+          f'| {", ".join(f"{r:.3f}" for r in ratios)} | **{statistics.median(ratios):.3f}** |')
     print(f'\nprefix\'s own work per step on rank 0 (a run of its own, {step * 1e3:.1f} ms a step):')
     print('| call | ms per step | % of a step |')
     print('| --- | --- | --- |')
@@ -270,7 +283,7 @@ def replay(side: str, nproc: int, args: list[str], events: list[Event], probe: P
     starts: list[Start] = []
     pending = list(events)
     while True:
-        proc, s = start(command(side, nproc, args), probe, log)
+        proc, s = start(command(side, nproc, args, log), probe, log)
         starts.append(s)
         if pending:
             event = pending[0]
@@ -289,7 +302,9 @@ def replay(side: str, nproc: int, args: list[str], events: list[Event], probe: P
         if s.code == 0:
             return starts
         if s.signalled is None:
-            raise RuntimeError(f'{side} exited with {s.code} unsignalled: see {log}')
+            if len(starts) > 1 and starts[-2].signalled is None:
+                raise RuntimeError(f'{side} exited with {s.code} twice in a row unsignalled: see {log}')
+            failed(side, s, log)
 
 
 def weights(side: str, run: Path) -> dict[str, torch.Tensor]:
