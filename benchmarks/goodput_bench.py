@@ -9,7 +9,8 @@ data and checkpoint interval. Every number comes from outside the trainers: the 
   ``--reps`` times; the median of the per-repetition ratios.
 - ``startup``: from process start to the end of the first new step, part by part, for a fresh
   start and for a resume whose checkpoint was evicted from the page cache, next to the disk's read
-  bandwidth (``--startup-model``: the 57 M model, whose checkpoint is 684 MB).
+  bandwidth (``--startup-model``: the 57 M model, whose checkpoint is 684 MB); the sides interleaved,
+  ``--startup-reps`` times, the median of each part.
 - ``goodput``: a seeded preemption trace (graceful: SIGTERM to the ranks, as a pod's first process
   forwards it, SIGKILL to every process after ``--grace`` seconds; hard: SIGKILL at once), each kill
   at a seeded instant after the first new step and followed by an immediate restart of the same
@@ -216,40 +217,47 @@ def throughput(root: Path, reps: int, nproc: int) -> None:
 
 # --- start-up, part by part -----------------------------------------------------------------------
 
-def startup(root: Path, nproc: int, model: list[str]) -> None:
+def startup_parts(s: Start) -> list[float]:
+    """A start's total to the end of its first new step, then its parts: launcher + imports, PARTS, other, first step."""
+    fit = min(r['end'] for r in s.records if r['what'] == 'fit_start')
+    first_step = min(r['end'] for r in s.records if r['what'] == 'batch_end')
+    work = min(r['start'] for r in s.records if r['what'] in PARTS.values())  # the first piece of it
+    parts = [s.spent(t) for t in PARTS.values()]
+    imports = work - s.began
+    return [first_step - s.began, imports, *parts, fit - s.began - imports - sum(parts), first_step - fit]
+
+
+def startup(root: Path, nproc: int, model: list[str], reps: int) -> None:
+    """Each side's fresh start and resume, the sides interleaved, ``reps`` times: the median of each column."""
     _, read_bw = disk_bandwidth(root)
-    rows = []
-    for side in ('prefix', 'composer'):
-        name = f'startup-{side}'
-        args = [*model, f'runs_root={root}', f'run_name={name}', *checkpoint_args(side, '')]
-        probe = Probe(root / f'{name}.jsonl', list(PARTS.values()))
-        fresh = run_once(side, nproc, [*args, 'max_duration=2ba'], probe, root / f'{name}.log')
-        files = checkpoint_files(side, root / name)
-        size = sum(p.stat().st_size for p in files)
-        for path in files:
-            drop_cache(path)
-        resumed = run_once(side, nproc, [*args, 'max_duration=4ba'], probe, root / f'{name}.log')
-        rows += [(side, 'fresh', fresh, size), (side, 'resume', resumed, size)]
-    print(f'\nstart to the end of the first new step, {nproc} ranks, rank 0, seconds; checkpoint evicted from the page '
-          f'cache before a resume; disk read {read_bw / 1e6:.0f} MB/s')
-    print(f'| side | start | total | launcher + imports | {" | ".join(PARTS)} | other | first step | checkpoint MB |')
-    print('| --- ' * (len(PARTS) + 7) + '|')
-    totals = {}
-    for side, kind, s, size in rows:
-        fit = min(r['end'] for r in s.records if r['what'] == 'fit_start')
-        first_step = min(r['end'] for r in s.records if r['what'] == 'batch_end')
-        work = min(r['start'] for r in s.records if r['what'] in PARTS.values())  # the first piece of it
-        parts = [s.spent(t) for t in PARTS.values()]
-        total = first_step - s.began
-        imports = work - s.began
-        other = fit - s.began - imports - sum(parts)
-        totals[side, kind] = total
-        print(f'| {side} | {kind} | {total:.2f} | {imports:.2f} | {" | ".join(f"{p:.2f}" for p in parts)} | {other:.2f} '
-              f'| {first_step - fit:.2f} | {size / 1e6:.1f} |', flush=True)
-    at_bw = rows[0][3] / read_bw
+    columns: dict[tuple[str, str], list[list[float]]] = {}
+    for rep in range(reps):
+        for side in ('prefix', 'composer'):
+            name = f'startup-{side}-{rep}'
+            args = [*model, f'runs_root={root}', f'run_name={name}', *checkpoint_args(side, '')]
+            probe = Probe(root / f'{name}.jsonl', list(PARTS.values()))
+            fresh = run_once(side, nproc, [*args, 'max_duration=2ba'], probe, root / f'{name}.log')
+            files = checkpoint_files(side, root / name)
+            size = sum(p.stat().st_size for p in files)
+            for path in files:
+                drop_cache(path)
+            resumed = run_once(side, nproc, [*args, 'max_duration=4ba'], probe, root / f'{name}.log')
+            columns.setdefault((side, 'fresh'), []).append(startup_parts(fresh))
+            columns.setdefault((side, 'resume'), []).append(startup_parts(resumed))
+        print(f'  start-up: repetition {rep + 1}/{reps}: ' + ', '.join(f'{side} {kind} {rows[-1][0]:.2f} s'
+                                                                   for (side, kind), rows in columns.items()), flush=True)
+    print(f'\nstart to the end of the first new step, {nproc} ranks, rank 0, seconds, median of {reps}; checkpoint '
+          f'({size / 1e6:.0f} MB) evicted from the page cache before a resume; disk read {read_bw / 1e6:.0f} MB/s')
+    print(f'| side | start | total | launcher + imports | {" | ".join(PARTS)} | other | first step |')
+    print('| --- ' * (len(PARTS) + 6) + '|')
+    medians = {key: [statistics.median(column) for column in zip(*rows, strict=True)] for key, rows in columns.items()}
+    for (side, kind), values in medians.items():
+        print(f'| {side} | {kind} | ' + ' | '.join(f'{v:.2f}' for v in values) + ' |', flush=True)
+    total = {key: values[0] for key, values in medians.items()}
+    at_bw = size / read_bw
     print(f'\nprefix: resume / (fresh + checkpoint read at the disk\'s bandwidth, {at_bw:.2f} s) = '
-          f'**{totals["prefix", "resume"] / (totals["prefix", "fresh"] + at_bw):.3f}** (goal <= 1.10); fresh start - '
-          f'Composer\'s = **{totals["prefix", "fresh"] - totals["composer", "fresh"]:+.2f} s** (goal <= +1 s)', flush=True)
+          f'**{total["prefix", "resume"] / (total["prefix", "fresh"] + at_bw):.3f}** (goal <= 1.10); fresh start - '
+          f'Composer\'s = **{total["prefix", "fresh"] - total["composer", "fresh"]:+.2f} s** (goal <= +1 s)', flush=True)
 
 
 # --- goodput under a preemption trace -------------------------------------------------------------
@@ -317,7 +325,8 @@ def weights(side: str, run: Path) -> dict[str, torch.Tensor]:
         path = run / 'checkpoints' / 'latest.pt'
     else:
         path = run / 'composer' / 'latest-rank0.pt'
-    return torch.load(path, map_location='cpu', weights_only=True, mmap=True)['state']['model']
+    # Composer's own checkpoint pickles more than tensors (timedelta, TorchVersion, ...); both were written here.
+    return torch.load(path, map_location='cpu', weights_only=side == 'prefix', mmap=True)['state']['model']
 
 
 def goodput(root: Path, nproc: int, steps: int, every: int, events: list[Event], grace: float) -> None:
@@ -375,6 +384,7 @@ def main() -> None:
     parser.add_argument('--nproc', type=int, default=2)
     parser.add_argument('--reps', type=int, default=5)
     parser.add_argument('--startup-model', choices=('57m', 'base'), default='57m')
+    parser.add_argument('--startup-reps', type=int, default=3)
     parser.add_argument('--steps', type=int, default=1000, help='goodput: max_duration in batches')
     parser.add_argument('--every', type=int, default=200, help='goodput: the checkpoint interval in batches')
     parser.add_argument('--seed', type=int, default=0, help='goodput: the trace')
@@ -389,7 +399,7 @@ def main() -> None:
     if 'throughput' in opts.parts:
         throughput(root, opts.reps, opts.nproc)
     if 'startup' in opts.parts:
-        startup(root, opts.nproc, MODEL_57M if opts.startup_model == '57m' else [])
+        startup(root, opts.nproc, MODEL_57M if opts.startup_model == '57m' else [], opts.startup_reps)
     if 'goodput' in opts.parts:
         lo, hi = (float(x) for x in opts.after.split(','))
         goodput(root, opts.nproc, opts.steps, opts.every, trace(opts.seed, opts.events, lo, hi), opts.grace)

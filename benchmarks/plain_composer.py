@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from composer import Trainer
 from composer.algorithms import GradientClipping
+from composer.devices import DeviceCPU, DeviceGPU
 from composer.optim import CosineAnnealingWithWarmupScheduler, DecoupledAdamW
 from composer.utils import dist, reproducibility
 from streaming import StreamingDataLoader, StreamingDataset
@@ -47,6 +48,10 @@ def main(argv: list[str]) -> None:
         sys.exit(f'plain_composer: checkpoint.interval={cfg.checkpoint.interval}: give it in batches (e.g. 50ba)')
     reproducibility.configure_deterministic_mode()
     reproducibility.seed_all(cfg.seed)
+    # Before the datasets, as llm-foundry's train script does: otherwise each StreamingDataset sets up and tears
+    # down a process group of its own, and a rank that connects to one being torn down fails (seen here, 2 ranks).
+    device = DeviceGPU() if torch.cuda.is_available() else DeviceCPU()
+    dist.initialize_dist(device)
     batch = cfg.global_batch_size // dist.get_world_size()
     model = ComposerGPT(cfg.model, cfg.seed)
     opt = cfg.optimizer
@@ -62,6 +67,7 @@ def main(argv: list[str]) -> None:
         step_schedulers_every_batch=True,
         algorithms=[GradientClipping('norm', opt.grad_clip_norm)] if opt.grad_clip_norm > 0 else [],
         precision='amp_bf16' if torch.cuda.is_available() else 'fp32',
+        device=device,
         seed=cfg.seed,
         run_name=cfg.run_name,
         autoresume=True,
