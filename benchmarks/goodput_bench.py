@@ -385,8 +385,8 @@ def main() -> None:
     parser.add_argument('--reps', type=int, default=5)
     parser.add_argument('--startup-model', choices=('57m', 'base'), default='57m')
     parser.add_argument('--startup-reps', type=int, default=3)
-    parser.add_argument('--steps', type=int, default=1000, help='goodput: max_duration in batches')
-    parser.add_argument('--every', type=int, default=200, help='goodput: the checkpoint interval in batches')
+    parser.add_argument('--steps', type=int, default=500, help='goodput: max_duration in batches')
+    parser.add_argument('--every', type=int, default=50, help='goodput: the checkpoint interval in batches')
     parser.add_argument('--seed', type=int, default=0, help='goodput: the trace')
     parser.add_argument('--events', type=int, default=4)
     parser.add_argument('--after', default='4,14', help='goodput: each kill this many seconds (uniform) after the '
