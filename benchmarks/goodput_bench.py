@@ -289,35 +289,49 @@ def preempt(proc: subprocess.Popen, s: Start, kind: str, grace: float) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
 
 
-def replay(side: str, nproc: int, args: list[str], events: list[Event], probe: Probe, log: Path,
-           grace: float) -> list[Start]:
-    starts: list[Start] = []
-    pending = list(events)
-    unsignalled = 0  # failures in a row of starts nobody killed
-    while True:
-        proc, s = start(command(side, nproc, args, log), probe, log)
-        starts.append(s)
-        if pending:
-            event = pending[0]
+class Replay:
+    """One side's run under the trace, a start at a time, so that the two sides' starts can be interleaved."""
+
+    def __init__(self, side: str, nproc: int, args: list[str], events: list[Event], probe: Probe, log: Path,
+                 grace: float) -> None:
+        self.side, self.nproc, self.args, self.probe, self.log, self.grace = side, nproc, args, probe, log, grace
+        self.pending = list(events)
+        self.starts: list[Start] = []
+        self.unsignalled = 0  # failures in a row of starts nobody killed
+        self.done = False
+
+    def next_start(self) -> None:
+        """Start the command; kill it at the next event's instant, or let it end; a start ending 0 is the last."""
+        proc, s = start(command(self.side, self.nproc, self.args, self.log), self.probe, self.log)
+        self.starts.append(s)
+        if self.pending:
+            event = self.pending[0]
             first = None
             while proc.poll() is None:
-                s.records += probe.new()
+                s.records += self.probe.new()
                 steps = s.steps
                 if first is None and steps:
                     first = min(steps.values())
                 if first is not None and time.time() >= first + event.after_s:
-                    pending.pop(0)
-                    preempt(proc, s, event.kind, grace)
+                    self.pending.pop(0)
+                    preempt(proc, s, event.kind, self.grace)
                     break
                 time.sleep(0.01)
-        finish(proc, s, probe)
-        if s.code == 0:
-            return starts
-        unsignalled = unsignalled + 1 if s.signalled is None else 0
-        if unsignalled > RETRIES:
-            raise RuntimeError(f'{side} exited with {s.code} {unsignalled} times in a row unsignalled: see {log}')
-        if unsignalled:
-            failed(side, s, log)
+        finish(proc, s, self.probe)
+        self.done = s.code == 0
+        if self.done:
+            return
+        self.unsignalled = self.unsignalled + 1 if s.signalled is None else 0
+        if self.unsignalled > RETRIES:
+            raise RuntimeError(f'{self.side} exited with {s.code} {self.unsignalled} times in a row unsignalled: '
+                               f'see {self.log}')
+        if self.unsignalled:
+            failed(self.side, s, self.log)
+
+    @property
+    def wall(self) -> float:
+        """The run's wall time under the trace: its starts back to back (each restart is immediate)."""
+        return sum(s.ended - s.began for s in self.starts)
 
 
 def weights(side: str, run: Path) -> dict[str, torch.Tensor]:
@@ -332,24 +346,30 @@ def weights(side: str, run: Path) -> dict[str, torch.Tensor]:
 def goodput(root: Path, nproc: int, steps: int, every: int, events: list[Event], grace: float) -> None:
     print(f'\ngoodput: {steps} steps, a checkpoint every {every} steps, {nproc} ranks; trace: '
           + ', '.join(f'{e.kind} at +{e.after_s:.1f} s' for e in events), flush=True)
+    args = {side: [f'max_duration={steps}ba', *checkpoint_args(side, f'{every}ba'), f'runs_root={root}']
+            for side in ('prefix', 'composer')}
+    plain = {side: run_once(side, nproc, [*args[side], f'run_name=plain-{side}'], Probe(root / f'plain-{side}.jsonl'),
+                            root / f'plain-{side}.log') for side in args}
+    replays = [Replay(side, nproc, [*args[side], f'run_name=trace-{side}'], events, Probe(root / f'trace-{side}.jsonl'),
+                      root / f'trace-{side}.log', grace) for side in args]
+    while not all(r.done for r in replays):  # start by start, interleaved: a drift of the machine hits both sides alike
+        for r in replays:
+            if not r.done:
+                r.next_start()
     rows = []
-    for side in ('prefix', 'composer'):
-        args = [f'max_duration={steps}ba', *checkpoint_args(side, f'{every}ba'), f'runs_root={root}']
-        plain = run_once(side, nproc, [*args, f'run_name=plain-{side}'], Probe(root / f'plain-{side}.jsonl'),
-                         root / f'plain-{side}.log')
-        starts = replay(side, nproc, [*args, f'run_name=trace-{side}'], events, Probe(root / f'trace-{side}.jsonl'),
-                        root / f'trace-{side}.log', grace)
-        step_s = statistics.median(b - a for a, b in zip(sorted(plain.steps.values()), sorted(plain.steps.values())[1:],
-                                                         strict=False))
-        equal = all(torch.equal(a, b) for a, b in zip(weights(side, root / f'plain-{side}').values(),
-                                                      weights(side, root / f'trace-{side}').values(), strict=True))
-        rows.append((side, plain, starts, step_s, equal))
-        print(f'  {side}: {len(starts)} starts, exits {[s.code for s in starts]}', flush=True)
+    for r in replays:
+        times = sorted(plain[r.side].steps.values())
+        step_s = statistics.median(b - a for a, b in zip(times, times[1:], strict=False))
+        equal = all(torch.equal(a, b) for a, b in zip(weights(r.side, root / f'plain-{r.side}').values(),
+                                                      weights(r.side, root / f'trace-{r.side}').values(), strict=True))
+        rows.append((r, plain[r.side], step_s, equal))
+        print(f'  {r.side}: {len(r.starts)} starts, exits {[s.code for s in r.starts]}', flush=True)
     print('\n| side | preemption | at step | stop: signal to exit | start-up: start to its first new step '
           '| steps redone | their time |')
     print('| --- ' * 7 + '|')
     summary = []
-    for side, plain, starts, step_s, equal in rows:
+    for r, plain, step_s, equal in rows:
+        side, starts = r.side, r.starts
         lost_parts = {'stop': 0.0, 'start-up': 0.0, 'redone': 0.0}
         again = 0
         for before, after in zip(starts, starts[1:], strict=False):
@@ -364,8 +384,7 @@ def goodput(root: Path, nproc: int, steps: int, every: int, events: list[Event],
             print(f'| {side} | {before.kind} | {reached} | {stop:.2f} s | {startup:.2f} s | {redone} '
                   f'| {redone * step_s:.2f} s |')
         wall_plain = plain.ended - plain.began
-        wall = starts[-1].ended - starts[0].began
-        summary.append((side, wall_plain, wall, lost_parts, again, equal, step_s))
+        summary.append((side, wall_plain, r.wall, lost_parts, again, equal, step_s))
     print('\n| side | step | wall, uninterrupted | wall, under the trace | time lost | of it: stops | start-ups '
           '| redone steps | other | steps trained again | goodput (uninterrupted / under the trace) '
           '| final weights = uninterrupted |')

@@ -62,9 +62,9 @@ def gpu_names() -> list[str]:
 
 
 def env_snapshot(gpus: list[str]) -> dict[str, Any]:
-    packages = sorted(
-        (d.metadata['Name'], d.version) for d in importlib.metadata.distributions() if d.metadata['Name']
-    )
+    # Each distribution's METADATA parsed once (d.metadata parses it anew on every access): a third of the time.
+    packages = sorted((md['Name'], md['Version']) for md in (d.metadata for d in importlib.metadata.distributions())
+                      if md['Name'])
     return {
         'python': sys.version.split()[0],
         'platform': platform.platform(),

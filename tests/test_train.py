@@ -31,7 +31,8 @@ def test_smoke_run_lays_out_the_run_directory_and_learns(tmp_path: Path, dataset
     config = yaml.safe_load((run / 'meta' / 'config.yaml').read_text())
     assert config['run_name'] == 'smoke' and config['runs_root'] == str(tmp_path) and config['model']['dropout'] == 0.1
     env = json.loads((run / 'meta' / 'env.json').read_text())
-    assert env['versions']['mosaicml'] == '0.32.1' and env['world_size'] == 1 and 'torch' in env['packages']
+    assert env['versions']['mosaicml'] == '0.32.1' and env['world_size'] == 1
+    assert env['packages']['mosaicml'] == '0.32.1' and 'torch' in env['packages']
     git = json.loads((run / 'meta' / 'git.json').read_text())
     assert set(git) >= {'ref', 'commit', 'dirty'}
     records = [json.loads(line) for line in (run / 'meta' / 'starts.jsonl').read_text().splitlines()]
