@@ -45,21 +45,19 @@ from composer.core import Callback
 from composer.devices import DeviceCPU, DeviceGPU
 from composer.utils import dist
 
-from prefix import (
-    composer_fixes,  # noqa: F401  (applied on import)
-    jsonl,
-)
+import prefix.dist.composer_fixes  # noqa: F401  (applied on import)
 from prefix import config as config_lib
-from prefix.agreement import RankFailures
-from prefix.checkpointer import Checkpointer
-from prefix.config import CheckpointConfig, load_config
-from prefix.dataloader import build_dataloader
-from prefix.duration import Duration
-from prefix.journal import Journal
-from prefix.logs import MetricsLogger
-from prefix.model import GPT
-from prefix.preemption import PreemptionSignal
-from prefix.rundir import RunDir
+from prefix.checkpoint.checkpointer import Checkpointer
+from prefix.config.config import CheckpointConfig, load_config
+from prefix.config.duration import Duration
+from prefix.data.loader import build_dataloader
+from prefix.dist.agreement import RankFailures
+from prefix.dist.preemption import PreemptionSignal
+from prefix.files import jsonl
+from prefix.models.gpt import GPT
+from prefix.run.journal import Journal
+from prefix.run.logs import MetricsLogger
+from prefix.run.rundir import RunDir
 from prefix.train import training_args
 
 REPO = Path(__file__).resolve().parent.parent
@@ -235,7 +233,7 @@ def startup(size: str, data: Path, root: Path, nproc: int) -> dict[str, float]:
 
 # A volume whose writes are throttled (a network volume at its dirty-page limit), simulated by the tests' fault
 # injector: every write call of a checkpoint file waits 50 ms, so a write outlasts the step after it.
-THROTTLED = [{'op': 'call', 'target': 'prefix.atomic:CheckedWriter.write', 'sleep': 0.05}]
+THROTTLED = [{'op': 'call', 'target': 'prefix.files.atomic:CheckedWriter.write', 'sleep': 0.05}]
 
 
 def preemption(size: str, data: Path, root: Path, throttled: bool) -> dict[str, float]:

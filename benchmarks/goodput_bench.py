@@ -49,9 +49,9 @@ MODEL_57M = ['model.d_model=768', 'model.n_heads=12', 'model.n_layers=8', 'globa
 PARTS = {
     'process group': 'composer.utils.dist:initialize_dist',
     'data': 'streaming.base.dataset:StreamingDataset.__init__',
-    'model build': 'prefix.composer_model:ComposerGPT.__init__',
+    'model build': 'prefix.models.composer_model:ComposerGPT.__init__',
     'checkpoint read': 'composer.utils.checkpoint:load_checkpoint',
-    'resume point (prefix)': 'prefix.checkpoint:find_resume_point',
+    'resume point (prefix)': 'prefix.checkpoint.checkpoint:find_resume_point',
 }
 
 
@@ -171,8 +171,9 @@ def failed(side: str, s: Start, log: Path) -> None:
 # --- throughput -----------------------------------------------------------------------------------
 
 # prefix's own work in a step, timed by the probe in a run of its own (its records would slow the timed runs).
-PER_STEP = ['prefix.checkpointer:Checkpointer.batch_start', 'prefix.checkpointer:Checkpointer.batch_checkpoint',
-            'prefix.logs:MetricsLogger.log_metrics', 'prefix.logs:MetricsLogger.batch_end']
+PER_STEP = ['prefix.checkpoint.checkpointer:Checkpointer.batch_start',
+            'prefix.checkpoint.checkpointer:Checkpointer.batch_checkpoint',
+            'prefix.run.logs:MetricsLogger.log_metrics', 'prefix.run.logs:MetricsLogger.batch_end']
 
 
 def step_times(s: Start, first: int, last: int) -> list[float]:

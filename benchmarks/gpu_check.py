@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from prefix.rundir import RunDir
+from prefix.run.rundir import RunDir
 
 REPO = Path(__file__).resolve().parent.parent
 FAULTS = REPO / 'tests' / 'faults'
@@ -56,7 +56,8 @@ def sharded_state() -> dict:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    from prefix.model import GPT, Block, ModelConfig
+    from prefix.config import ModelConfig
+    from prefix.models.gpt import GPT, Block
 
     os.environ.setdefault('MASTER_ADDR', '127.0.0.1')
     os.environ.setdefault('MASTER_PORT', '29531')
@@ -83,8 +84,8 @@ def snapshot_checks(work: Path) -> None:
     from torch.distributed.tensor import DTensor
 
     from prefix import shards
-    from prefix.snapshot import HostSnapshot
-    from prefix.writer import WriteJob
+    from prefix.checkpoint.snapshot import HostSnapshot
+    from prefix.checkpoint.writer import WriteJob
 
     tensors = sharded_state()
     locals_ = [t.to_local() if isinstance(t, DTensor) else t for t in _leaves(tensors)]
@@ -191,7 +192,7 @@ def killed_and_resumed(work: Path, data: Path, *overrides: str) -> str:
 
 
 def opens_without_gpu(plain: Path, sharded: Path) -> str:
-    code = ('import sys, torch; from prefix.shards import read_whole; assert not torch.cuda.is_available(); '
+    code = ('import sys, torch; from prefix.checkpoint.shards import read_whole; assert not torch.cuda.is_available(); '
             'c = sys.argv[1] + "/checkpoints"; torch.load(c + "/latest.pt", weights_only=True); '
             'torch.load(c + "/latest_rank0.pt", weights_only=True); '
             's = torch.load(sys.argv[2] + "/checkpoints/latest.pt", weights_only=True)["shards"]; '

@@ -25,9 +25,9 @@ from composer.optim import CosineAnnealingWithWarmupScheduler, DecoupledAdamW
 from composer.utils import dist, reproducibility
 from streaming import StreamingDataLoader, StreamingDataset
 
-from prefix.composer_model import ComposerGPT
-from prefix.config import load_config
-from prefix.duration import Duration
+from prefix.config.config import load_config
+from prefix.config.duration import Duration
+from prefix.models.composer_model import ComposerGPT
 
 
 def loader(cfg, split: str, batch_size: int, train: bool) -> StreamingDataLoader:

@@ -9,7 +9,7 @@ measures these quantities on small models and prints them next to these formulas
 
 from __future__ import annotations
 
-from prefix.checkpoint import write_timeout_s
+from prefix.checkpoint.checkpoint import write_timeout_s
 
 BYTES_PER_PARAMETER = 12  # fp32 weight + AdamW's exp_avg and exp_avg_sq
 

@@ -26,9 +26,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from prefix import jsonl  # noqa: E402
-from prefix.mlflow_run import Sender  # noqa: E402
-from prefix.trackers import values_at  # noqa: E402
+from prefix.files import jsonl  # noqa: E402
+from prefix.trackers.loggers import values_at  # noqa: E402
+from prefix.trackers.mlflow_run import Sender  # noqa: E402
 
 KEYS = ['time/epoch', 'time/batch', 'time/sample', 'time/batch_in_epoch', 'time/sample_in_epoch', 'time/token',
         'time/token_in_epoch', 'trainer/device_train_microbatch_size', 'loss/train/total', 'checkpoint/step',

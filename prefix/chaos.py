@@ -28,11 +28,10 @@ from pathlib import Path
 
 import torch
 
-from prefix import jsonl
 from prefix.checkpoint import referenced_shards
-from prefix.export import whole_checkpoint
-from prefix.rundir import RunDir
-from prefix.runinfo import LOSS
+from prefix.files import jsonl
+from prefix.models import whole_checkpoint
+from prefix.run import LOSS, RunDir
 
 CONTRACT = re.compile(r'^(latest|periodic)(_rank\d+)?\.pt$')
 KILLS = ('SIGKILL all', 'SIGTERM all', 'SIGTERM first')

@@ -24,15 +24,15 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 0 if argv[:1] in (['-h'], ['--help']) else 2
     command, rest = argv[0], argv[1:]
     if command == 'prepare':
-        from prefix.data import main as prepare_main
+        from prefix.data.prepare import main as prepare_main
         return prepare_main(rest)
     if command == 'train':
         from prefix.train import main as train_main
         return train_main(rest)
     if command == 'export':
-        from prefix.export import main as export_main
+        from prefix.models.export import main as export_main
         return export_main(rest)
-    from prefix.runs import main as runs_main
+    from prefix.run.runs import main as runs_main
     return runs_main(command, rest)
 
 

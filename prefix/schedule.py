@@ -20,8 +20,7 @@ from composer.core import State, Time, Timestamp
 from composer.optim import ComposerScheduler, CosineAnnealingWithWarmupScheduler
 
 from prefix.checkpoint import ResumePoint
-from prefix.config import OptimizerConfig
-from prefix.drift import diff
+from prefix.config import OptimizerConfig, diff
 
 log = logging.getLogger(__name__)
 

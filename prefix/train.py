@@ -6,7 +6,7 @@ A run resumes by default from its run directory; a finished run reports so and e
 
 from __future__ import annotations
 
-from prefix.preemption import die_with_launcher
+from prefix.dist import die_with_launcher
 
 die_with_launcher()  # before the slow imports below, so a launcher killed meanwhile ends this rank too
 
@@ -25,31 +25,35 @@ from composer.optim import DecoupledAdamW
 from composer.utils import dist, reproducibility
 from streaming import StreamingDataLoader
 
-from prefix import (
-    agreement,
-    composer_fixes,  # noqa: F401  (applied on import)
-    models,
-    schedule,
-    trackers,
-)
+import prefix.dist.composer_fixes  # noqa: F401  (applied on import)
 from prefix import config as config_lib
-from prefix.agreement import RankFailures, from_rank_zero
-from prefix.checkpoint import MIN_WRITE_TIMEOUT_S, ResumePoint, find_resume_point, is_complete, remove_leftovers
-from prefix.checkpointer import Checkpointer, never
-from prefix.config import TrainConfig
-from prefix.dataloader import build_dataloader, count_tokens, dataset_info
-from prefix.drift import check_and_record
-from prefix.duration import Duration
+from prefix import models, schedule, trackers
+from prefix.checkpoint import (
+    MIN_WRITE_TIMEOUT_S,
+    Checkpointer,
+    ResumePoint,
+    checkpoint_group,
+    find_resume_point,
+    is_complete,
+    never,
+    remove_leftovers,
+)
+from prefix.config import Duration, TrainConfig, check_and_record
+from prefix.data import build_dataloader, count_tokens, dataset_info
+from prefix.dist import PREEMPTED_EXIT_CODE, Preempted, PreemptionSignal, RankFailures, agreement, from_rank_zero
 from prefix.errors import ConfigError, PrefixError
-from prefix.fsdp import average_gradients_on_gloo, parallelism_config
-from prefix.journal import Journal
-from prefix.logs import MetricsLogger, tee_output
-from prefix.meta import gpu_names, write_snapshots
-from prefix.preemption import PREEMPTED_EXIT_CODE, Preempted, PreemptionSignal
-from prefix.rundir import RunDir
-from prefix.runinfo import previous_start, start_count
-from prefix.runlock import RunLock
-from prefix.shards import checkpoint_group
+from prefix.models import average_gradients_on_gloo, parallelism_config
+from prefix.run import (
+    Journal,
+    MetricsLogger,
+    RunDir,
+    RunLock,
+    gpu_names,
+    previous_start,
+    start_count,
+    tee_output,
+    write_snapshots,
+)
 
 USAGE = 'usage: composer [-n N] -m prefix.train CONFIG.yaml [key=value ...]'
 
@@ -155,7 +159,7 @@ def fit(
         save_latest_filename=resume.filename if resume else 'latest.pt',
         save_interval=never,
         callbacks=[checkpointer, journal],
-        # Rank 0 logs; each tracker continues the tracker run of earlier starts (prefix.trackers).
+        # Rank 0 logs; each tracker continues the tracker run of earlier starts (prefix.trackers.loggers).
         # The trackers report how the start ended as the journal records it, once, when they close.
         loggers=[MetricsLogger(run.metrics, failures),
                  *(trackers.build(cfg.loggers, run, cfg.run_name, starts + 1, lambda: journal.outcome)

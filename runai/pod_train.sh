@@ -54,7 +54,7 @@ sys.stdout.write("".join(a + "\0" for a in overrides))' > "$decoded"; then
   rm -f "$decoded"
   set -- "$@" ${from_env[@]+"${from_env[@]}"}
 fi
-# A start in a pod is a cluster's: it waits for a predecessor still in its grace period (prefix.runlock).
+# A start in a pod is a cluster's: it waits for a predecessor still in its grace period (prefix.run.runlock).
 export PREFIX_POD=${HOSTNAME:-pod}
 if [ -z "${PREFIX_GPUS:-}" ]; then
   PREFIX_GPUS=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)

@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import sysconfig
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from prefix.chaos import compare as assert_same_training  # noqa: F401  (re-exported for the tests)
 from prefix.chaos import step_losses  # noqa: F401
-from prefix.data import prepare
-from prefix.tokenizer import ByteTokenizer
+from prefix.data.prepare import prepare
+from prefix.data.tokenizer import ByteTokenizer
 
 # One intra-op thread per training process: the suite runs on two xdist workers on two cores, and
 # every run of a test (references, killed and resumed runs) must do its arithmetic alike.
@@ -248,3 +251,42 @@ def reference(tmp_path_factory: pytest.TempPathFactory, dataset: Path):
         return cache[key]
 
     return get
+
+
+# --- shared by the tests of several packages ----------------------------------------------------
+
+HANG = 180  # seconds after which a run that has not exited is hung: a failure, not a timing goal
+
+
+def error_line(log: Path) -> str:
+    """The one line a failed rank printed."""
+    return [line for line in log.read_text().splitlines() if line.startswith('prefix: error:')][-1]
+
+
+@dataclass
+class Moment:
+    """Where a start is SIGKILLed: the fault-injector rule that holds it there, and what else must be true first."""
+
+    name: str
+    hold: dict
+    also: Callable[[Path], bool] = lambda run: True
+
+
+def held_at(name: str, step: int, event: str = 'batch_checkpoint', committed: int | None = None) -> Moment:
+    also = (lambda run: committed_step(run) == committed) if committed is not None else (lambda run: True)
+    return Moment(name, {'op': 'step', 'step': step, 'event': event, 'block': True}, also)
+
+
+def killed_run(root: Path, args: list[str], moments: list[Moment], nproc: int = 0) -> None:
+    """Start the run, SIGKILL its whole process group at each moment, then let it finish."""
+    run = root / 'smoke'
+    for moment in moments:
+        marker = root / f'held-{moment.name}'
+        env = run_env(**faults({**moment.hold, 'marker': str(marker)}))
+        proc = subprocess.Popen(train_cmd(*args, nproc=nproc), env=env, cwd=REPO, start_new_session=True,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for(lambda m=marker, ready=moment.also: m.exists() and ready(run), proc, moment.name)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    result = run_train(*args, nproc=nproc)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]

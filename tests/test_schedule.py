@@ -9,7 +9,7 @@ import torch
 from composer.core import Timestamp
 from conftest import copy_run, run_train, smoke_args
 
-from prefix.config import TrainConfig, to_dict
+from prefix.config.config import TrainConfig, to_dict
 from prefix.schedule import lr_at
 
 LR, FLOOR = 3.0e-3, 3.0e-4  # yamls/smoke.yaml: optimizer.lr and lr * min_lr_ratio

@@ -1,0 +1,81 @@
+"""What the config schema knows of each key, on the key's own field (as torchtitan's fields carry it).
+
+``setting(default, units=..., choices=..., fixed=...)`` declares a dataclass field with its
+metadata: the duration units it takes, the values it may have, and whether it is fixed for the life
+of a run (a change on resume makes the resumed run another run: ``prefix.config.drift`` refuses it). The
+validation and the drift check read these fields, so renaming or adding a key cannot leave a second
+list behind.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from collections.abc import Callable, Iterator
+from typing import Any, Optional
+
+from prefix.config.duration import Duration
+from prefix.errors import ConfigError
+
+REQUIRED = '???'  # OmegaConf's MISSING, spelled out: prefix.config.model imports this module where only torch is installed
+
+
+def setting(default: Any = REQUIRED, *, factory: Optional[Callable[[], Any]] = None, units: str = '',
+            zero_ok: bool = False, choices: tuple[Any, ...] = (), fixed: bool = False) -> Any:
+    """A config field. ``units``: the duration units it takes (``'ba,ep'``); ``choices``: its allowed
+    values; ``fixed``: it may not change when a run resumes (a nested config: none of its keys may)."""
+    metadata = {'units': tuple(units.split(',')) if units else (), 'zero_ok': zero_ok, 'choices': choices,
+                'fixed': fixed}
+    if factory is not None:
+        return dataclasses.field(default_factory=factory, metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def _fields(cfg: Any, prefix: str = '') -> Iterator[tuple[str, dataclasses.Field, Any]]:
+    """(dotted key, field, value) of every key under ``cfg``, nested configs included."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        yield prefix + f.name, f, value
+        if dataclasses.is_dataclass(value):
+            yield from _fields(value, f'{prefix}{f.name}.')
+
+
+def check(cfg: Any) -> None:
+    """ConfigError for a duration of a unit its key does not take, or a value outside its key's choices."""
+    for key, f, value in _fields(cfg):
+        units, choices = f.metadata.get('units'), f.metadata.get('choices')
+        if units and value is not None:
+            try:
+                duration = Duration.parse(value)
+            except ValueError:
+                duration = None
+            if duration is None or duration.unit not in units or duration.number < (0 if f.metadata['zero_ok'] else 1):
+                raise ConfigError(f"config key {key!r}: {value!r} is not a duration like {' or '.join('10' + u for u in units)}")
+        if choices and value not in choices:
+            listed = ', '.join('null' if c is None else str(c) for c in choices)
+            raise ConfigError(f'config key {key}: {value!r} is not one of {listed}')
+
+
+def fixed_keys(schema: type) -> tuple[str, ...]:
+    """The dotted keys (a nested config as ``name.``) that may not change when a run resumes."""
+    keys: list[str] = []
+
+    def walk(cls: type, prefix: str) -> None:
+        for f in dataclasses.fields(cls):
+            nested = _nested(cls, f.name)
+            if f.metadata.get('fixed'):
+                keys.append(f'{prefix}{f.name}.' if nested else prefix + f.name)
+            elif nested is not None:
+                walk(nested, f'{prefix}{f.name}.')
+
+    walk(schema, '')
+    return tuple(keys)
+
+
+def _nested(cls: type, name: str) -> Optional[type]:
+    """The config class of field ``name``, if it is a nested config (Optional or not)."""
+    hint = typing.get_type_hints(cls)[name]
+    for candidate in (hint, *typing.get_args(hint)):
+        if dataclasses.is_dataclass(candidate):
+            return candidate  # type: ignore[return-value]
+    return None

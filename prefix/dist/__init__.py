@@ -1,0 +1,11 @@
+"""What the ranks decide together (``agreement``), signals (``preemption``), facts about processes, Composer's corrections."""
+
+from prefix import exports
+
+__getattr__, __dir__ = exports(
+    __name__,
+    agreement=['Activity', 'POLL_S', 'PeerFailed', 'RankFailures', 'any_rank', 'any_rank_later', 'collective', 'describe',
+               'from_rank_zero', 'gather', 'own_io', 'rank', 'together', 'track'],
+    preemption=['PREEMPTED_EXIT_CODE', 'Preempted', 'PreemptionSignal', 'die_with_launcher'],
+    process=['boot_id', 'pid_namespace', 'start_ticks', 'started_at'],
+)

@@ -1,0 +1,106 @@
+"""What a run writes to ``logs/``: each rank's console output and the per-step metrics as JSON lines."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+from composer.core import State
+from composer.loggers import Logger, LoggerDestination
+
+from prefix.dist import RankFailures
+
+
+def _ignore_signals() -> None:
+    # The tee must outlive a SIGTERM/SIGINT to the process group so the final save can still print,
+    # and a console that went away (the launcher killed): it keeps writing the file.
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGPIPE):
+        signal.signal(sig, signal.SIG_IGN)
+
+
+def tee_output(path: Path) -> Path:
+    """Copy this process's stdout and stderr into ``path`` (``logs/rank{rank}.log``) as well.
+
+    The ``composer`` launcher discards the output of ranks other than 0, so each rank keeps its
+    own copy. A ``tee`` child (not a thread) flushes what it was given even if we are SIGKILLed.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    for fd in (1, 2):
+        tee = subprocess.Popen(
+            ['tee', '-p', '-a', str(path)],
+            stdin=subprocess.PIPE,
+            stdout=os.dup(fd),
+            preexec_fn=_ignore_signals,
+            close_fds=True,
+        )
+        assert tee.stdin is not None
+        os.dup2(tee.stdin.fileno(), fd)
+        tee.stdin.close()
+    sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
+    sys.stderr.reconfigure(line_buffering=True)  # type: ignore[union-attr]
+    return path
+
+
+def _plain(value: Any) -> Any:
+    if hasattr(value, 'item'):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
+
+
+class MetricsLogger(LoggerDestination):
+    """Append every metric Composer logs, with its step, to ``logs/metrics.jsonl`` (rank 0 only).
+
+    Lines are buffered and written once a step, at the step's end and after an evaluation: everything
+    logged before a checkpoint is committed is in the file by then (the commit follows at
+    ``batch_checkpoint``), so a killed run never resumes past a step whose lines it lost. Only what is
+    logged after that (a checkpoint's own report) waits for the next step's write, or the close.
+    A failed write (a full disk) is held in ``failures``, so that every rank stops together.
+    """
+
+    def __init__(self, path: Path, failures: RankFailures) -> None:
+        super().__init__()
+        self.path = path
+        self.failures = failures
+        self._file: Optional[Any] = None
+
+    def init(self, state: State, logger: Logger) -> None:
+        from composer.utils import dist
+
+        if dist.get_global_rank() == 0:
+            with self.failures.guard(f'opening {self.path}'):
+                self._file = self.path.open('a', buffering=1 << 20)
+
+    def log_metrics(self, metrics: dict[str, Any], step: Optional[int] = None) -> None:
+        if self._file is None or not metrics or self.failures.failed:
+            return
+        record = {'step': step, 'time': round(time.time(), 3)}
+        record.update({k: _plain(v) for k, v in metrics.items()})
+        with self.failures.guard(f'writing {self.path}'):
+            self._file.write(json.dumps(record) + '\n')
+
+    def batch_end(self, state: State, logger: Logger) -> None:
+        self._write()
+
+    def eval_end(self, state: State, logger: Logger) -> None:
+        self._write()
+
+    def _write(self) -> None:
+        if self._file is not None and not self.failures.failed:
+            with self.failures.guard(f'writing {self.path}'):
+                self._file.flush()
+
+    def close(self, state: State, logger: Logger) -> None:
+        if self._file is not None:
+            with self.failures.guard(f'writing {self.path}'):
+                self._file.close()
+            self._file = None

@@ -1,0 +1,268 @@
+"""Models by YAML: Hugging Face causal LMs (inline configs, a local folder) and a team's own ComposerModel.
+
+Each model trains under the same guarantees as prefix's GPT: SIGKILLed at a random step and started
+again, a run ends with the losses and weights of an uninterrupted one, bit for bit.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import (
+    REPO,
+    SMOKE,
+    STDLIB,
+    assert_same_training,
+    faults,
+    run_env,
+    run_train,
+    signal_ranks,
+    starts,
+    step_losses,
+    train_cmd,
+    wait_for,
+)
+
+from prefix.config.config import ConfigError, load_config
+from prefix.dist.preemption import PREEMPTED_EXIT_CODE
+from prefix.models.export import whole_checkpoint
+
+HF_TINY = REPO / 'yamls' / 'hf-gpt2-tiny.yaml'
+STEPS = 24
+LLAMA = ('model.config={model_type: llama, vocab_size: 257, hidden_size: 32, intermediate_size: 64, '
+         'num_hidden_layers: 2, num_attention_heads: 2, num_key_value_heads: 1, max_position_embeddings: 128}')
+TEAM_MODEL = '''
+import torch
+import torch.nn.functional as F
+from composer.metrics.nlp import LanguageCrossEntropy
+from composer.models import ComposerModel
+
+
+class Bigram(ComposerModel):
+    """A team's own model: next-token logits from the current token, with dropout."""
+
+    def __init__(self, vocab_size, dim):
+        super().__init__()
+        self.emb, self.drop = torch.nn.Embedding(vocab_size, dim), torch.nn.Dropout(0.1)
+        self.out = torch.nn.Linear(dim, vocab_size)
+        self.val = {'LanguageCrossEntropy': LanguageCrossEntropy()}
+
+    def forward(self, batch):
+        return self.out(self.drop(self.emb(batch['input_ids'][:, :-1])))
+
+    def loss(self, outputs, batch):
+        return F.cross_entropy(outputs.flatten(0, 1), batch['input_ids'][:, 1:].flatten())
+
+    def eval_forward(self, batch, outputs=None):
+        return outputs if outputs is not None else self.forward(batch)
+
+    def get_metrics(self, is_train=False):
+        return {} if is_train else self.val
+
+    def update_metric(self, batch, outputs, metric):
+        metric.update(outputs, batch['input_ids'][:, 1:].contiguous())
+
+
+def build(vocab_size, dim):
+    return Bigram(vocab_size, dim)
+'''
+
+
+def hf_args(root: Path, dataset: Path, *overrides: str) -> list[str]:
+    return [str(HF_TINY), f'runs_root={root}', f'data.local={dataset}', f'max_duration={STEPS}ba',
+            'checkpoint.interval=4ba', 'checkpoint.periodic_interval=null', 'eval_interval=12ba', *overrides]
+
+
+def killed_and_resumed(root: Path, args: list[str], env: dict[str, str], run_name: str) -> int:
+    """SIGKILL the run at a random batch end (seed printed), start it again to the end; the step it was killed at."""
+    seed = int.from_bytes(os.urandom(4), 'little')
+    step = random.Random(seed).randint(5, STEPS - 3)
+    print(f'killing {run_name} after batch {step} (seed {seed})')
+    marker = root / 'held'
+    hold = faults({'op': 'step', 'step': step, 'event': 'batch_end', 'block': True, 'marker': str(marker)})
+    paths = os.pathsep.join(filter(None, [hold['PYTHONPATH'], env.get('PYTHONPATH')]))
+    proc = subprocess.Popen(train_cmd(*args), env=run_env(**{**env, **hold, 'PYTHONPATH': paths}), cwd=REPO,
+                            start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for(marker.exists, proc, f'batch {step} ended')
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    result = run_train(*args, **env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert len(starts(root / run_name)) == 2
+    return step
+
+
+def trained_twice(tmp_path: Path, dataset: Path, *overrides: str, env: dict[str, str] | None = None,
+                  run_name: str = 'hf-gpt2-tiny') -> Path:
+    """An uninterrupted run and a killed-and-resumed one of the same config: they must be the same training."""
+    env = env or {}
+    result = run_train(*hf_args(tmp_path / 'reference', dataset, *overrides), **env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    killed = tmp_path / 'killed'
+    killed_and_resumed(killed, hf_args(killed, dataset, *overrides), env, run_name)
+    assert_same_training(tmp_path / 'reference' / run_name, killed / run_name)
+    return killed / run_name
+
+
+def export_folder(run: Path, out: Path) -> None:
+    result = subprocess.run([sys.executable, '-m', 'prefix', 'export', run.name, str(out),
+                             '--root', str(run.parent)], env=run_env(), capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 0, result.stderr
+
+
+def same_weights(folder: Path, run: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    exported = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True).state_dict()
+    trained = whole_checkpoint(run / 'checkpoints')['state']['model']
+    assert {f'model.{k}' for k in exported} == set(trained)
+    assert all(torch.equal(v, trained[f'model.{k}']) for k, v in exported.items())
+
+
+@pytest.mark.slow
+def test_hf_gpt2_inline_resumes_bit_exact_and_exports(tmp_path: Path, dataset: Path) -> None:
+    """GPT-2 has dropout on by default: the resume restores the RNG states too."""
+    run = trained_twice(tmp_path, dataset)
+    export_folder(run, tmp_path / 'out')
+    same_weights(tmp_path / 'out', run)
+
+
+@pytest.mark.slow
+def test_hf_llama_inline_resumes_bit_exact(tmp_path: Path, dataset: Path) -> None:
+    trained_twice(tmp_path, dataset, LLAMA)
+
+
+@pytest.mark.slow
+def test_hf_llama_under_fsdp_is_built_on_rank_0_and_trains_like_without_fsdp(tmp_path: Path, dataset: Path) -> None:
+    """Rank 0 builds the model whole, rank 1 on the meta device and receives its shards (rotary buffers
+    included); stopped by SIGTERM and resumed, the run's losses are those of the same run without FSDP."""
+    args = hf_args(tmp_path, dataset, LLAMA, 'fsdp={}')
+    run = tmp_path / 'hf-gpt2-tiny'
+    held, release = tmp_path / 'held', tmp_path / 'release'
+    proc = subprocess.Popen(train_cmd(*args, nproc=2), cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env=run_env(**faults(
+                                {'op': 'step', 'step': 8, 'marker': str(held), 'block': True, 'release': str(release)})))
+    wait_for(lambda: held.exists() and len(held.read_text().splitlines()) == 2, proc, 'step 8 on both ranks')
+    signal_ranks(proc, signal.SIGTERM)
+    wait_for(lambda: all('SIGTERM received' in (run / 'logs' / f'rank{r}.log').read_text() for r in (0, 1)), proc)
+    release.touch()
+    assert proc.wait(timeout=300) == PREEMPTED_EXIT_CODE
+    resumed = run_train(*args, nproc=2)
+    assert resumed.returncode == 0, resumed.stdout[-3000:]
+    assert (run / 'logs' / 'rank1.log').read_text().count('Sync Module States across all ranks took') == 2, 'both starts'
+    plain = run_train(*hf_args(tmp_path / 'plain', dataset, LLAMA), nproc=2)
+    assert plain.returncode == 0, plain.stdout[-3000:]
+    got, expected = step_losses(run), step_losses(tmp_path / 'plain' / 'hf-gpt2-tiny')
+    assert sorted(got) == sorted(expected) == list(range(STEPS))
+    worst = max(abs(expected[s] - got[s]) for s in expected)
+    assert worst < 1e-4, f'the same model and samples give the same losses (worst difference {worst})'
+
+
+def tokenizer_and_model(folder: Path) -> None:
+    """A byte-level BPE tokenizer trained on a few files, and a tiny GPT-2 of its vocabulary, saved as a Hub folder."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer, bpe.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=['<|endoftext|>'],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    bpe.train_from_iterator([(STDLIB / name).read_text() for name in ('bisect.py', 'abc.py', 'stat.py')], trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token='<|endoftext|>')
+    tokenizer.save_pretrained(folder)
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_positions=64, n_embd=32, n_layer=2, n_head=2)
+                    ).save_pretrained(folder)
+
+
+@pytest.mark.slow
+def test_hf_model_from_a_local_folder_with_its_tokenizer(tmp_path: Path) -> None:
+    """The folder's tokenizer prepares the data, its weights start the run, the export carries both."""
+    from transformers import AutoTokenizer
+
+    folder = tmp_path / 'gpt2-folder'
+    tokenizer_and_model(folder)
+    data = tmp_path / 'bpe-data'
+    prepared = subprocess.run([sys.executable, '-m', 'prefix.data', str(data), *(str(STDLIB / f) for f in (
+        'bisect.py', 'colorsys.py', 'abc.py', 'fnmatch.py', 'genericpath.py', 'stat.py', 'sched.py')),
+        '--tokenizer', str(folder), '--seq-len', '64', '--val-fraction', '0.3'],
+        env=run_env(), capture_output=True, text=True, cwd=REPO)
+    assert prepared.returncode == 0, prepared.stderr
+    run = trained_twice(tmp_path, data, 'model.config=null', f'model.pretrained_model_name_or_path={folder}',
+                        'model.pretrained=true', 'model.max_seq_len=64', 'global_batch_size=4')
+    first = whole_checkpoint(tmp_path / 'reference' / 'hf-gpt2-tiny' / 'checkpoints')
+    assert first['state']['integrations']['huggingface']['tokenizer'], 'the folder tokenizer is kept in the checkpoint'
+    export_folder(run, tmp_path / 'out')
+    same_weights(tmp_path / 'out', run)
+    text = 'def insort(a, x):\n    return a'
+    assert AutoTokenizer.from_pretrained(tmp_path / 'out').encode(text) == AutoTokenizer.from_pretrained(folder).encode(text)
+
+
+@pytest.mark.slow
+def test_imported_model_resumes_bit_exact(tmp_path: Path, dataset: Path) -> None:
+    (tmp_path / 'code').mkdir()
+    (tmp_path / 'code' / 'teammodel.py').write_text(TEAM_MODEL)
+    pythonpath = os.pathsep.join(filter(None, [str(tmp_path / 'code'), os.environ.get('PYTHONPATH')]))
+    run = trained_twice(tmp_path, dataset, 'model.config=null', 'model.name=import', 'model.factory=teammodel:build',
+                        'model.kwargs={vocab_size: 257, dim: 16}', env={'PYTHONPATH': pythonpath})
+    weights = whole_checkpoint(run / 'checkpoints')['state']['model']
+    assert set(weights) == {'emb.weight', 'out.weight', 'out.bias'}
+
+
+def test_exporting_a_model_that_is_not_hugging_face_to_a_folder_is_refused(tmp_path: Path, finished_run: Path) -> None:
+    out = tmp_path / 'out'
+    result = subprocess.run([sys.executable, '-m', 'prefix', 'export', 'smoke', str(out), '--root',
+                             str(finished_run.parent)], env=run_env(), capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 1
+    assert 'not a Hugging Face model' in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+@pytest.mark.parametrize('overrides, message', [
+    (['model.config=null', 'model.pretrained_model_name_or_path=/nonexistent/gpt2'],
+     '/nonexistent/gpt2 is not a folder with a config.json'),
+    (['model.pretrained=true'], 'model.pretrained: weights come from model.pretrained_model_name_or_path'),
+    (['model.factory=x:y'], 'model.factory does not apply to model.name=hf_causal_lm'),
+    (['model.name=import', 'model.config=null'], 'model.name=import needs model.factory'),
+    (['model.config.model_type=null'], 'give model_type'),
+    (['model.name=nope'], "model.name: 'nope' is not one of gpt, hf_causal_lm, import"),
+])
+def test_model_config_errors_are_one_line(overrides: list[str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_config(str(HF_TINY), overrides)
+
+
+@pytest.mark.parametrize('overrides, message', [
+    (['model.config.model_type=nosuch'], "'nosuch' is not an architecture transformers knows"),
+    (['model.max_seq_len=256'], 'model.max_seq_len: 256 is more than the 128 positions'),
+    (['model.name=import', 'model.config=null', 'model.factory=no_such_module:build'], 'cannot import no_such_module'),
+])
+def test_model_build_errors_are_one_line_and_leave_no_run(tmp_path: Path, dataset: Path, overrides: list[str],
+                                                          message: str) -> None:
+    result = run_train(str(HF_TINY), f'runs_root={tmp_path}', f'data.local={dataset}', *overrides)
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines() if line.startswith('prefix:')]
+    assert len(errors) == 1 and message in errors[0], result.stderr[-2000:]
+    assert not list(tmp_path.glob('*/checkpoints/*'))
+
+
+@pytest.mark.parametrize('config, overrides, fix', [
+    (SMOKE, ['model.vocab_size=100'], 'set model.vocab_size=257'),
+    (HF_TINY, ['model.config.vocab_size=100'], "prepare the data with the model's tokenizer"),
+])
+def test_token_ids_past_the_models_vocabulary_are_refused_before_the_run_exists(
+        tmp_path: Path, dataset: Path, config: Path, overrides: list[str], fix: str) -> None:
+    """Byte data (257 ids) for a model of 100: an index error mid-step on a CPU, a device-side assert on a GPU."""
+    result = run_train(str(config), f'runs_root={tmp_path}', f'data.local={dataset}', *overrides)
+    errors = [line for line in result.stderr.splitlines() if line.startswith('prefix:')]
+    assert result.returncode == 2 and len(errors) == 1, result.stderr[-2000:]
+    assert 'holds token ids up to 256 (tokenizer byte, 257 ids) but the model embeds 100' in errors[0] and fix in errors[0]
+    assert list(tmp_path.iterdir()) == [], 'nothing was created'
