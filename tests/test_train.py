@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import run_train, smoke_args, step_losses
+from conftest import REPO, run_train, smoke_args, step_losses
 
 pytestmark = pytest.mark.slow
 
@@ -34,7 +34,7 @@ def test_smoke_run_lays_out_the_run_directory_and_learns(tmp_path: Path, dataset
     assert env['versions']['mosaicml'] == '0.32.1' and env['world_size'] == 1
     assert env['packages']['mosaicml'] == '0.32.1' and 'torch' in env['packages']
     git = json.loads((run / 'meta' / 'git.json').read_text())
-    assert set(git) >= {'ref', 'commit', 'dirty'}
+    assert set(git) >= {'ref', 'commit', 'dirty'} and git['source'] == str(REPO), 'the checkout, not a folder in it'
     records = [json.loads(line) for line in (run / 'meta' / 'starts.jsonl').read_text().splitlines()]
     assert [(r['event'], r.get('reason')) for r in records] == [('start', None), ('end', 'completed')]
     starts = records[:1]

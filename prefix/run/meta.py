@@ -38,7 +38,7 @@ def _git(repo: Path, *args: str) -> Optional[str]:
 
 def git_info() -> dict[str, Any]:
     """The code's git ref and commit; from ``PREFIX_GIT_*`` when the code is not a checkout (an image)."""
-    repo = Path(__file__).resolve().parent.parent
+    repo = Path(__file__).resolve().parents[2]  # the checkout: prefix/run/meta.py
     commit = _git(repo, 'rev-parse', 'HEAD')
     if commit is None:
         return {
