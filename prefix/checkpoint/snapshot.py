@@ -4,12 +4,19 @@ Everything a writer thread receives is CPU memory that no training step can chan
 checks it), so no background thread ever touches CUDA: a new thread's current GPU is GPU 0, not
 the rank's, and CUDA work queued there would race the rank's own stream.
 
-A copy lives in one slab of host memory, cut into exact-size views, one per distinct tensor:
+A copy lives in one slab of host memory, one tensor per distinct tensor of the state:
+- the slab is one anonymous mapping, allocated once and (``keep=True`` on a GPU host) page-locked
+  once at its exact size (``cudaHostRegister``): the caching host allocator behind ``pin_memory``
+  would round every tensor up to a power of two and keep it (1.3x to 1.6x the state). Should the
+  driver refuse, the slab stays pageable (one warning): slower copies, same checkpoints;
+- every copy is a tensor with a storage of its own over its exact bytes of the slab (64-byte
+  aligned), so ``torch.save`` and DCP write each once, whatever the dtypes: views of one storage
+  as several dtypes are refused by ``torch.save``, and DCP clones a tensor smaller than its storage;
+- the mapping is not inherited by ``fork()`` (``MADV_DONTFORK``): a DataLoader forks its workers
+  at each epoch and evaluation, and a child of a process with page-locked memory gets a copy of
+  those pages at once (pinned pages cannot be shared copy-on-write), the slab's size per worker;
 - the GPU-to-host copies run on a side stream of the tensor's GPU, and the training thread waits
   for an event on that stream before it hands the copy over;
-- a slab kept from one checkpoint to the next (``HostSnapshot(keep=True)``, asynchronous writes)
-  is page-locked once, at its exact size (``cudaHostRegister``): the caching host allocator behind
-  ``pin_memory`` would round every tensor up to a power of two and keep it (1.3x to 1.6x the state);
 - sharded tensors (FSDP's DTensors) are copied as this rank's shard and wrapped again with the
   same spec: the copy stays in host memory (``DTensor.from_local`` would move it back to the GPU);
 - tensors sharing memory (tied weights) are copied once and stay one tensor, so the file stores
@@ -21,14 +28,18 @@ that by keeping one write in flight.
 
 from __future__ import annotations
 
+import ctypes
+import logging
 import math
+import mmap
 from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
 from torch.distributed.tensor import DTensor
 
-ALIGN = 64  # bytes: every view starts at a multiple of this, so every dtype is aligned
+ALIGN = 64  # bytes: every copy starts at a multiple of this, so every dtype is aligned
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -55,14 +66,14 @@ class HostSnapshot:
     def __init__(self, keep: bool = True) -> None:
         self.keep = keep
         self._layout: Optional[tuple] = None
-        self._slab: Optional[torch.Tensor] = None
+        self._slab: Optional[mmap.mmap] = None
         self._registered: Optional[int] = None  # data pointer of a slab page-locked with cudaHostRegister
         self._streams: dict[torch.device, torch.cuda.Stream] = {}
 
     @property
     def nbytes(self) -> int:
         """Host memory this snapshot keeps (the slab)."""
-        return self._slab.numel() if self._slab is not None else 0
+        return len(self._slab) if self._slab is not None else 0
 
     @property
     def is_pinned(self) -> bool:
@@ -94,19 +105,34 @@ class HostSnapshot:
             self._allocate(end, pin=self.keep and any(t.is_cuda for t in sources))
             self._layout = layout
         assert self._slab is not None
-        return [self._slab[i.offset:i.offset + i.nbytes].view(i.dtype).view(i.shape) for i in items]
+        return [_cut(self._slab, i) for i in items]
 
     def _allocate(self, nbytes: int, pin: bool) -> None:
         self._release()
-        self._slab = torch.empty(max(nbytes, 1), dtype=torch.uint8)
+        self._slab = mmap.mmap(-1, max(nbytes, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        self._slab.madvise(mmap.MADV_DONTFORK)
         if pin:
-            code = int(torch.cuda.cudart().cudaHostRegister(self._slab.data_ptr(), self._slab.numel(), 0))
-            if code != 0:
-                raise RuntimeError(f'cudaHostRegister of {nbytes / 1e9:.1f} GB of host memory failed with CUDA error {code}')
-            self._registered = self._slab.data_ptr()
+            address = self.mapping[0]
+            code = int(torch.cuda.cudart().cudaHostRegister(address, len(self._slab), 0))
+            if code == 0:
+                self._registered = address
+            else:
+                _clear_cuda_error()  # else the next kernel launch check on this thread reports it as its own
+                log.warning('page-locking %.1f GB of host memory for checkpoint copies failed (CUDA error %d): '
+                            'they use pageable memory, slower to copy from the GPU', nbytes / 1e9, code)
+
+    @property
+    def mapping(self) -> Optional[tuple[int, int]]:
+        """The slab's mapping: its address and length (``/proc/self/smaps`` names it so)."""
+        if self._slab is None:
+            return None
+        return ctypes.addressof(ctypes.c_char.from_buffer(self._slab)), len(self._slab)
 
     def _release(self) -> None:
-        """Drop the slab; a registered one is unregistered first (no copy of it is in flight: one write at a time)."""
+        """Drop the slab; a registered one is unregistered first (no copy of it is in flight: one write at a time).
+
+        The mapping itself goes when the last copy cut from it does.
+        """
         if self._registered is not None:
             torch.cuda.cudart().cudaHostUnregister(self._registered)
             self._registered = None
@@ -132,6 +158,32 @@ class HostSnapshot:
             done = torch.cuda.Event()
             done.record(stream)
             done.synchronize()
+
+
+def _cut(slab: mmap.mmap, item: _Item) -> torch.Tensor:
+    """``item``'s copy: a tensor whose storage is exactly its bytes of ``slab`` (an empty one needs no bytes)."""
+    if item.nbytes == 0:
+        return torch.empty(item.shape, dtype=item.dtype)
+    flat = torch.frombuffer(slab, dtype=item.dtype, count=math.prod(item.shape), offset=item.offset)
+    return flat.view(item.shape)
+
+
+def _clear_cuda_error() -> None:
+    """Reset this thread's last CUDA runtime error (``cudaGetLastError``), through the runtime torch loaded.
+
+    torch's bindings return an API call's error without clearing it; PyTorch checks every kernel launch
+    with ``cudaGetLastError``, so a refused ``cudaHostRegister`` would surface as an unrelated kernel's failure.
+    """
+    try:
+        with open('/proc/self/maps') as maps:
+            paths = {line.split()[-1] for line in maps if 'libcudart' in line}
+    except OSError:
+        return
+    for path in paths:
+        try:
+            ctypes.CDLL(path).cudaGetLastError()
+        except (OSError, AttributeError):
+            continue
 
 
 def host_only(obj: Any, what: str) -> Any:

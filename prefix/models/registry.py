@@ -27,29 +27,43 @@ from prefix.models.composer_model import ComposerGPT
 def build(cfg: TrainConfig, initialize: bool = True) -> ComposerModel:
     """The run's model; its initial weights depend on ``cfg.seed`` alone (the caller seeds the global RNG).
 
-    ``initialize=False`` (a resume loads every weight): prefix's GPT draws nothing. Under FSDP a Hugging
-    Face model is built whole on rank 0 only, on the meta device elsewhere; Composer broadcasts rank 0's
-    weights into every rank's shards.
+    ``initialize=False`` (a resume loads every weight) draws no initial values and reads no pretrained
+    weights: prefix's GPT is only allocated; a Hugging Face or imported model is built with
+    ``torch.nn.init``'s functions made no-ops (``transformers``' ``no_init_weights``, what its
+    ``from_pretrained`` does), which would otherwise cost minutes and the model's size in host memory
+    per rank for a 70B model. Under FSDP a Hugging Face model is built whole on rank 0 only, on the
+    meta device elsewhere; Composer broadcasts rank 0's weights into every rank's shards.
     """
     m = cfg.model
     if m.name == 'gpt':
         return ComposerGPT(m, cfg.seed, on_meta=cfg.fsdp is not None, initialize=initialize)
-    if m.name == 'hf_causal_lm':
-        on_meta = cfg.fsdp is not None and dist.get_global_rank() != 0
-        with torch.device('meta') if on_meta else contextlib.nullcontext():
-            model, tokenizer = hf_model(m.pretrained_model_name_or_path, m.pretrained and not on_meta, m.config)
-        positions = getattr(model.config, 'max_position_embeddings', None)
-        if positions is not None and positions < m.max_seq_len:
-            raise ConfigError(f'config key model.max_seq_len: {m.max_seq_len} is more than the {positions} positions '
-                              'of the Hugging Face model')
-        return HFCausalLM(model, tokenizer)
-    return imported(m.factory or '', m.kwargs or {})
+    with contextlib.nullcontext() if initialize else _no_init_weights():
+        if m.name == 'hf_causal_lm':
+            on_meta = cfg.fsdp is not None and dist.get_global_rank() != 0
+            with torch.device('meta') if on_meta else contextlib.nullcontext():
+                model, tokenizer = hf_model(m.pretrained_model_name_or_path, m.pretrained, m.config,
+                                            read_weights=initialize and not on_meta)
+            positions = getattr(model.config, 'max_position_embeddings', None)
+            if positions is not None and positions < m.max_seq_len:
+                raise ConfigError(f'config key model.max_seq_len: {m.max_seq_len} is more than the {positions} positions '
+                                  'of the Hugging Face model')
+            return HFCausalLM(model, tokenizer)
+        return imported(m.factory or '', m.kwargs or {})
 
 
-def hf_model(folder: str | None, pretrained: bool, inline: dict[str, Any] | None) -> tuple[Any, Any]:
+def _no_init_weights() -> contextlib.AbstractContextManager:
+    from transformers.modeling_utils import no_init_weights
+
+    return no_init_weights()
+
+
+def hf_model(folder: str | None, pretrained: bool, inline: dict[str, Any] | None,
+             read_weights: bool = True) -> tuple[Any, Any]:
     """A ``transformers`` causal LM and the folder's tokenizer, if it has one.
 
-    From a local folder (its weights, or new ones of its architecture), or new of ``inline``.
+    From a local folder (its weights, or new ones of its architecture), or new of ``inline``. A
+    ``pretrained`` model has ``from_pretrained``'s dtype (the default, fp32, whatever the folder was
+    saved in) whether or not its weights are read: a resume and FSDP's meta ranks skip the read.
     """
     config = hf_config(folder, inline)
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -59,13 +73,14 @@ def hf_model(folder: str | None, pretrained: bool, inline: dict[str, Any] | None
         path = Path(folder).expanduser()
         tokenizer = (AutoTokenizer.from_pretrained(path, local_files_only=True)
                      if (path / 'tokenizer_config.json').is_file() else None)
-        if pretrained:
+        if pretrained and read_weights:
             try:
                 return AutoModelForCausalLM.from_pretrained(path, local_files_only=True), tokenizer
             except (OSError, ValueError) as e:
                 raise ConfigError(f'config key model.pretrained_model_name_or_path: {path}: {str(e).splitlines()[0]}') from None
     try:
-        return AutoModelForCausalLM.from_config(config), tokenizer
+        return AutoModelForCausalLM.from_config(config, **({'torch_dtype': torch.get_default_dtype()} if pretrained else {})), \
+            tokenizer
     except ValueError as e:  # not a causal LM
         raise ConfigError(f'config key model.config: {str(e).splitlines()[0][:300]}') from None
 

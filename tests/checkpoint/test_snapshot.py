@@ -56,18 +56,72 @@ def test_a_shard_is_copied_as_this_ranks_part_of_the_whole(one_rank) -> None:
     assert torch.equal(snap.full_tensor(), whole)
 
 
+def mixed_state() -> dict:
+    """What users' models hold: bf16 and fp16 weights, int and bool buffers, an empty tensor, a strided view, tied weights."""
+    tied = torch.randn(5, 3)
+    return {'a': torch.ones(3, dtype=torch.float16), 'flag': torch.tensor(True), 'step': torch.tensor(7),
+            'empty': torch.zeros(0, 5), 'w': torch.randn(10, 10)[:, ::2], 'bf16': torch.randn(4, 4).to(torch.bfloat16),
+            'mask': torch.rand(6) > 0.5, 'count': torch.arange(5, dtype=torch.int32), 'emb': tied, 'head': tied}
+
+
 def test_one_slab_holds_every_copy_at_its_exact_size_aligned() -> None:
     """One allocation per snapshot (pinned once on a GPU host), no per-tensor rounding up."""
     live = {'a': torch.ones(3, dtype=torch.float16), 'flag': torch.tensor(True), 'step': torch.tensor(7),
             'empty': torch.zeros(0, 5), 'w': torch.randn(10, 10)[:, ::2]}  # a strided view is copied dense
     snapshot = HostSnapshot()
     snap = snapshot.copy(live)
-    storages = {t.untyped_storage().data_ptr() for t in snap.values()}
-    assert len(storages) == 1, 'every copy is a view of one slab'
-    assert all(t.data_ptr() % 64 == 0 for t in snap.values())
-    # 6 + 1 + 8 + 0 + 200 bytes, each view starting at a multiple of 64: the last ends at 3 * 64 + 200
+    start, length = snapshot.mapping
+    assert length == snapshot.nbytes
+    assert all(start <= t.data_ptr() and t.data_ptr() + t.nbytes <= start + length for t in snap.values() if t.numel())
+    assert all(t.data_ptr() % 64 == 0 for t in snap.values() if t.numel())
+    # 6 + 1 + 8 + 0 + 200 bytes, each copy starting at a multiple of 64: the last ends at 3 * 64 + 200
     assert snapshot.nbytes == 3 * 64 + 200
     assert all(torch.equal(snap[k], live[k]) for k in live)
+
+
+@pytest.mark.parametrize('keep', [True, False])
+def test_a_copy_of_mixed_dtypes_saves_and_loads_bit_exact_each_tensor_stored_once(keep: bool) -> None:
+    """``torch.save`` refuses views of one storage as several dtypes: each copy has a storage of its own, exactly its bytes."""
+    live = mixed_state()
+    snap = HostSnapshot(keep=keep).copy(live)
+    assert all(t.untyped_storage().nbytes() == t.nbytes for t in snap.values())
+    buffer = io.BytesIO()
+    torch.save(snap, buffer)
+    assert buffer.tell() < sum(t.nbytes for k, t in live.items() if k != 'head') + 4096, 'no slab, no tied tensor, saved twice'
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=True)
+    for key, value in live.items():
+        assert loaded[key].dtype == value.dtype and torch.equal(loaded[key], value), key
+    assert loaded['emb'] is loaded['head']
+
+
+def test_a_forked_child_inherits_no_slab() -> None:
+    """A DataLoader forks workers at each epoch: a page-locked slab would be copied into each at once."""
+    import os
+
+    snapshot = HostSnapshot()
+    snapshot.copy({'w': torch.randn(1 << 18)})
+    start, length = snapshot.mapping
+    flags = vm_flags(f'/proc/{os.getpid()}/smaps', start)
+    assert 'dc' in flags.split(), f'the slab is not marked do-not-copy on fork: {flags}'
+    pid = os.fork()
+    if pid == 0:  # the child: is anything mapped at the slab's address?
+        os._exit(0 if vm_flags('/proc/self/smaps', start) == '' else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, 'the child process has the slab mapped'
+
+
+def vm_flags(smaps: str, address: int) -> str:
+    """The ``VmFlags`` of the mapping that contains ``address`` ('' where none does)."""
+    inside = False
+    for line in open(smaps).read().splitlines():
+        head = line.split()[0]
+        if '-' in head and not head.endswith(':'):
+            low, high = (int(x, 16) for x in head.split('-'))
+            inside = low <= address < high
+        elif inside and head == 'VmFlags:':
+            return line.split(':', 1)[1].strip()
+    return ''
 
 
 def test_a_changed_structure_gets_a_new_slab_and_one_off_copies_never_share() -> None:
