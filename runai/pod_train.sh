@@ -11,6 +11,7 @@
 #   PREFIX_NNODES     pods in the workload                      (default 1)
 #   PREFIX_OVERRIDES  more key=value overrides: base64 (unpadded) of a JSON list (submit_train.sh passes them so)
 #   RANK, MASTER_ADDR, MASTER_PORT, and PET_NNODES or WORLD_SIZE (pods): set by the PyTorch operator
+#   GLOO_SOCKET_IFNAME  gloo's network interface   (default with several pods: the one that routes to MASTER_ADDR)
 set -uo pipefail
 
 if [ $# -lt 2 ]; then
@@ -68,13 +69,41 @@ if [ "$nnodes" -gt 1 ]; then
         --master_addr "${MASTER_ADDR:?MASTER_ADDR must be set for a multi-node run}"
         --master_port "${MASTER_PORT:?MASTER_PORT must be set for a multi-node run}")
 fi
+# Gloo (prefix's per-step agreement, DCP's checkpoint group) finds its address by resolving the pod's
+# hostname, which in many clusters is unresolvable or names a loopback address: then the pods cannot
+# connect. Use the interface that routes to the master instead, unless the user chose one.
+gloo_note=
+if [ "$nnodes" -gt 1 ] && [ -z "${GLOO_SOCKET_IFNAME:-}" ]; then
+  if GLOO_SOCKET_IFNAME=$(python3 - "$MASTER_ADDR" <<'PY'
+import fcntl, socket, struct, sys
+with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+    s.connect((socket.gethostbyname(sys.argv[1]), 9))  # a UDP connect sends nothing: it picks the route's source
+    source = s.getsockname()[0]
+    for _, name in socket.if_nameindex():
+        try:
+            address = fcntl.ioctl(s.fileno(), 0x8915, struct.pack('256s', name.encode()[:15]))[20:24]  # SIOCGIFADDR
+        except OSError:
+            continue
+        if socket.inet_ntoa(address) == source:
+            print(name)
+            sys.exit(0)
+sys.exit(f'no interface holds {source}')
+PY
+  ); then
+    export GLOO_SOCKET_IFNAME
+    gloo_note=" GLOO_SOCKET_IFNAME=$GLOO_SOCKET_IFNAME (the route to $MASTER_ADDR)"
+  else
+    unset GLOO_SOCKET_IFNAME
+    gloo_note=" GLOO_SOCKET_IFNAME unset: no interface found for $MASTER_ADDR; set it if the pods cannot connect"
+  fi
+fi
 # The launcher reads these from the environment too; the flags above are the ones that count.
 unset WORLD_SIZE RANK
 cmd+=(-m prefix.train "$config" "run_name=$run_name" "runs_root=$runs_root" "$@")
 
 log_dir="$runs_root/$run_name/logs"
 mkdir -p "$log_dir"
-echo "pod_train: $(date -u +%FT%TZ) node $node of $nnodes on $(hostname): ${cmd[*]}" | tee -a "$log_dir/pod-$node.log"
+echo "pod_train: $(date -u +%FT%TZ) node $node of $nnodes on $(hostname):$gloo_note ${cmd[*]}" | tee -a "$log_dir/pod-$node.log"
 
 # The console goes to the pod's log through a tee of this script's own, so that the launcher's only
 # children are the training ranks; the training runs in a session of its own.

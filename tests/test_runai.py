@@ -95,6 +95,7 @@ def test_two_pods_preempted_by_sigterm_save_and_the_resubmission_resumes_bit_exa
     # Signalled at the end of step 8: the ranks agree on it while step 9 computes, and save step 9.
     assert torch.load(run / 'checkpoints' / 'latest.pt', weights_only=True)['global_step'] == 9
     assert all('SIGTERM received, forwarding it' in (run / 'logs' / f'pod-{r}.log').read_text() for r in (0, 1))
+    assert all('GLOO_SOCKET_IFNAME=lo (the route to 127.0.0.1)' in (run / 'logs' / f'pod-{r}.log').read_text() for r in (0, 1))
 
     again = pods(tmp_path / 'runs', tmp_path, args)
     assert [p.wait(timeout=300) for p in again] == [0, 0]
