@@ -41,7 +41,7 @@ test: venv $(MLFLOW_SERVER)
 
 lint: venv
 	$(BIN)/ruff check prefix tests benchmarks
-	$(BIN)/shellcheck runai/*.sh .ci/run
+	$(BIN)/shellcheck runai/*.sh .ci/run benchmarks/gpu_wheels.sh
 
 # Checkpoint cost and resume time, then prefix against plain Composer (benchmarks/README.md); not part of the tests.
 bench: venv data
@@ -52,6 +52,8 @@ bench: venv data
 bench-goodput: venv data
 	$(BIN)/python benchmarks/goodput_bench.py
 
-# The CUDA paths on a machine with one GPU, in a few minutes (benchmarks/gpu_check.py); not part of the tests.
-gpu-check: venv data
-	$(BIN)/python benchmarks/gpu_check.py
+# The CUDA paths on a machine with one GPU, at most 8 minutes (benchmarks/gpu_check.py); not part of the tests.
+# No .venv: the GPU host's own Python, with the wheels of benchmarks/gpu_wheels.sh on PYTHONPATH (benchmarks/README.md).
+GPU_PYTHON ?= python3
+gpu-check:
+	$(GPU_PYTHON) benchmarks/gpu_check.py --out gpu-check-out

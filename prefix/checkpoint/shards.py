@@ -22,12 +22,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 import torch.distributed as tdist
 import torch.distributed.checkpoint as dcp
-from composer.core import State
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
 from torch.distributed.checkpoint.filesystem import FileSystem
@@ -38,6 +37,9 @@ from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 from prefix.checkpoint import writer
 from prefix.dist import PeerFailed, collective, own_io
 from prefix.files import CheckedWriter, fsync_dir, tag_of, temp_path
+
+if TYPE_CHECKING:  # a type only: writing and reading shards needs torch alone (benchmarks/gpu_check.py)
+    from composer.core import State
 
 PREFIX = 'shards-'
 GENERATION = re.compile(r'^shards-\d+-g(\d+)-')

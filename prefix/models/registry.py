@@ -79,10 +79,11 @@ def hf_model(folder: str | None, pretrained: bool, inline: dict[str, Any] | None
             except (OSError, ValueError) as e:
                 raise ConfigError(f'config key model.pretrained_model_name_or_path: {path}: {str(e).splitlines()[0]}') from None
     try:
-        return AutoModelForCausalLM.from_config(config, **({'torch_dtype': torch.get_default_dtype()} if pretrained else {})), \
-            tokenizer
+        model = AutoModelForCausalLM.from_config(config, **({'torch_dtype': torch.get_default_dtype()} if pretrained else {}))
     except ValueError as e:  # not a causal LM
         raise ConfigError(f'config key model.config: {str(e).splitlines()[0][:300]}') from None
+    model.tie_weights()  # what from_pretrained does: under no_init_weights, post_init ties nothing
+    return model, tokenizer
 
 
 def hf_config(folder: str | None, inline: dict[str, Any] | None) -> Any:

@@ -167,7 +167,7 @@ def test_hf_model_from_a_local_folder_with_its_tokenizer(tmp_path: Path) -> None
 
 
 @pytest.mark.parametrize('overrides', [
-    [LLAMA],
+    [],  # GPT-2, its head tied to its embedding
     ['model.config=null', 'model.name=import', 'model.factory=zoo:mixed', 'model.kwargs={vocab_size: 257, dim: 16}'],
 ], ids=['hf_causal_lm', 'import'])
 def test_a_resumed_model_draws_no_initial_weights(overrides: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
@@ -177,9 +177,11 @@ def test_a_resumed_model_draws_no_initial_weights(overrides: list[str], monkeypa
     monkeypatch.syspath_prepend(str(Path(__file__).parent))  # zoo.py, a team's module
     cfg = load_config(str(HF_TINY), overrides)
     torch.manual_seed(0)
-    models.build(cfg, initialize=False)
+    resumed = models.build(cfg, initialize=False)
     assert torch.equal(torch.get_rng_state(), torch.manual_seed(0).get_state()), 'initial values were drawn'
-    models.build(cfg)
+    fresh = models.build(cfg)
+    assert [name for name, _ in resumed.named_parameters()] == [name for name, _ in fresh.named_parameters()], \
+        'the same parameters, tied alike: the optimizer state is keyed by their names'
     assert not torch.equal(torch.get_rng_state(), torch.manual_seed(0).get_state()), 'a fresh start draws them'
 
 
