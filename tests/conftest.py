@@ -68,7 +68,9 @@ def no_process_outlives_its_test(request: pytest.FixtureRequest):
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Under ``pytest -n 2 --dist loadgroup``, tests sharing an expensive fixture run on one worker, so each
-    uninterrupted reference run, the finished run and the tracked run are trained once, not once per worker."""
+    uninterrupted reference run, the finished run (and the runs listed from it) and the tracked run are trained
+    once, not once per worker. Such fixtures are session-scoped: a worker runs a group's tests between others',
+    and a module-scoped fixture would be made again each time its module comes back."""
     for item in items:
         for shared in ('reference', 'finished_run', 'tracked_run'):
             if shared in getattr(item, 'fixturenames', ()):
@@ -277,16 +279,21 @@ def held_at(name: str, step: int, event: str = 'batch_checkpoint', committed: in
     return Moment(name, {'op': 'step', 'step': step, 'event': event, 'block': True}, also)
 
 
-def killed_run(root: Path, args: list[str], moments: list[Moment], nproc: int = 0) -> None:
-    """Start the run, SIGKILL its whole process group at each moment, then let it finish."""
+def killed_run(root: Path, args: list[str], moments: list[Moment], nproc: int = 0, finish: bool = True,
+               rules: tuple[dict, ...] = ()) -> None:
+    """Start the run, SIGKILL its whole process group at each moment, then (``finish``) let it finish.
+
+    ``rules``: fault-injector rules for every start (``faults``), besides each moment's own.
+    """
     run = root / 'smoke'
     for moment in moments:
         marker = root / f'held-{moment.name}'
-        env = run_env(**faults({**moment.hold, 'marker': str(marker)}))
+        env = run_env(**faults(*rules, {**moment.hold, 'marker': str(marker)}))
         proc = subprocess.Popen(train_cmd(*args, nproc=nproc), env=env, cwd=REPO, start_new_session=True,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_for(lambda m=marker, ready=moment.also: m.exists() and ready(run), proc, moment.name)
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-    result = run_train(*args, nproc=nproc)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    if finish:
+        result = run_train(*args, nproc=nproc, **(faults(*rules) if rules else {}))
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]

@@ -57,34 +57,36 @@ def start(args: list[str], env: dict[str, str]) -> subprocess.Popen:
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-# Each fault fails on one rank only, at a chosen checkpoint; ``intact`` is the step the message must name.
+# Each fault fails on one rank only, at a chosen checkpoint, in the start that resumes from the one before
+# (checkpoints every 5 steps, periodic every 20); ``intact`` is the step the message must name.
 ONE_RANK_FAILURES = {
-    'periodic link of rank 0': ({'op': 'link', 'path': 'periodic.pt.*.tmp', 'rank': 0, 'error': 'ENOSPC'}, 0,
-                                'rank 0 failed writing the checkpoint of step 20: No space left on device', 20),
-    'rank file of rank 1': ({'op': 'open', 'path': 'latest_rank1.pt.*.tmp', 'rank': 1, 'error': 'ENOSPC', 'skip': 2}, 1,
-                            'rank 1 failed writing the checkpoint of step 15: No space left on device', 10),
     'snapshot of rank 0': ({'op': 'call', 'target': 'prefix.checkpoint.snapshot:HostSnapshot.copy', 'rank': 0,
-                            'error': 'MemoryError', 'skip': 1}, 0,
+                            'error': 'MemoryError', 'skip': 1},
                            'rank 0 failed taking the checkpoint of step 10: MemoryError: injected MemoryError', 5),
+    'rank file of rank 1': ({'op': 'open', 'path': 'latest_rank1.pt.*.tmp', 'rank': 1, 'error': 'ENOSPC', 'skip': 1},
+                            'rank 1 failed writing the checkpoint of step 15: No space left on device', 10),
+    'periodic link of rank 0': ({'op': 'link', 'path': 'periodic.pt.*.tmp', 'rank': 0, 'error': 'ENOSPC'},
+                                'rank 0 failed writing the checkpoint of step 20: No space left on device', 20),
 }
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('name', list(ONE_RANK_FAILURES))
 def test_a_failure_on_one_rank_stops_every_rank_and_the_run_resumes_bit_exact(
-        name: str, tmp_path: Path, dataset: Path, reference) -> None:
-    rule, failing_rank, message, intact = ONE_RANK_FAILURES[name]
+        tmp_path: Path, dataset: Path, reference) -> None:
+    """Three failures, each in the start that resumes from the last (so each start also cleans up after a
+    failed one), then a start that completes the run as if nothing had happened."""
     args = smoke_args(tmp_path, dataset, 'max_duration=24ba', 'dist_timeout=1h')  # a hang would not time out
     run = tmp_path / 'smoke'
-    proc = start(args, faults(rule))
-    assert proc.wait(timeout=HANG) != 0 and group_gone(proc.pid, timeout=HANG)
-    for rank in (0, 1):
-        error = error_line(run / 'logs' / f'rank{rank}.log')
-        assert error.startswith(f'prefix: error: {message}'), error
-        assert error.endswith(f'the checkpoint of step {intact} is intact. Fix the cause, then run the same command '
-                              'again to resume'), error
-    assert torch.load(run / 'checkpoints' / 'latest.pt', weights_only=True)['global_step'] == intact
-    assert committed_step(run) == intact
+    for name, (rule, message, intact) in ONE_RANK_FAILURES.items():
+        proc = start(args, faults(rule))
+        assert proc.wait(timeout=HANG) != 0 and group_gone(proc.pid, timeout=HANG), name
+        for rank in (0, 1):
+            error = error_line(run / 'logs' / f'rank{rank}.log')
+            assert error.startswith(f'prefix: error: {message}'), (name, error)
+            assert error.endswith(f'the checkpoint of step {intact} is intact. Fix the cause, then run the same command '
+                                  'again to resume'), (name, error)
+        assert torch.load(run / 'checkpoints' / 'latest.pt', weights_only=True)['global_step'] == intact, name
+        assert committed_step(run) == intact, name
 
     resumed = run_train(*args, nproc=2)
     assert resumed.returncode == 0, resumed.stdout[-3000:]

@@ -44,14 +44,36 @@ def shard_folders(run: Path) -> list[str]:
     return sorted(p.name for p in (run / 'checkpoints').iterdir() if p.name.startswith('shards-'))
 
 
-def test_sigkill_anywhere_resumes_bit_exact(tmp_path: Path, dataset: Path, reference) -> None:
+GPU_HOST_THREADS = {'op': 'gpu_threads'}  # any CUDA call off the main thread fails, as it would misbehave on a GPU
+
+
+def test_sigkill_anywhere_and_sigterm_resume_bit_exact_and_no_thread_touches_cuda(
+        tmp_path: Path, dataset: Path, reference) -> None:
+    """One run through every way a sharded run stops: SIGKILL between checkpoints and in the middle of a shard
+    write, then SIGTERM (which saves that step), each start resumed from the last; asynchronous writes, the
+    synchronous one after SIGTERM and the sharded resumes all with background threads that would fail on any
+    CUDA call (DCP's writer and reader take the thread's CUDA stream on a GPU host)."""
     args = smoke_args(tmp_path, dataset, *RUN, 'checkpoint.interval=4ba', 'checkpoint.periodic_interval=12ba')
+    run = tmp_path / 'smoke'
     killed_run(tmp_path, args, [
         held_at('between checkpoints', 14),  # the checkpoint of step 12 may or may not be committed yet
         # rank 1 has written its shard file and its fsync never returns: the folder is never complete
         Moment('mid-shard-write', {'op': 'fsync', 'path': '__1_*.distcp', 'rank': 1, 'block': True}),
-    ], nproc=2)
-    run = tmp_path / 'smoke'
+    ], nproc=2, finish=False, rules=(GPU_HOST_THREADS,))
+    held, release = tmp_path / 'held', tmp_path / 'release'
+    proc = subprocess.Popen(train_cmd(*args, nproc=2), cwd=REPO, start_new_session=True,
+                            env=run_env(**faults(GPU_HOST_THREADS, {'op': 'step', 'step': 21, 'marker': str(held),
+                                                                    'block': True, 'release': str(release)})),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for(lambda: held.exists() and len(held.read_text().splitlines()) == 2, proc, 'step 21')
+    signal_ranks(proc, signal.SIGTERM)
+    wait_for(lambda: all('SIGTERM received' in (run / 'logs' / f'rank{r}.log').read_text() for r in (0, 1)), proc)
+    release.touch()
+    # Signalled at the end of step 21 with the write of step 20 in flight: the ranks agree at that step's end.
+    assert proc.wait(timeout=180) == PREEMPTED_EXIT_CODE and committed_step(run) == 21
+    resumed = run_train(*args, nproc=2, **faults(GPU_HOST_THREADS))
+    assert resumed.returncode == 0, resumed.stdout[-3000:]
+    assert [s['start_step'] for s in starts(run)][-1] == 21
     assert_same_training(reference(2, *RUN), run)
     latest = torch.load(run / 'checkpoints' / 'latest.pt', weights_only=True)
     assert 'model' not in latest['state'] and latest['shards'] in shard_folders(run)
@@ -59,31 +81,6 @@ def test_sigkill_anywhere_resumes_bit_exact(tmp_path: Path, dataset: Path, refer
     assert shard_folders(run) == sorted({latest['shards'], periodic['shards']}), 'latest and periodic only'
     for name in shard_folders(run):
         check(run / 'checkpoints' / name)
-
-
-GPU_HOST_THREADS = {'op': 'gpu_threads'}  # any CUDA call off the main thread fails, as it would misbehave on a GPU
-
-
-def test_sigterm_saves_that_step_and_no_thread_touches_cuda(tmp_path: Path, dataset: Path, reference) -> None:
-    """Asynchronous checkpoints, the synchronous one after SIGTERM and the sharded resume, all with background
-    threads that would fail on any CUDA call (DCP's writer and reader take the thread's CUDA stream on a GPU host)."""
-    args = smoke_args(tmp_path, dataset, *RUN, 'checkpoint.interval=4ba', 'checkpoint.periodic_interval=null')
-    run = tmp_path / 'smoke'
-    held, release = tmp_path / 'held', tmp_path / 'release'
-    proc = subprocess.Popen(train_cmd(*args, nproc=2), cwd=REPO, start_new_session=True,
-                            env=run_env(**faults(GPU_HOST_THREADS, {'op': 'step', 'step': 9, 'marker': str(held),
-                                                                    'block': True, 'release': str(release)})),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wait_for(lambda: held.exists() and len(held.read_text().splitlines()) == 2, proc, 'step 9')
-    signal_ranks(proc, signal.SIGTERM)
-    wait_for(lambda: all('SIGTERM received' in (run / 'logs' / f'rank{r}.log').read_text() for r in (0, 1)), proc)
-    release.touch()
-    assert proc.wait(timeout=180) == PREEMPTED_EXIT_CODE
-    assert committed_step(run) == 9 and len(shard_folders(run)) == 1
-    resumed = run_train(*args, nproc=2, **faults(GPU_HOST_THREADS))
-    assert resumed.returncode == 0, resumed.stdout[-3000:]
-    assert [s['start_step'] for s in starts(run)] == [0, 9]
-    assert_same_training(reference(2, *RUN), run)
 
 
 def test_a_background_write_holds_the_state_of_its_step_while_training_goes_on(tmp_path: Path, dataset: Path) -> None:

@@ -29,7 +29,7 @@ def runs_json(root: Path) -> dict[str, dict]:
     return {r['name']: r for r in json.loads(result.stdout)}
 
 
-@pytest.fixture(scope='module')
+@pytest.fixture(scope='session')  # session, not module: under xdist a worker may leave the module and come back
 def runs(tmp_path_factory: pytest.TempPathFactory, dataset: Path, finished_run: Path) -> tuple[Path, dict]:
     """A runs_root with: done (completed), twice (SIGKILLed, restarted, then SIGTERMed), broken (failed on bad data),
     halfway (a damaged run directory); and what ``prefix runs`` said while ``twice`` was training.

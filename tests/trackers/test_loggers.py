@@ -139,14 +139,14 @@ def kill_at_random_batch_end(root: Path, args: list[str], rng: random.Random, af
     return step
 
 
-@pytest.fixture(scope='module')
+@pytest.fixture(scope='session')  # session, not module: under xdist a worker may leave the module and come back
 def module_server(tmp_path_factory: pytest.TempPathFactory):
     started = MLflowServer(tmp_path_factory.mktemp('mlflow-server')).start()
     yield started
     started.stop()
 
 
-@pytest.fixture(scope='module')
+@pytest.fixture(scope='session')
 def tracked_run(tmp_path_factory: pytest.TempPathFactory, dataset: Path, module_server: MLflowServer) -> Path:
     root = tmp_path_factory.mktemp('tracked')
     args = smoke_args(root, dataset, *TRACKERS, f'loggers.mlflow.tracking_uri={module_server.uri}')
