@@ -6,6 +6,11 @@ evaluates after every step from the run's progress, rising over ``optimizer.warm
 stretches the cosine to the new end, and the learning rate jumps at the resume step (from its floor back
 up, for a finished run). ``optimizer.decay_end`` ends the cosine somewhere else: set to the old end, the
 extended run goes on at the floor, without a jump (README: Extending a run).
+
+``optimizer.lr`` is what the multiplier multiplies. Composer restores it from a checkpoint (its
+scheduler's ``base_lrs``, each parameter group's ``initial_lr``), so a resume with another value would
+train on at the old one; ``ConfiguredLR`` makes this start's value the one trained with, from the
+resume step on, and ``warn_of_jump`` names the change in one line.
 """
 
 from __future__ import annotations
@@ -16,7 +21,8 @@ import math
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from composer.core import State, Time, Timestamp
+from composer.core import Callback, State, Time, Timestamp
+from composer.loggers import Logger
 from composer.optim import ComposerScheduler, CosineAnnealingWithWarmupScheduler
 
 from prefix.checkpoint import ResumePoint
@@ -24,9 +30,8 @@ from prefix.config import OptimizerConfig, diff
 
 log = logging.getLogger(__name__)
 
-# What the schedule reads of the config. Not optimizer.lr: Composer's scheduler keeps the learning rate of the
-# run's first start (its base_lrs, restored from the checkpoint), so a resume never changes it.
-KEYS = ('max_duration', 'optimizer.warmup', 'optimizer.min_lr_ratio', 'optimizer.decay_end')
+# What the learning rate is made of in the config.
+KEYS = ('optimizer.lr', 'max_duration', 'optimizer.warmup', 'optimizer.min_lr_ratio', 'optimizer.decay_end')
 END_KEYS = ('max_duration', 'optimizer.decay_end')
 
 
@@ -59,6 +64,32 @@ def build(opt: OptimizerConfig) -> CosineWithWarmup:
     return CosineWithWarmup(opt.warmup, opt.min_lr_ratio, opt.decay_end)
 
 
+class ConfiguredLR(Callback):
+    """This start's ``optimizer.lr`` is the learning rate trained with, on a resume too (after the checkpoint is loaded)."""
+
+    def __init__(self, lr: float) -> None:
+        self.lr = lr
+
+    def fit_start(self, state: State, logger: Logger) -> None:
+        use_lr(state.optimizers, state.schedulers, self.lr)
+
+
+def use_lr(optimizers: Any, schedulers: Any, lr: float) -> None:
+    """Make ``lr`` the base of every scheduler and parameter group, the step about to run included.
+
+    Each group's current rate is rescaled (the schedule's multiplier kept), and so is its ``initial_lr``,
+    which DecoupledAdamW's weight decay divides by. With ``lr`` unchanged nothing changes, bit for bit.
+    """
+    for scheduler in schedulers:
+        scheduler.base_lrs = [lr for _ in scheduler.base_lrs]
+    for optimizer in optimizers:
+        for group in optimizer.param_groups:
+            base = group.get('initial_lr', lr)
+            if base != lr:
+                group['lr'] = group['lr'] / base * lr
+                group['initial_lr'] = lr
+
+
 def _optimizer(config: dict[str, Any]) -> OptimizerConfig:
     """The optimizer settings of a resolved config (a checkpoint's: a key it predates takes its default)."""
     names = {f.name for f in dataclasses.fields(OptimizerConfig)}
@@ -77,11 +108,13 @@ def warn_of_jump(resume: ResumePoint, config: dict[str, Any], dataloader_len: Op
     """Warn, in one line, when ``config``'s schedule sets another learning rate at the resume step than the
     schedule the checkpoint was written with; the line, or None."""
     changed = {k: v for k, v in diff(resume.config, config).items() if k in KEYS}
+    lr = resume.lr if resume.lr is not None else resume.config['optimizer']['lr']
+    if lr != config['optimizer']['lr']:  # the rate trained with: an older prefix kept the first start's
+        changed['optimizer.lr'] = (lr, config['optimizer']['lr'])
     if not changed:
         return None
-    lr = resume.lr if resume.lr is not None else resume.config['optimizer']['lr']
     old = lr_at(resume.config, lr, resume.timestamp, dataloader_len)
-    new = lr_at(config, lr, resume.timestamp, dataloader_len)
+    new = lr_at(config, config['optimizer']['lr'], resume.timestamp, dataloader_len)
     if math.isclose(old, new, rel_tol=1e-9):
         return None
     listed = '; '.join(f'{k} changed from {_show(o)} to {_show(n)}' for k, (o, n) in changed.items())

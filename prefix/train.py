@@ -158,7 +158,7 @@ def fit(
         save_overwrite=sharded_resume,  # Composer's saver, idle, would otherwise refuse a folder with files
         save_latest_filename=resume.filename if resume else 'latest.pt',
         save_interval=never,
-        callbacks=[checkpointer, journal],
+        callbacks=[checkpointer, journal, schedule.ConfiguredLR(cfg.optimizer.lr)],  # after the checkpoint is loaded
         # Rank 0 logs; each tracker continues the tracker run of earlier starts (prefix.trackers.loggers).
         # The trackers report how the start ended as the journal records it, once, when they close.
         loggers=[MetricsLogger(run.metrics, failures),

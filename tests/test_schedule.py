@@ -55,3 +55,37 @@ def test_raising_max_duration_warns_of_the_jump_unless_decay_end_keeps_the_sched
                       warnings[0])
     assert match, warnings[0]
     assert float(match.group(1)) == pytest.approx(FLOOR, rel=0.05) and float(match.group(2)) == pytest.approx(stretched, rel=0.05)
+
+
+def test_a_changed_lr_becomes_the_base_of_every_group_and_scheduler_keeping_the_multiplier() -> None:
+    """What a resume does after Composer restored the checkpoint's base learning rate (3e-3) at a multiplier of 0.5."""
+    from composer.optim import DecoupledAdamW
+
+    from prefix.schedule import use_lr
+
+    optimizer = DecoupledAdamW([torch.nn.Parameter(torch.ones(2))], lr=LR)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5)
+    group = optimizer.param_groups[0]
+    use_lr([optimizer], [scheduler], LR)
+    assert (group['lr'], group['initial_lr'], scheduler.base_lrs) == (LR / 2, LR, [LR]), 'unchanged: nothing changes'
+    use_lr([optimizer], [scheduler], 1e-3)
+    assert scheduler.base_lrs == [1e-3] and group['initial_lr'] == 1e-3
+    assert group['lr'] == pytest.approx(0.5e-3), 'the step about to run already trains at the new rate'
+    scheduler.step()
+    assert group['lr'] == pytest.approx(0.5e-3)
+
+
+@pytest.mark.slow
+def test_a_changed_lr_takes_effect_at_the_resume_step_with_one_line(finished_run: Path, tmp_path: Path, dataset: Path) -> None:
+    """Lowering the learning rate after a loss spike: the records and the optimizer agree on the new rate."""
+    run = copy_run(finished_run, tmp_path)  # 22 steps of the smoke config, finished at the floor (3e-4)
+    result = run_train(*smoke_args(tmp_path, dataset, 'max_duration=26ba', 'optimizer.decay_end=22ba', 'optimizer.lr=1e-3'))
+    assert result.returncode == 0, result.stderr[-3000:]
+    warnings = [line for line in result.stderr.splitlines() if 'the learning rate at step' in line]
+    assert len(warnings) == 1 and 'optimizer.lr changed from 0.003 to 0.001' in warnings[0], result.stderr[-3000:]
+    assert 'the learning rate at step 22 jumps from 3.0e-04 to 1.0e-04' in warnings[0], warnings[0]
+    latest = torch.load(run / 'checkpoints' / 'latest.pt', weights_only=True)
+    scheduler = latest['state']['schedulers']['LambdaLR']
+    groups = latest['state']['optimizers']['DecoupledAdamW']['param_groups']
+    assert scheduler['base_lrs'] == [1e-3] and all(g['initial_lr'] == 1e-3 for g in groups)
+    assert scheduler['_last_lr'][0] == pytest.approx(1e-4, rel=1e-12) and all(g['lr'] == pytest.approx(1e-4) for g in groups)
