@@ -36,8 +36,9 @@ class HFTokenizer:
             raise DataError(f'tokenizer {name!r} needs the transformers package: pip install transformers') from None
         try:
             self._tok = AutoTokenizer.from_pretrained(name, local_files_only=True)
-        except OSError:
-            raise DataError(f'tokenizer {name!r} is not available locally; download it first or use --tokenizer byte') from None
+        except (OSError, ValueError):  # ValueError: a path that is no folder is taken for a malformed hub name
+            raise DataError(f'tokenizer {name!r} is not available locally (a tokenizer folder, or a name in the local '
+                            'cache); download it first or use --tokenizer byte') from None
         self.name = name
         self.vocab_size = len(self._tok)
         eos = self._tok.eos_token_id

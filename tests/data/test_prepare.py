@@ -125,3 +125,56 @@ def test_a_tokenizer_that_is_not_on_disk_is_a_clear_error() -> None:
 
     with pytest.raises(DataError, match='is not available locally'):
         load_tokenizer('no-such-org/no-such-tokenizer')
+
+
+def test_one_big_file_is_cut_into_documents_so_that_a_val_split_exists(tmp_path: Path) -> None:
+    """A tinyshakespeare: one file, paragraphs apart. Whole, it is one document and val would be empty."""
+    corpus = tmp_path / 'input.txt'
+    corpus.write_text('\n\n'.join(f'SPEAKER {i}:\n' + 'To be, or not to be.\n' * 3 for i in range(200)) + '\n\n\n')
+    with pytest.raises(DataError, match=r"split would be empty \(\d of 1 documents\).*--separator '\\n\\n' \(paragraphs\)"):
+        prepare(tmp_path / 'whole', [str(corpus)], tokenizer=ByteTokenizer(), seq_len=16, val_fraction=0.1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['input.txt'], 'no output, no temporary folder'
+    meta = prepare(tmp_path / 'paragraphs', [str(corpus)], tokenizer=ByteTokenizer(), seq_len=16, val_fraction=0.1,
+                   separator='\n\n')
+    assert sum(meta['documents'].values()) == 200 and meta['documents']['val'] > 0 and meta['samples']['val'] > 0
+    again = prepare(tmp_path / 'again', [str(corpus)], tokenizer=ByteTokenizer(), seq_len=16, val_fraction=0.1,
+                    separator='\n\n')
+    assert again['documents'] == meta['documents'], 'the split is stable'
+    assert data_main([str(tmp_path / 'lines'), str(corpus), '--seq-len', '16', '--separator', '\\n']) == 0
+    lines = json.loads((tmp_path / 'lines' / 'prefix_dataset.json').read_text())['documents']
+    assert sum(lines.values()) == 200 * 4
+
+
+def prefix_data(*args: str, cwd: Path | None = None, wrap: list[str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([*(wrap or []), sys.executable, '-m', 'prefix.data', *args], capture_output=True, text=True,
+                          cwd=cwd)
+
+
+READ_ONLY = 'mount --bind "$1" "$1" && mount -o remount,ro,bind "$1" && shift && exec "$@"'
+
+
+@pytest.mark.parametrize('case, message', [
+    ('seq-len 0', '--seq-len must be at least 1 token, got 0'),
+    ('missing tokenizer', "tokenizer '/nonexistent/tokenizer' is not available locally"),
+    ('read-only folder', 'cannot write the dataset to'),
+])
+def test_bad_preparations_are_one_line_and_leave_nothing(tmp_path: Path, case: str, message: str) -> None:
+    import os
+    import shutil
+
+    make_docs(tmp_path / 'src', 30)
+    (tmp_path / 'ro').mkdir()
+    args = [str(tmp_path / 'ro' / 'out'), str(tmp_path / 'src'), '--seq-len', '16']
+    wrap = None
+    if case == 'seq-len 0':
+        args[-1] = '0'
+    elif case == 'missing tokenizer':
+        args += ['--tokenizer', '/nonexistent/tokenizer']
+    else:
+        if os.geteuid() != 0 or shutil.which('unshare') is None:
+            pytest.skip('a read-only mount needs root and unshare')
+        wrap = ['unshare', '--mount', 'sh', '-c', READ_ONLY, 'sh', str(tmp_path / 'ro')]
+    result = prefix_data(*args, wrap=wrap)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode != 0 and len(lines) == 1 and message in lines[0], result.stderr[-2000:]
+    assert list((tmp_path / 'ro').iterdir()) == []
