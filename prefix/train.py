@@ -63,6 +63,8 @@ def train(cfg: TrainConfig) -> int:
     if cfg.deterministic:
         reproducibility.configure_deterministic_mode()  # before any CUDA work: cuBLAS reads its workspace setting once
     device = DeviceGPU() if torch.cuda.is_available() else DeviceCPU()
+    if cfg.precision == 'amp_fp16' and isinstance(device, DeviceCPU):
+        raise ConfigError('config key precision: amp_fp16 needs a GPU and this machine has none: use fp32 or amp_bf16')
     timeout_s = Duration.parse(cfg.dist_timeout).seconds
     dist.initialize_dist(device, timeout=timeout_s)
     agreement.connect(timeout_s)  # before any collective of prefix's own
@@ -199,8 +201,8 @@ def training_args(
     return {
         'model': model,
         'train_dataloader': DataSpec(train_loader, get_num_tokens_in_batch=count_tokens),
-        'eval_dataloader': Evaluator(label='val', dataloader=val_loader,
-                                     metric_names=list(model.get_metrics(is_train=False))),
+        'eval_dataloader': Evaluator(label='val', dataloader=val_loader, metric_names=list(model.get_metrics(is_train=False)))
+        if cfg.eval_batches != 0 else None,  # eval_batches: 0 turns evaluation off
         'eval_interval': cfg.eval_interval,
         'eval_subset_num_batches': cfg.eval_batches if cfg.eval_batches is not None else -1,
         'max_duration': cfg.max_duration,

@@ -93,3 +93,15 @@ def test_a_run_measured_in_epochs_completes_and_is_not_trained_again(tmp_path: P
     assert again.returncode == 0 and 'already complete' in again.stdout, again.stderr[-3000:]
     records = [json.loads(line) for line in (run / 'meta' / 'starts.jsonl').read_text().splitlines()]
     assert [r['event'] for r in records] == ['start', 'end'], 'no second start, no evaluation redone'
+
+
+@pytest.mark.slow
+def test_zero_eval_batches_trains_without_evaluating(finished_run: Path, tmp_path: Path, dataset: Path) -> None:
+    from conftest import copy_run
+
+    run = copy_run(finished_run, tmp_path)  # 22 steps, evaluated at step 20
+    result = run_train(*smoke_args(tmp_path, dataset, 'max_duration=26ba', 'eval_batches=0', 'eval_interval=2ba'))
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = [json.loads(line) for line in (run / 'logs' / 'metrics.jsonl').read_text().splitlines()]
+    evaluated = {r['step'] for r in records if any(k.startswith('metrics/val/') for k in r)}
+    assert evaluated and max(evaluated) <= 22 and max(step_losses(run)) == 25

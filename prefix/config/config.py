@@ -7,6 +7,7 @@ is raised as one ``ConfigError`` line that names the key or file.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -16,6 +17,7 @@ from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from prefix.config import schema
+from prefix.config.duration import Duration
 from prefix.config.location import default_runs_root, validate_run_name
 from prefix.config.model import ModelConfig
 from prefix.config.schema import setting
@@ -32,7 +34,7 @@ class DataConfig:
     train_split: str = setting('train', fixed=True)
     val_split: str = 'val'
     shuffle: bool = setting(True, fixed=True)
-    num_workers: int = 0
+    num_workers: int = setting(0, bounds='[0, inf)')
     # Fixed so that the sample order does not depend on the world size (Streaming elastic resume).
     num_canonical_nodes: int = setting(1, fixed=True)
 
@@ -41,15 +43,15 @@ class DataConfig:
 class OptimizerConfig:
     """Decoupled AdamW with linear warmup and cosine decay to ``min_lr_ratio`` (``prefix.schedule``)."""
 
-    lr: float = 1.0e-3
-    weight_decay: float = 0.0
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    lr: float = setting(1.0e-3, bounds='(0, inf)')
+    weight_decay: float = setting(0.0, bounds='[0, inf)')
+    betas: list[float] = setting(factory=lambda: [0.9, 0.95], bounds='[0, 1)', length=2)
     warmup: str = setting('0ba', units='ba', zero_ok=True)
-    min_lr_ratio: float = 0.1
+    min_lr_ratio: float = setting(0.1, bounds='[0, 1]')
     # Where the cosine reaches lr * min_lr_ratio (None: max_duration); after it the learning rate stays there. Set to
     # the old max_duration when raising max_duration, a run goes on without a jump in the learning rate.
     decay_end: Optional[str] = setting(None, units='ba,ep')
-    grad_clip_norm: float = 1.0
+    grad_clip_norm: float = setting(1.0, bounds='[0, inf)')  # 0: no clipping
 
 
 @dataclass
@@ -120,13 +122,13 @@ class TrainConfig:
     # In batches or epochs: the learning-rate schedule (warmup, decay_end) is counted in batches.
     max_duration: str = setting(units='ba,ep')
     global_batch_size: int = setting(32, fixed=True)
-    device_microbatch_size: Optional[int] = None
+    device_microbatch_size: Optional[int] = setting(None, bounds='(0, inf)')  # None: the whole device batch
     precision: Optional[str] = setting(None, choices=(None, 'fp32', 'amp_bf16', 'amp_fp16'))
     # Deterministic kernels (torch.use_deterministic_algorithms, CUBLAS_WORKSPACE_CONFIG): what makes a GPU
     # run repeat itself bit for bit, and so a resumed run equal to an uninterrupted one (README: GPUs and threads).
     deterministic: bool = True
     eval_interval: str = setting('100ba', units='ba,ep')
-    eval_batches: Optional[int] = None
+    eval_batches: Optional[int] = setting(None, bounds='[0, inf)')  # None: the whole val split; 0: no evaluation
     log_interval: str = setting('10ba', units='ba')
     model: ModelConfig = setting(factory=ModelConfig, fixed=True)  # every model.* key: the model is the run
     data: DataConfig = field(default_factory=DataConfig)
@@ -143,6 +145,19 @@ class TrainConfig:
     allow_config_change: bool = False
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (the plain loader keeps the last silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: set = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f'key {key!r} is given twice', key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def _one_line(err: OmegaConfBaseException) -> str:
     key = getattr(err, 'full_key', None)
     msg = str(err).split('\n')[0].strip()
@@ -152,6 +167,11 @@ def _one_line(err: OmegaConfBaseException) -> str:
         return f'missing required config key {key!r}'
     if "Incompatible value 'None'" in msg and key:
         return f'config key {key!r} is empty'
+    section = re.match(r'Merge error: \w+ is not a subclass of (\w+)\. value: (.*)', msg)
+    if section:  # a value where a section goes: loggers.tensorboard=true
+        where = schema.key_of(TrainConfig, section.group(1)) or section.group(1)
+        return (f'config key {where!r} is a section, not a value ({section.group(2)}): turn it on with {where}={{}}, '
+                'or give its keys')
     return f'config key {key!r}: {msg}' if key else msg
 
 
@@ -169,6 +189,10 @@ def _validate(cfg: TrainConfig) -> None:
         raise ConfigError(f'config key model.dropout: {m.dropout} is not in [0, 1)')
     if cfg.global_batch_size <= 0:
         raise ConfigError(f'config key global_batch_size: must be positive, got {cfg.global_batch_size}')
+    warmup, end = Duration.parse(cfg.optimizer.warmup), Duration.parse(cfg.max_duration)
+    if end.unit == 'ba' and warmup.number > end.number:
+        raise ConfigError(f'config key optimizer.warmup: {cfg.optimizer.warmup} is longer than max_duration={cfg.max_duration} '
+                          '(the learning rate would never reach optimizer.lr)')
     if cfg.checkpoint.format == 'sharded' and cfg.fsdp is None:
         raise ConfigError('config key checkpoint.format: sharded checkpoints need fsdp (set fsdp: {} or checkpoint.format=full)')
 
@@ -203,10 +227,12 @@ def _validate_model_source(m: ModelConfig) -> None:
 def load_config(path: str, overrides: list[str]) -> TrainConfig:
     """Merge ``path`` and ``key=value`` overrides onto the schema; raise ConfigError on any problem."""
     file = Path(path)
+    if file.is_dir():
+        raise ConfigError(f'config file {path} is a folder: name a YAML file (yamls/base.yaml, ...)')
     if not file.is_file():
         raise ConfigError(f'config file {path} does not exist')
     try:
-        raw = yaml.safe_load(file.read_text())
+        raw = yaml.load(file.read_text(), Loader=_UniqueKeyLoader)
     except yaml.YAMLError as e:
         mark = getattr(e, 'problem_mark', None)
         where = f':{mark.line + 1}:{mark.column + 1}' if mark else ''

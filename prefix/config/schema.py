@@ -21,11 +21,14 @@ REQUIRED = '???'  # OmegaConf's MISSING, spelled out: prefix.config.model import
 
 
 def setting(default: Any = REQUIRED, *, factory: Optional[Callable[[], Any]] = None, units: str = '',
-            zero_ok: bool = False, choices: tuple[Any, ...] = (), fixed: bool = False) -> Any:
+            zero_ok: bool = False, choices: tuple[Any, ...] = (), fixed: bool = False,
+            bounds: Optional[str] = None, length: Optional[int] = None) -> Any:
     """A config field. ``units``: the duration units it takes (``'ba,ep'``); ``choices``: its allowed
-    values; ``fixed``: it may not change when a run resumes (a nested config: none of its keys may)."""
+    values; ``fixed``: it may not change when a run resumes (a nested config: none of its keys may);
+    ``bounds``: the interval a number (each number of a list) lies in, as written in maths: ``'(0, inf)'``,
+    ``'[0, 1)'``; ``length``: how many numbers a list holds."""
     metadata = {'units': tuple(units.split(',')) if units else (), 'zero_ok': zero_ok, 'choices': choices,
-                'fixed': fixed}
+                'fixed': fixed, 'bounds': bounds, 'length': length}
     if factory is not None:
         return dataclasses.field(default_factory=factory, metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
@@ -49,11 +52,27 @@ def check(cfg: Any) -> None:
                 duration = Duration.parse(value)
             except ValueError:
                 duration = None
-            if duration is None or duration.unit not in units or duration.number < (0 if f.metadata['zero_ok'] else 1):
+            if duration is None or duration.unit not in units:
                 raise ConfigError(f"config key {key!r}: {value!r} is not a duration like {' or '.join('10' + u for u in units)}")
+            if duration.number < (0 if f.metadata['zero_ok'] else 1):
+                raise ConfigError(f'config key {key!r}: {value!r} must be at least 1{duration.unit}')
         if choices and value not in choices:
             listed = ', '.join('null' if c is None else str(c) for c in choices)
             raise ConfigError(f'config key {key}: {value!r} is not one of {listed}')
+        length, bounds = f.metadata.get('length'), f.metadata.get('bounds')
+        if length is not None and value is not None and len(value) != length:
+            raise ConfigError(f'config key {key}: {list(value)} holds {len(value)} numbers, not {length}')
+        if bounds and value is not None:
+            for number in (value if isinstance(value, (list, tuple)) else [value]):
+                if not _within(number, bounds):
+                    raise ConfigError(f'config key {key}: {number} is not in {bounds}')
+
+
+def _within(number: float, bounds: str) -> bool:
+    low, high = (float(x) for x in bounds[1:-1].split(','))
+    above = number > low if bounds[0] == '(' else number >= low
+    below = number < high if bounds[-1] == ')' else number <= high
+    return above and below
 
 
 def fixed_keys(schema: type) -> tuple[str, ...]:
@@ -70,6 +89,20 @@ def fixed_keys(schema: type) -> tuple[str, ...]:
 
     walk(schema, '')
     return tuple(keys)
+
+
+def key_of(schema: type, section: str) -> Optional[str]:
+    """The dotted key of the nested config named ``section`` (a class name), for messages."""
+    for f in dataclasses.fields(schema):
+        nested = _nested(schema, f.name)
+        if nested is None:
+            continue
+        if nested.__name__ == section:
+            return f.name
+        inner = key_of(nested, section)
+        if inner is not None:
+            return f'{f.name}.{inner}'
+    return None
 
 
 def _nested(cls: type, name: str) -> Optional[type]:

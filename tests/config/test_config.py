@@ -47,6 +47,26 @@ def test_runs_root_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     ('run_name: a\nmax_duration: 10ba\ndata: {local: d}\n', ['loggers={tensorboard:{}}'],
      "override 'loggers={tensorboard:{}}' is not valid YAML: found unexpected ':'"),
     ('- a list\n', [], 'must hold a mapping'),
+    ('run_name: a\nmax_duration: 10ba\ndata: {local: d}\nseed: 1\nseed: 2\n', [],
+     "c.yaml:5:1 is not valid YAML: key 'seed' is given twice"),
+    # values no run can train with: a traceback, or silently accepted, before they were checked
+    *(('run_name: a\nmax_duration: 10ba\ndata: {local: d}\n', [override], message) for override, message in [
+        ('optimizer.lr=-1', 'config key optimizer.lr: -1.0 is not in (0, inf)'),
+        ('optimizer.lr=0', 'config key optimizer.lr: 0.0 is not in (0, inf)'),
+        ('optimizer.weight_decay=-1', 'config key optimizer.weight_decay: -1.0 is not in [0, inf)'),
+        ('optimizer.betas=[0.9]', 'config key optimizer.betas: [0.9] holds 1 numbers, not 2'),
+        ('optimizer.betas=[0.9,1.5]', 'config key optimizer.betas: 1.5 is not in [0, 1)'),
+        ('optimizer.min_lr_ratio=2', 'config key optimizer.min_lr_ratio: 2.0 is not in [0, 1]'),
+        ('device_microbatch_size=0', 'config key device_microbatch_size: 0 is not in (0, inf)'),
+        ('device_microbatch_size=-2', 'config key device_microbatch_size: -2 is not in (0, inf)'),
+        ('data.num_workers=-1', 'config key data.num_workers: -1 is not in [0, inf)'),
+        ('eval_batches=-1', 'config key eval_batches: -1 is not in [0, inf)'),
+        ('max_duration=0ba', "config key 'max_duration': '0ba' must be at least 1ba"),
+        ('checkpoint.interval=0ba', "config key 'checkpoint.interval': '0ba' must be at least 1ba"),
+        ('optimizer.warmup=20ba', 'config key optimizer.warmup: 20ba is longer than max_duration=10ba'),
+        ('loggers.tensorboard=true', "config key 'loggers.tensorboard' is a section, not a value (True): turn it on "
+                                     'with loggers.tensorboard={}'),
+    ]),
 ])
 def test_config_errors_are_one_line_and_name_the_key(tmp_path: Path, text: str, overrides: list[str], message: str) -> None:
     with pytest.raises(ConfigError) as err:
@@ -58,6 +78,13 @@ def test_config_errors_are_one_line_and_name_the_key(tmp_path: Path, text: str, 
 def test_missing_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match='does not exist'):
         load_config(str(tmp_path / 'nope.yaml'), [])
+    with pytest.raises(ConfigError, match='is a folder: name a YAML file'):
+        load_config(str(tmp_path), [])
+
+
+def test_zero_eval_batches_is_no_evaluation_and_warmup_in_epochs_is_not_compared() -> None:
+    assert load_config(str(REPO / 'yamls/smoke.yaml'), ['eval_batches=0']).eval_batches == 0
+    assert load_config(str(REPO / 'yamls/smoke.yaml'), ['max_duration=1ep', 'optimizer.warmup=100ba'])
 
 
 @pytest.mark.parametrize('name', ['base', 'run-1', 'a.b_c', '0x', 'a' * 63])

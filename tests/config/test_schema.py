@@ -24,7 +24,7 @@ def test_fixed_keys_come_from_the_fields() -> None:
 
 @pytest.mark.parametrize('override, message', [
     ('checkpoint.interval=5ep', "'checkpoint.interval': '5ep' is not a duration like 10ba or 10s or 10min or 10h"),
-    ('checkpoint.periodic_interval=0ba', "'checkpoint.periodic_interval': '0ba' is not a duration"),
+    ('checkpoint.periodic_interval=0ba', "'checkpoint.periodic_interval': '0ba' must be at least 1ba"),
     ('dist_timeout=30ba', "'dist_timeout': '30ba' is not a duration like 10s or 10min or 10h"),
     ('log_interval=1ep', "'log_interval': '1ep' is not a duration like 10ba"),
     ('precision=fp8', 'config key precision: .fp8. is not one of null, fp32, amp_bf16, amp_fp16'),

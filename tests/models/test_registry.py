@@ -230,6 +230,7 @@ def test_model_config_errors_are_one_line(overrides: list[str], message: str) ->
     (['model.config.model_type=nosuch'], "'nosuch' is not an architecture transformers knows"),
     (['model.max_seq_len=256'], 'model.max_seq_len: 256 is more than the 128 positions'),
     (['model.name=import', 'model.config=null', 'model.factory=no_such_module:build'], 'cannot import no_such_module'),
+    (['precision=amp_fp16'], 'config key precision: amp_fp16 needs a GPU and this machine has none'),
 ])
 def test_model_build_errors_are_one_line_and_leave_no_run(tmp_path: Path, dataset: Path, overrides: list[str],
                                                           message: str) -> None:
