@@ -19,11 +19,13 @@
 #   --env KEY=VALUE      PREFIX_EXTRA_ENV   extra environment in the pod; repeatable (space-separated in the variable)
 #   --cli new|old|auto   PREFIX_RUNAI_CLI   'runai training ...' (Run:ai 2.18+) or 'runai submit ...' (auto: ask runai)
 #   --dry-run                               print the runai commands, run none
+#
+# The config and overrides are checked first (python -m prefix check, with PREFIX_PYTHON, default python3).
 set -euo pipefail
 
 usage() {
-  sed -n '2,/^set -euo/p' "$0" | sed -e '$d' -e 's/^# \{0,1\}//' >&2
-  exit 2
+  sed -n '2,/^set -euo/p' "$0" | sed -e '$d' -e 's/^# \{0,1\}//'
+  exit 0
 }
 die() {
   echo "submit_train: $*" >&2
@@ -81,6 +83,8 @@ if [ $# -ge 1 ] && [[ $1 != *=* ]]; then
   config=$1
   shift
 fi
+[[ $config != /* && /$config/ != */../* ]] ||
+  die "config path '$config' is outside the checkout: the pod reads it from its own checkout ($workdir); copy it into yamls/"
 [ -f "$config" ] || die "config file $config does not exist (paths are relative to the prefix checkout, also in the pod)"
 [[ $config =~ ^[A-Za-z0-9._/-]+$ ]] || die "config path '$config' may hold only letters, digits, '.', '_', '-' and '/'"
 for override in "$@"; do
@@ -101,6 +105,16 @@ for kv in ${extra_env[@]+"${extra_env[@]}"}; do
   done
 done
 case $cli in new|old|auto) ;; *) die "--cli must be new, old or auto, got '$cli'" ;; esac
+# The config as the trainer will read it, checked here (without torch, in well under a second) rather than
+# after the pod waited for its GPUs. Paths on the PVC (a model's folder) are the pod's business.
+python=${PREFIX_PYTHON:-python3}
+check_status=0
+check=$("$python" -m prefix check --no-paths "$config" "run_name=$run_name" "$@" 2>&1) || check_status=$?
+case $check_status in
+  0) ;;
+  2) die "${check##*$'\n'}" ;;
+  *) die "cannot check the config with $python (${check##*$'\n'}): set PREFIX_PYTHON to the Python of prefix's .venv" ;;
+esac
 
 # A Kubernetes Service name (Run:ai makes one per distributed workload): lowercase letters, digits and
 # '-', starting with a letter, short (Run:ai adds suffixes for pods). Stable for a run name; a name

@@ -247,7 +247,7 @@ def test_names_are_valid_kubernetes_service_names_and_stable(tmp_path: Path) -> 
 
 
 def test_overrides_with_spaces_and_quotes_reach_the_trainer_intact(tmp_path: Path) -> None:
-    overrides = ['optimizer.lr=1e-3', 'run_note=two words', 'quoted="yes" and \'no\'']
+    overrides = ['optimizer.lr=1e-3', 'loggers.mlflow.experiment_name=two words', 'loggers.wandb.project=it\'s "quoted"']
     result, calls, _ = submit(tmp_path, 'exp1', 'yamls/smoke.yaml', *overrides)
     assert result.returncode == 0, result.stderr
     assert overrides_of(values(submitted(calls), '-e')) == ['lock_wait=600s', *overrides]
@@ -280,7 +280,7 @@ def test_the_standin_refuses_values_the_cli_would(tmp_path: Path, args: tuple) -
 
 
 def test_dry_run_submits_nothing(tmp_path: Path) -> None:
-    result, calls, workloads = submit(tmp_path, '--dry-run', 'exp1', 'yamls/smoke.yaml', 'a.b=1')
+    result, calls, workloads = submit(tmp_path, '--dry-run', 'exp1', 'yamls/smoke.yaml', 'optimizer.lr=1e-3')
     assert result.returncode == 0, result.stderr
     assert 'runai training submit exp1' in result.stdout and 'runai/pod_train.sh exp1 yamls/smoke.yaml' in result.stdout
     assert workloads == {} and all('--help' in c for c in calls)
@@ -299,11 +299,21 @@ def test_dry_run_submits_nothing(tmp_path: Path) -> None:
     (('--env', 'PREFIX_RUNS_ROOT=/scratch', 'exp1'), '--env PREFIX_RUNS_ROOT is set by this script'),
     (('--env', 'PREFIX_OVERRIDES=x', 'exp1'), '--env PREFIX_OVERRIDES is set by this script'),
     (('--bogus', 'exp1'), 'unknown option --bogus'),
+    # the config, checked before anything is submitted (a typo found after the pod waited for GPUs before)
+    (('exp1', 'yamls/base.yaml', 'optimizer.lrr=3'), "submit_train: prefix: config error: unknown config key 'optimizer.lrr'"),
+    (('exp1', 'yamls/base.yaml', 'optimizer.lr=-1'), 'config key optimizer.lr: -1.0 is not in (0, inf)'),
+    (('exp1', '/etc/hostname'), "config path '/etc/hostname' is outside the checkout"),
+    (('exp1', 'yamls/../../x.yaml'), 'is outside the checkout'),
 ])
 def test_bad_input_never_reaches_runai(tmp_path: Path, args: tuple, message: str) -> None:
     result, calls, _ = submit(tmp_path, *args)
     assert result.returncode == 2 and message in result.stderr
     assert calls == []
+
+
+def test_help_is_the_usage_and_exits_0(tmp_path: Path) -> None:
+    result, calls, _ = submit(tmp_path, '--help')
+    assert result.returncode == 0 and 'usage: runai/submit_train.sh' in result.stdout and calls == []
 
 
 def test_no_runai_on_path(tmp_path: Path) -> None:

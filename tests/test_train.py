@@ -105,3 +105,21 @@ def test_zero_eval_batches_trains_without_evaluating(finished_run: Path, tmp_pat
     records = [json.loads(line) for line in (run / 'logs' / 'metrics.jsonl').read_text().splitlines()]
     evaluated = {r['step'] for r in records if any(k.startswith('metrics/val/') for k in r)}
     assert evaluated and max(evaluated) <= 22 and max(step_losses(run)) == 25
+
+
+def test_prefix_check_says_what_the_trainer_would_without_torch() -> None:
+    """What runai/submit_train.sh runs before it submits: the config's errors, in well under a second."""
+    import subprocess
+    import sys
+
+    code = ('import runpy, sys; sys.argv = ["prefix", *sys.argv[1:]]\n'
+            'try:\n    runpy.run_module("prefix", run_name="__main__")\n'
+            'except SystemExit as e:\n    assert "torch" not in sys.modules, "torch was imported"; raise')
+    ok = subprocess.run([sys.executable, '-c', code, 'check', str(REPO / 'yamls' / 'base.yaml'), 'optimizer.lr=1e-3'],
+                        capture_output=True, text=True, cwd=REPO)
+    assert ok.returncode == 0 and 'yamls/base.yaml: ok (run base, model gpt' in ok.stdout, ok.stderr
+    bad = subprocess.run([sys.executable, '-c', code, 'check', str(REPO / 'yamls' / 'base.yaml'), 'optimizer.lrr=3'],
+                         capture_output=True, text=True, cwd=REPO)
+    assert bad.returncode == 2 and bad.stderr.strip() == "prefix: config error: unknown config key 'optimizer.lrr'"
+    unknown = subprocess.run([sys.executable, '-m', 'prefix', 'bogus'], capture_output=True, text=True, cwd=REPO)
+    assert unknown.returncode == 2 and unknown.stderr.startswith("prefix: unknown command 'bogus'\nusage: prefix COMMAND")

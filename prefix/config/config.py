@@ -175,11 +175,11 @@ def _one_line(err: OmegaConfBaseException) -> str:
     return f'config key {key!r}: {msg}' if key else msg
 
 
-def _validate(cfg: TrainConfig) -> None:
+def _validate(cfg: TrainConfig, check_paths: bool) -> None:
     validate_run_name(cfg.run_name)
     schema.check(cfg)  # durations and choices, as each key's field declares them
     m = cfg.model
-    _validate_model_source(m)
+    _validate_model_source(m, check_paths)
     for key in ('vocab_size', 'max_seq_len', 'd_model', 'n_heads', 'n_layers'):
         if getattr(m, key) <= 0:
             raise ConfigError(f'config key model.{key!r}: must be positive, got {getattr(m, key)}')
@@ -197,7 +197,7 @@ def _validate(cfg: TrainConfig) -> None:
         raise ConfigError('config key checkpoint.format: sharded checkpoints need fsdp (set fsdp: {} or checkpoint.format=full)')
 
 
-def _validate_model_source(m: ModelConfig) -> None:
+def _validate_model_source(m: ModelConfig, check_paths: bool) -> None:
     """Each model name has the keys it needs and none of the others' (a key that would be ignored is a mistake)."""
     given = {k for k in ('pretrained_model_name_or_path', 'config', 'factory', 'kwargs') if getattr(m, k) is not None}
     if m.pretrained:
@@ -215,7 +215,7 @@ def _validate_model_source(m: ModelConfig) -> None:
             raise ConfigError('config key model.pretrained: weights come from model.pretrained_model_name_or_path, '
                               'which is not set')
         folder = m.pretrained_model_name_or_path
-        if folder is not None and not (Path(folder).expanduser() / 'config.json').is_file():
+        if check_paths and folder is not None and not (Path(folder).expanduser() / 'config.json').is_file():
             raise ConfigError(f'config key model.pretrained_model_name_or_path: {folder} is not a folder with a '
                               'config.json (models are read from local folders only: save_pretrained one there)')
         if m.config is not None and not m.config.get('model_type'):
@@ -224,8 +224,11 @@ def _validate_model_source(m: ModelConfig) -> None:
         raise ConfigError("model.name=import needs model.factory: 'module.path:function' returning a ComposerModel")
 
 
-def load_config(path: str, overrides: list[str]) -> TrainConfig:
-    """Merge ``path`` and ``key=value`` overrides onto the schema; raise ConfigError on any problem."""
+def load_config(path: str, overrides: list[str], check_paths: bool = True) -> TrainConfig:
+    """Merge ``path`` and ``key=value`` overrides onto the schema; raise ConfigError on any problem.
+
+    ``check_paths=False``: leave out what depends on this machine's files (checked where the run is submitted).
+    """
     file = Path(path)
     if file.is_dir():
         raise ConfigError(f'config file {path} is a folder: name a YAML file (yamls/base.yaml, ...)')
@@ -260,7 +263,7 @@ def load_config(path: str, overrides: list[str]) -> TrainConfig:
         cfg.runs_root = default_runs_root()
     if cfg.checkpoint.format is None:
         cfg.checkpoint.format = 'sharded' if cfg.fsdp is not None else 'full'
-    _validate(cfg)
+    _validate(cfg, check_paths)
     return cfg
 
 
