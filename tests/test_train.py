@@ -123,3 +123,42 @@ def test_prefix_check_says_what_the_trainer_would_without_torch() -> None:
     assert bad.returncode == 2 and bad.stderr.strip() == "prefix: config error: unknown config key 'optimizer.lrr'"
     unknown = subprocess.run([sys.executable, '-m', 'prefix', 'bogus'], capture_output=True, text=True, cwd=REPO)
     assert unknown.returncode == 2 and unknown.stderr.startswith("prefix: unknown command 'bogus'\nusage: prefix COMMAND")
+
+
+@pytest.mark.parametrize('case', ['a file', 'read-only'])
+def test_a_runs_root_that_cannot_hold_runs_is_one_line(case: str, tmp_path: Path, dataset: Path) -> None:
+    import os
+    import shutil
+    import subprocess
+
+    from conftest import run_env, train_cmd
+
+    root = tmp_path / 'runs'
+    wrap: list[str] = []
+    if case == 'a file':
+        root.write_text('not a folder')
+    else:
+        if os.geteuid() != 0 or shutil.which('unshare') is None:
+            pytest.skip('a read-only mount needs root and unshare')
+        root.mkdir()
+        wrap = ['unshare', '--mount', 'sh', '-c', 'mount --bind "$1" "$1" && mount -o remount,ro,bind "$1" && shift && '
+                'exec "$@"', 'sh', str(root)]
+    result = subprocess.run([*wrap, *train_cmd(*smoke_args(root, dataset))], env=run_env(), capture_output=True, text=True,
+                            cwd=REPO, timeout=300)
+    errors = [line for line in result.stderr.splitlines() if line.startswith('prefix:')]
+    assert result.returncode == 1 and len(errors) == 1, result.stderr[-3000:]
+    assert errors[0].startswith(f'prefix: error: cannot create the run directory {root}/smoke/') and \
+        'give runs_root (or $PREFIX_RUNS_ROOT) a folder you can write to' in errors[0], errors[0]
+    assert 'Traceback' not in result.stderr
+
+
+def test_show_into_a_closed_pipe_is_quiet(finished_run: Path) -> None:
+    """``prefix show --json | head``: the reader left before the output was written (its end closed at once here)."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, '-m', 'prefix', 'show', 'smoke', '--root', str(finished_run.parent), '--json'],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO)
+    proc.stdout.close()
+    stderr = proc.stderr.read().decode()
+    assert proc.wait() == 0 and stderr == '', stderr

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from prefix.config import validate_run_name
+from prefix.errors import PrefixError
 
 
 @dataclass(frozen=True)
@@ -21,8 +22,13 @@ class RunDir:
         return cls(Path(runs_root).expanduser().resolve() / validate_run_name(run_name))
 
     def create(self) -> RunDir:
+        """Make the run's folders (a resume finds them there); a runs_root that cannot hold them is one line."""
         for folder in (self.checkpoints, self.logs, self.meta):
-            folder.mkdir(parents=True, exist_ok=True)
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise PrefixError(f'cannot create the run directory {folder}: {e.strerror} ({e.filename}); give '
+                                  'runs_root (or $PREFIX_RUNS_ROOT) a folder you can write to') from None
         return self
 
     @property

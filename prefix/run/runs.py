@@ -174,6 +174,9 @@ COMMANDS = {'runs': runs_command, 'show': show_command, 'plot': plot_command}
 def main(command: str, argv: list[str]) -> int:
     try:
         return COMMANDS[command](argv)
+    except BrokenPipeError:  # `prefix show --json | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's flush at exit would fail again
+        return 0
     except FileNotFoundError as e:
         print(f'prefix: error: {e}', file=sys.stderr)
         return 1
