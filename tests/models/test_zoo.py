@@ -28,6 +28,7 @@ from conftest import (
     committed_step,
     faults,
     run_env,
+    run_train,
     starts,
     step_losses,
     train_cmd,
@@ -55,16 +56,15 @@ def zoo_args(root: Path, dataset: Path, model: str, *overrides: str) -> list[str
             'checkpoint.periodic_interval=null', 'eval_interval=8ba', *ZOO[model][0], *overrides]
 
 
-def zoo_env(**extra: str) -> dict[str, str]:
-    return run_env(PYTHONPATH=os.pathsep.join(filter(None, [ZOO_PATH, os.environ.get('PYTHONPATH')])), **extra)
+def zoo_pythonpath() -> str:
+    return os.pathsep.join(filter(None, [ZOO_PATH, os.environ.get('PYTHONPATH')]))
 
 
 def kill_after_a_commit(root: Path, args: list[str], step: int, nproc: int = 0) -> None:
     """Run until every rank has ended batch ``step`` with a checkpoint committed, then SIGKILL every process."""
     marker, run = root / 'held', root / 'hf-gpt2-tiny'
     hold = faults({'op': 'step', 'step': step, 'event': 'batch_end', 'block': True, 'marker': str(marker)})
-    env = zoo_env(PREFIX_TEST_FAULTS=hold['PREFIX_TEST_FAULTS'])
-    env['PYTHONPATH'] = os.pathsep.join([hold['PYTHONPATH'], env['PYTHONPATH']])
+    env = run_env(**{**hold, 'PYTHONPATH': os.pathsep.join([hold['PYTHONPATH'], ZOO_PATH])})
     proc = subprocess.Popen(train_cmd(*args, nproc=nproc), env=env, cwd=REPO, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_for(lambda: marker.exists() and len(marker.read_text().splitlines()) == max(nproc, 1)
@@ -74,8 +74,7 @@ def kill_after_a_commit(root: Path, args: list[str], step: int, nproc: int = 0) 
 
 
 def resume(*args: str, nproc: int = 0) -> None:
-    result = subprocess.run(train_cmd(*args, nproc=nproc), env=zoo_env(), capture_output=True, text=True, timeout=300,
-                            cwd=REPO)
+    result = run_train(*args, nproc=nproc, PYTHONPATH=zoo_pythonpath())
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
 
 
