@@ -24,12 +24,13 @@ RUNS = {'timed-det-true', 'timed-det-false', '3a-killed', '3a-resumed', '3b-refe
 
 def gpu_check(out: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(SCRIPT), '--out', str(out), *args], cwd=REPO, capture_output=True,
-                          text=True, timeout=600)
+                          text=True, timeout=1100)
 
 
 def test_cpu_mode_runs_every_check_and_keeps_every_log(tmp_path: Path, dataset: Path) -> None:
     out = tmp_path / 'out'
-    result = gpu_check(out, '--device', 'cpu', '--data', str(dataset))
+    # a deadline no loaded machine reaches: the CPU mode checks code paths, not times (1-2 minutes here)
+    result = gpu_check(out, '--device', 'cpu', '--data', str(dataset), '--deadline', '1000')
     assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-3000:]
     table = (out / 'table.md').read_text()
     results = json.loads((out / 'results.json').read_text())
