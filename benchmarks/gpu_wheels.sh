@@ -5,7 +5,7 @@
 #
 # Run where PyPI is reachable; DEST then travels with the checkout to a host that has no network, whose image has
 # Python 3.12, its own CUDA build of torch and the common packages (numpy, pyyaml, transformers, torchmetrics,
-# tabulate, pillow, psutil, requests, ...: the list in the README), and is installed there with
+# tabulate, pillow, psutil, requests, ...: the list in benchmarks/README.md), and is installed there with
 #
 #   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD
 #

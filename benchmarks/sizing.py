@@ -1,6 +1,6 @@
-"""What a checkpoint needs at a model's size: the formulas behind the README's table, checked by ``make bench``.
+"""What a checkpoint needs at a model's size: the formulas behind the table in docs/checkpoints.md, checked by ``make bench``.
 
-    .venv/bin/python benchmarks/sizing.py      # prints the README's table
+    .venv/bin/python benchmarks/sizing.py      # prints the table of docs/checkpoints.md
 
 A parameter in fp32 with AdamW's two moments is 12 bytes of checkpoint (4 + 8); everything else in a
 checkpoint (the schedule, the data position, RNG states) is kilobytes. ``checkpoint_bench.py``

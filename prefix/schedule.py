@@ -5,7 +5,7 @@ evaluates after every step from the run's progress, rising over ``optimizer.warm
 ``optimizer.min_lr_ratio`` at ``max_duration``. Raising ``max_duration`` to train a run further therefore
 stretches the cosine to the new end, and the learning rate jumps at the resume step (from its floor back
 up, for a finished run). ``optimizer.decay_end`` ends the cosine somewhere else: set to the old end, the
-extended run goes on at the floor, without a jump (README: Extending a run).
+extended run goes on at the floor, without a jump (docs/changing-a-run.md).
 
 ``optimizer.lr`` is what the multiplier multiplies. Composer restores it from a checkpoint (its
 scheduler's ``base_lrs``, each parameter group's ``initial_lr``), so a resume with another value would

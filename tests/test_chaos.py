@@ -1,4 +1,4 @@
-"""A bounded chaos run: random kills by SIGKILL and SIGTERM, 1 and 2 ranks (the soak variant: README)."""
+"""A bounded chaos run: random kills by SIGKILL and SIGTERM, 1 and 2 ranks (the soak variant: docs/failures.md)."""
 
 from pathlib import Path
 

@@ -63,7 +63,7 @@ class CheckpointConfig:
     model and optimizer in a folder of shards that every rank writes; the default under FSDP) or
     ``full`` (everything in latest.pt, written by rank 0; the default otherwise). ``write_timeout``: how
     long a rank may take to write its part of one checkpoint before every rank stops, naming it (a hung
-    volume); by default the whole checkpoint at 25 MB/s, at least 10 minutes (README: Checkpoints).
+    volume); by default the whole checkpoint at 25 MB/s, at least 10 minutes (docs/checkpoints.md).
     """
 
     interval: str = setting('5min', units='ba,s,min,h')
@@ -125,7 +125,7 @@ class TrainConfig:
     device_microbatch_size: Optional[int] = setting(None, bounds='(0, inf)')  # None: the whole device batch
     precision: Optional[str] = setting(None, choices=(None, 'fp32', 'amp_bf16', 'amp_fp16'))
     # Deterministic kernels (torch.use_deterministic_algorithms, CUBLAS_WORKSPACE_CONFIG): what makes a GPU
-    # run repeat itself bit for bit, and so a resumed run equal to an uninterrupted one (README: GPUs and threads).
+    # run repeat itself bit for bit, and so a resumed run equal to an uninterrupted one (docs/gpus-and-threads.md).
     deterministic: bool = True
     eval_interval: str = setting('100ba', units='ba,ep')
     eval_batches: Optional[int] = setting(None, bounds='[0, inf)')  # None: the whole val split; 0: no evaluation
