@@ -16,7 +16,14 @@
 #   --grace DURATION     PREFIX_GRACE       termination grace period: time a preempted pod has to save, and
 #                                           how long its replacement waits for it (lock_wait) (600s)
 #   --node-pool NAME     PREFIX_NODE_POOL   Run:ai node pool (any)
-#   --env KEY=VALUE      PREFIX_EXTRA_ENV   extra environment in the pod; repeatable (space-separated in the variable)
+#   --env KEY=VALUE      PREFIX_EXTRA_ENV   extra environment in the pod; repeatable (space-separated in the variable).
+#                                           The value is stored in the workload's spec in plain text, so a KEY that
+#                                           names a secret (holds KEY, TOKEN, SECRET, PASSWORD, PASSWD or CREDENTIAL,
+#                                           in any case) is refused: use --secret-env
+#   --secret-env NAME=SECRET:KEY            environment variable NAME in the pod from key KEY of the Kubernetes
+#                        PREFIX_SECRET_ENV  secret SECRET in the project's namespace; repeatable. Only this reference
+#                                           reaches the spec (the current CLI's --env-secret, the older one's
+#                                           -e NAME=SECRET:SECRET,KEY); not with --nodes > 1 on the current CLI
 #   --cli new|old|auto   PREFIX_RUNAI_CLI   'runai training ...' (Run:ai 2.18+) or 'runai submit ...' (auto: ask runai)
 #   --dry-run                               print the runai commands, run none
 #
@@ -50,6 +57,7 @@ node_pool=${PREFIX_NODE_POOL:-}
 cli=${PREFIX_RUNAI_CLI:-auto}
 dry_run=0
 read -r -a extra_env <<< "${PREFIX_EXTRA_ENV:-}"
+read -r -a secret_env <<< "${PREFIX_SECRET_ENV:-}"
 
 while [ $# -gt 0 ]; do
   case $1 in
@@ -64,6 +72,7 @@ while [ $# -gt 0 ]; do
     --grace) grace=${2:?--grace needs a duration}; grace_given=1; shift 2 ;;
     --node-pool) node_pool=${2:?--node-pool needs a value}; shift 2 ;;
     --env) extra_env+=("${2:?--env needs KEY=VALUE}"); shift 2 ;;
+    --secret-env) secret_env+=("${2:?--secret-env needs NAME=SECRET:KEY}"); shift 2 ;;
     --cli) cli=${2:?--cli needs new, old or auto}; shift 2 ;;
     --dry-run) dry_run=1; shift ;;
     -h|--help) usage ;;
@@ -97,12 +106,31 @@ for setting in "gpus=$gpus" "nodes=$nodes" "cpu=$cpu"; do
   [[ ${setting#*=} =~ ^[1-9][0-9]*$ ]] || die "--${setting%%=*} must be a positive whole number, got '${setting#*=}'"
 done
 [[ $grace =~ ^[1-9][0-9]*(s|m|h)$ ]] || die "--grace must be a duration like 600s, 10m or 1h, got '$grace'"
-reserved=(PREFIX_RUNS_ROOT PREFIX_GPUS PREFIX_NNODES PREFIX_OVERRIDES PREFIX_POD)
+reserved=" PREFIX_RUNS_ROOT PREFIX_GPUS PREFIX_NNODES PREFIX_OVERRIDES PREFIX_POD "
+# No message here shows an --env value, or a --secret-env argument past its name: either may be a secret.
+env_names=" "
 for kv in ${extra_env[@]+"${extra_env[@]}"}; do
-  [[ $kv =~ ^[A-Za-z_][A-Za-z0-9_]*= ]] || die "--env '$kv' is not of the form KEY=VALUE"
-  for key in "${reserved[@]}"; do
-    [ "${kv%%=*}" != "$key" ] || die "--env ${kv%%=*} is set by this script (use --gpus, --nodes or an override instead)"
-  done
+  name=${kv%%=*}
+  [[ $kv == *=* ]] || die "an --env argument without '=' is not of the form KEY=VALUE (not shown: it may be a secret)"
+  [[ $name =~ ^[A-Za-z_][A-Za-z0-9_]*$ ]] || die "--env '$name=...' is not of the form KEY=VALUE"
+  [[ $reserved != *" $name "* ]] || die "--env $name is set by this script (use --gpus, --nodes or an override instead)"
+  # The spec holds an --env value in plain text (runai describe shows it): a secret's name is refused.
+  [[ ! $(tr '[:lower:]' '[:upper:]' <<< "$name") =~ KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL ]] ||
+    die "--env $name looks like a secret, and its value would be stored in plain text in the workload's spec: put it in a Kubernetes secret in the project's namespace and pass --secret-env $name=SECRET_NAME:KEY"
+  env_names+="$name "
+done
+secret_names=" "
+for ref in ${secret_env[@]+"${secret_env[@]}"}; do
+  name=${ref%%=*}
+  [[ $ref == *=* && $name =~ ^[A-Za-z_][A-Za-z0-9_]*$ ]] ||
+    die "--secret-env takes NAME=SECRET:KEY (a variable name, a Kubernetes secret's name and one of its keys), not a value"
+  # A Kubernetes secret's name (a DNS subdomain) and a key of its data: neither holds ',', ':' or '='.
+  [[ ${ref#*=} =~ ^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?:[-._A-Za-z0-9]{1,253}$ ]] ||
+    die "--secret-env $name: expected $name=SECRET:KEY, a Kubernetes secret's name (lowercase letters, digits, '-', '.') and one of its keys, not a value"
+  [[ $reserved != *" $name "* ]] || die "--secret-env $name is set by this script"
+  [[ $env_names != *" $name "* ]] || die "$name is given by both --env and --secret-env"
+  [[ $secret_names != *" $name "* ]] || die "--secret-env $name is given twice"
+  secret_names+="$name "
 done
 case $cli in new|old|auto) ;; *) die "--cli must be new, old or auto, got '$cli'" ;; esac
 # The config as the trainer will read it, checked here (without torch, in well under a second) rather than
@@ -168,7 +196,7 @@ if [ "$cli" = new ]; then
     fi
     fail "this runai CLI has no 'runai ${kind[*]} submit': use --cli old, or upgrade it"
   fi
-  [ "$have_runai" = 1 ] || help='--termination-grace-period --master-environment-variable --master-command --master-cpu-core-request --master-cpu-memory-request --master-gpu-devices-request'
+  [ "$have_runai" = 1 ] || help='--termination-grace-period --env-secret --master-environment-variable --master-command --master-cpu-core-request --master-cpu-memory-request --master-gpu-devices-request'
   env_flag=-e
   submit=(runai "${kind[@]}" submit "$workload")
   [ -z "$project" ] || submit+=(-p "$project")
@@ -210,6 +238,24 @@ pod_env=("PREFIX_RUNS_ROOT=/home/apluser/runs" "PREFIX_GPUS=$gpus" "PREFIX_NNODE
 for kv in "${pod_env[@]}"; do
   submit+=("$env_flag" "$kv")
 done
+# Secrets pass by reference only: the spec names the Kubernetes secret and key, the pod reads the value from it.
+if [ "$secret_names" != " " ]; then
+  if [ "$cli" = new ]; then
+    knows "$help" --env-secret ||
+      fail "this runai CLI's 'runai ${kind[*]} submit' has no --env-secret, which --secret-env needs to pass a secret by reference: upgrade the CLI"
+    [ "$nodes" -le 1 ] ||
+      fail "'runai training pytorch submit' documents no master-pod form of --env-secret (as --master-environment-variable is -e's), so the master pod would start without${secret_names% }: use --nodes 1 with --secret-env"
+  fi
+  for ref in "${secret_env[@]}"; do
+    name=${ref%%=*} secret=${ref#*=}
+    key=${secret#*:} secret=${secret%%:*}
+    if [ "$cli" = new ]; then
+      submit+=(--env-secret "$name=$secret,key=$key")  # ENV_VARIABLE=secret-name,key=secret-key
+    else
+      submit+=(-e "$name=SECRET:$secret,$key")  # <ENV-VARIABLE>=SECRET:<secret-name>,<secret-key>
+    fi
+  done
+fi
 pod_command=(bash runai/pod_train.sh "$run_name" "$config")
 
 # The PyTorch master pod gets what the workers get; each of these is needed, so a CLI without one is refused.

@@ -8,13 +8,18 @@ from then on, a delete leaves the name in ``Deleting`` for a few more calls, ``d
 prints the workload with a top-level status and its pods' own statuses nested.
 
 Environment: ``FAKE_RUNAI_VERSION`` (below), ``FAKE_RUNAI_STATE`` (the state file), ``RUNAI_LOG``
-(every call's arguments, one JSON list a line).
+(every call's arguments, one JSON list a line). A submission's workload in the state file holds its
+``spec`` as the cluster would store it: each pod environment variable with its ``value``, or with the
+``secret`` and ``key`` it is read from.
 
 Where each flag list comes from (the Run:ai CLI reference):
 - 2.22: docs.nvidia.com/run-ai self-hosted CLI reference (``runai training pytorch submit``; its
   master flags as on the same release's xgboost page: ``--master-environment-variable``,
   ``--master-cpu-core-request``, ``--master-cpu-memory-request``, ``--preemptibility``), and
-  ``runai training submit``, ``describe``, ``delete``, ``logs``.
+  ``runai training submit``, ``describe``, ``delete``, ``logs``. ``--env-secret`` ("Set an environment
+  variable from a Kubernetes secret. Format: ENV_VARIABLE=secret-name,key=secret-key") as on the same
+  reference's ``runai training xgboost submit`` and ``runai inference standard submit`` pages; the
+  reference has no master-pod form of it.
 - 2.20: github.com/run-ai/docs ``docs/Researcher/cli-reference/new-cli/runai_pytorch_submit.md`` and
   ``runai_training_submit.md`` (commit 090b17d): ``--master-environment``, ``--master-command``,
   no master CPU or memory flags, ``-e`` is ``--environment``.
@@ -23,7 +28,9 @@ Where each flag list comes from (the Run:ai CLI reference):
   ``--termination-grace-period`` (commit 7b38f49).
 - 2.16: the same repository's ``runai-submit.md`` and ``runai-submit-dist-pytorch.md`` (2.10 and
   later): ``--name``, ``--pvc-exists``, ``--cpu``, ``--memory``, ``--preemptible`` (submit only),
-  ``runai describe job NAME -o json``, ``runai delete job``, ``runai logs``.
+  ``runai describe job NAME -o json``, ``runai delete job``, ``runai logs``. A secret passes as
+  ``-e <ENV-VARIABLE>=SECRET:<secret-name>,<secret-key>`` (the same repository's
+  ``docs/Researcher/best-practices/secrets-as-env-var-in-cli.md`` and ``docs/admin/workloads/secrets.md``).
 """
 
 from __future__ import annotations
@@ -41,9 +48,10 @@ COMMON_NEW = {'-p': '--project', '-i': '--image', '-g': '--gpu-devices-request',
               '--large-shm': BOOL, '--command': BOOL, '--project': 1, '--image': 1, '--gpu-devices-request': 1}
 NEW_22 = {
     ('training', 'submit'): {**COMMON_NEW, '-e': '--environment-variable', '--environment-variable': 1,
-                             '--termination-grace-period': 1, '--preemptibility': 1},
+                             '--env-secret': 1, '--termination-grace-period': 1, '--preemptibility': 1},
     ('training', 'pytorch', 'submit'): {**COMMON_NEW, '-e': '--environment-variable', '--environment-variable': 1,
-                                        '--termination-grace-period': 1, '--workers': 1, '--no-master': BOOL,
+                                        '--env-secret': 1, '--termination-grace-period': 1, '--workers': 1,
+                                        '--no-master': BOOL,
                                         '--master-command': 1, '--master-args': 1, '--master-gpu-devices-request': 1,
                                         '--master-cpu-core-request': 1, '--master-cpu-memory-request': 1,
                                         '--master-environment-variable': 1},
@@ -84,6 +92,11 @@ NUMBER = re.compile(r'^\d+(\.\d+)?$')
 QUANTITY = re.compile(r'^\d+(\.\d+)?(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E)?$')  # Kubernetes resource quantity
 DURATION = re.compile(r'^(\d+(\.\d+)?(ns|us|ms|s|m|h))+$')  # Go's time.ParseDuration
 KEY_VALUE = re.compile(r'^[A-Za-z_][A-Za-z0-9_]*=')
+SECRET_NAME, SECRET_KEY = r'[a-z0-9]([-a-z0-9.]*[a-z0-9])?', r'[-._a-zA-Z0-9]+'  # a Kubernetes secret's name; a key of its data
+ENV_SECRET = re.compile(rf'^(?P<env>[A-Za-z_][A-Za-z0-9_]*)=(?P<secret>{SECRET_NAME}),key=(?P<key>{SECRET_KEY})$')
+# The older CLI's -e: KEY=VALUE, where a value that starts with SECRET: must be the documented secret reference.
+OLD_SECRET = re.compile(rf'^(?P<env>[A-Za-z_][A-Za-z0-9_]*)=SECRET:(?P<secret>{SECRET_NAME}),(?P<key>{SECRET_KEY})$')
+OLD_ENVIRONMENT = re.compile(rf'^[A-Za-z_][A-Za-z0-9_]*=(?!SECRET:)|{OLD_SECRET.pattern}')
 PVC = re.compile(r'^claimname=[a-z0-9.-]+,path=/\S*$')
 VALUES = {  # what each flag's value must look like, and why the CLI refuses one that does not
     **dict.fromkeys(['--gpu-devices-request', '--gpu', '--master-gpu-devices-request', '--cpu-core-request', '--cpu',
@@ -92,8 +105,10 @@ VALUES = {  # what each flag's value must look like, and why the CLI refuses one
                     (QUANTITY, 'quantities must match the regular expression')),
     '--termination-grace-period': (DURATION, 'time: invalid duration'),
     '--workers': (re.compile(r'^\d+$'), 'must be a non-negative whole number'),
-    **dict.fromkeys(['--environment', '--environment-variable', '--master-environment', '--master-environment-variable'],
+    **dict.fromkeys(['--environment-variable', '--master-environment', '--master-environment-variable'],
                     (KEY_VALUE, 'expected KEY=VALUE')),
+    '--environment': (OLD_ENVIRONMENT, 'expected KEY=VALUE, or KEY=SECRET:secret-name,secret-key'),
+    '--env-secret': (ENV_SECRET, 'expected ENV_VARIABLE=secret-name,key=secret-key'),
     **dict.fromkeys(['--existing-pvc', '--pvc-exists'], (PVC, 'expected claimname=NAME,path=PATH')),
     '--preemptibility': (re.compile(r'^(preemptible|non-preemptible)$'), 'expected preemptible or non-preemptible'),
 }
@@ -137,6 +152,20 @@ def parse(flags: dict, args: list[str]) -> tuple[list[str], dict[str, list[str]]
     return positional, seen, command
 
 
+def spec_of(version: str, seen: dict[str, list[str]]) -> dict[str, list[dict[str, str]]]:
+    """The pods' environment as the workload's spec holds it: a value in plain text, or a secret's name and key."""
+    def variable(flag: str, text: str) -> dict[str, str]:
+        ref = ENV_SECRET.match(text) if flag == '--env-secret' else OLD_SECRET.match(text) if version == '2.16' else None
+        if ref:
+            return {'name': ref['env'], 'secret': ref['secret'], 'key': ref['key']}
+        name, _, value = text.partition('=')
+        return {'name': name, 'value': value}
+
+    roles = {'environment': ['--environment', '--environment-variable', '--env-secret'],
+             'master_environment': ['--master-environment', '--master-environment-variable']}
+    return {role: [variable(flag, text) for flag in flags for text in seen.get(flag, [])] for role, flags in roles.items()}
+
+
 def main() -> int:
     args = sys.argv[1:]
     with open(os.environ['RUNAI_LOG'], 'a') as log:
@@ -166,7 +195,7 @@ def main() -> int:
         if workload is not None:
             print(f'Error: workload {name} already exists', file=sys.stderr)
             return 1
-        state[name] = {'status': 'Pending', 'args': args}
+        state[name] = {'status': 'Pending', 'args': args, 'spec': spec_of(version, seen)}
     elif verb == 'describe':
         if workload is None:
             print(f'Error: workload {name} not found', file=sys.stderr)

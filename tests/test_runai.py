@@ -271,7 +271,8 @@ def test_the_older_clis_final_states_are_final(tmp_path: Path, version: str, sta
 
 
 @pytest.mark.parametrize('args', [('-g', 'two'), ('--termination-grace-period', 'forever'), ('-e', 'NOEQUALS'),
-                                  ('--workers', '-5'), ('--cpu-memory-request', '32 GB')])
+                                  ('--workers', '-5'), ('--cpu-memory-request', '32 GB'),
+                                  ('--env-secret', 'WANDB_API_KEY=sk-live-value'), ('--env-secret', 'K=wandb:api-key')])
 def test_the_standin_refuses_values_the_cli_would(tmp_path: Path, args: tuple) -> None:
     env = {**os.environ, 'RUNAI_LOG': str(tmp_path / 'log'), 'FAKE_RUNAI_STATE': str(tmp_path / 'state')}
     result = subprocess.run([sys.executable, str(STANDIN), 'training', 'pytorch', 'submit', 'w', *args], env=env,
@@ -298,6 +299,13 @@ def test_dry_run_submits_nothing(tmp_path: Path) -> None:
     (('--env', 'novalue', 'exp1'), 'is not of the form KEY=VALUE'),
     (('--env', 'PREFIX_RUNS_ROOT=/scratch', 'exp1'), '--env PREFIX_RUNS_ROOT is set by this script'),
     (('--env', 'PREFIX_OVERRIDES=x', 'exp1'), '--env PREFIX_OVERRIDES is set by this script'),
+    (('--env', 'WANDB_API_KEY=x', 'exp1'), '--env WANDB_API_KEY looks like a secret'),
+    (('--secret-env', 'wandb:api-key', 'exp1'), '--secret-env takes NAME=SECRET:KEY'),
+    (('--secret-env', 'WANDB_API_KEY=wandb', 'exp1'), '--secret-env WANDB_API_KEY: expected WANDB_API_KEY=SECRET:KEY'),
+    (('--secret-env', 'PREFIX_GPUS=wandb:api-key', 'exp1'), '--secret-env PREFIX_GPUS is set by this script'),
+    (('--env', 'WANDB_ENTITY=me', '--secret-env', 'WANDB_ENTITY=wandb:entity', 'exp1'),
+     'WANDB_ENTITY is given by both --env and --secret-env'),
+    (('--secret-env', 'HF_TOKEN=hf:token', '--secret-env', 'HF_TOKEN=hf:other', 'exp1'), '--secret-env HF_TOKEN is given twice'),
     (('--bogus', 'exp1'), 'unknown option --bogus'),
     # the config, checked before anything is submitted (a typo found after the pod waited for GPUs before)
     (('exp1', 'yamls/base.yaml', 'optimizer.lrr=3'), "submit_train: prefix: config error: unknown config key 'optimizer.lrr'"),
@@ -324,3 +332,69 @@ def test_no_runai_on_path(tmp_path: Path) -> None:
 def test_an_explicit_grace_period_the_cli_cannot_set_is_refused(tmp_path: Path) -> None:
     result, _, workloads = submit(tmp_path, '--grace', '20m', 'exp1', version='2.18')
     assert result.returncode == 1 and 'no --termination-grace-period' in result.stderr and workloads == {}
+
+
+SECRET = 'sk-live-4f0c2b9e7d1a'  # a W&B key, as a user's shell might export it
+
+
+def nowhere(secret: str, result: subprocess.CompletedProcess, tmp_path: Path) -> bool:
+    """The value is in no runai call (the stand-in logs every argument), no workload's spec and no output."""
+    return not any(secret in text for text in (result.stdout, result.stderr, (tmp_path / 'runai.log').read_text(),
+                                               (tmp_path / 'workloads.json').read_text()))
+
+
+@pytest.mark.parametrize(('version', 'nodes'), [('2.22', '1'), ('2.16', '1'), ('2.16', '3')])
+def test_a_secret_reaches_the_spec_by_reference_only(tmp_path: Path, version: str, nodes: str) -> None:
+    """--secret-env names a Kubernetes secret and key, with the flag (and format) the CLI's reference documents:
+    the spec holds that reference, and the value (even one exported in the submitting shell) appears nowhere."""
+    result, calls, workloads = submit(tmp_path, '--nodes', nodes, '--secret-env', 'WANDB_API_KEY=wandb:api-key',
+                                      '--env', 'WANDB_PROJECT=prefix', 'exp1', version=version, WANDB_API_KEY=SECRET)
+    assert result.returncode == 0, result.stderr
+    sub, spec = workloads['exp1']['args'], workloads['exp1']['spec']
+    if version == '2.22':
+        assert values(sub, '--env-secret') == ['WANDB_API_KEY=wandb,key=api-key']
+    else:
+        assert 'WANDB_API_KEY=SECRET:wandb,api-key' in values(sub, '-e')
+    assert {'name': 'WANDB_API_KEY', 'secret': 'wandb', 'key': 'api-key'} in spec['environment']
+    assert {'name': 'WANDB_PROJECT', 'value': 'prefix'} in spec['environment']
+    assert nowhere(SECRET, result, tmp_path)
+
+
+@pytest.mark.parametrize(('version', 'nodes', 'message'), [
+    ('2.20', '1', "'runai training submit' has no --env-secret"),
+    ('2.18', '1', "'runai training submit' has no --env-secret"),
+    ('2.22', '3', 'the master pod would start without WANDB_API_KEY: use --nodes 1'),
+])
+def test_a_secret_the_cli_cannot_pass_by_reference_is_refused(tmp_path: Path, version: str, nodes: str,
+                                                              message: str) -> None:
+    result, calls, workloads = submit(tmp_path, '--nodes', nodes, '--secret-env', 'WANDB_API_KEY=wandb:api-key', 'exp1',
+                                      version=version)
+    assert result.returncode == 1 and message in result.stderr
+    assert workloads == {} and all('--help' in c for c in calls), 'nothing submitted'
+
+
+@pytest.mark.parametrize('name', ['WANDB_API_KEY', 'HF_TOKEN', 'aws_secret_access_key', 'DB_PASSWORD', 'GIT_CREDENTIALS'])
+@pytest.mark.parametrize('how', ['option', 'variable'])
+def test_an_env_that_names_a_secret_is_refused_without_showing_its_value(tmp_path: Path, name: str, how: str) -> None:
+    args, env = (('--env', f'{name}={SECRET}', 'exp1'), {}) if how == 'option' else \
+        (('exp1',), {'PREFIX_EXTRA_ENV': f'WANDB_PROJECT=prefix {name}={SECRET}'})
+    result, calls, _ = submit(tmp_path, *args, **env)
+    assert result.returncode == 2 and calls == []
+    assert f'--env {name} looks like a secret' in result.stderr and f'--secret-env {name}=SECRET_NAME:KEY' in result.stderr
+    assert SECRET not in result.stderr + result.stdout
+
+
+@pytest.mark.parametrize('arg', [SECRET, f'WANDB_API_KEY={SECRET}'])
+def test_a_value_given_where_a_secret_reference_belongs_is_not_shown(tmp_path: Path, arg: str) -> None:
+    for option in ('--env', '--secret-env'):
+        result, calls, _ = submit(tmp_path, option, arg, 'exp1')
+        assert result.returncode == 2 and calls == [] and SECRET not in result.stderr + result.stdout
+
+
+@pytest.mark.parametrize('runai', [True, False])
+def test_dry_run_shows_the_secrets_reference(tmp_path: Path, runai: bool) -> None:
+    result, calls, workloads = submit(tmp_path, '--dry-run', '--secret-env', 'WANDB_API_KEY=wandb:api-key', 'exp1',
+                                      runai=runai, WANDB_API_KEY=SECRET)
+    assert result.returncode == 0, result.stderr
+    assert '--env-secret WANDB_API_KEY=wandb\\,key=api-key' in result.stdout, result.stdout
+    assert workloads == {} and nowhere(SECRET, result, tmp_path)
