@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from streaming import StreamingDataset
 
+from prefix.data.loader import streaming_registration
 from prefix.data.prepare import DataError, is_val, prepare
 from prefix.data.prepare import main as data_main
 from prefix.data.tokenizer import ByteTokenizer
@@ -15,7 +16,12 @@ TEXT = 'def f(x):\n    return x + 1\n' * 40
 
 
 def read_split(out: Path, split: str) -> list[np.ndarray]:
-    ds = StreamingDataset(local=str(out), split=split, shuffle=False, batch_size=1)
+    # Registered as prefix registers every StreamingDataset: under the machine-wide lock. Streaming picks the
+    # first free shared-memory prefix (/dev/shm/<n>_locals, ...) and then creates it; a process that does
+    # both unlocked races any other one doing the same (the other xdist worker, a trainer): both pick n,
+    # and the second to create it fails with FileExistsError.
+    with streaming_registration():
+        ds = StreamingDataset(local=str(out), split=split, shuffle=False, batch_size=1)
     return [ds[i]['input_ids'] for i in range(len(ds))]
 
 
