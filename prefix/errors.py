@@ -7,7 +7,10 @@ fix, 1 for everything else. Anything that is not a ``PrefixError`` is a bug and 
 
 from __future__ import annotations
 
+import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 
 class PrefixError(Exception):
@@ -31,3 +34,12 @@ class ConfigError(PrefixError):
 
 class DataError(PrefixError):
     """A dataset that is missing, unreadable, or does not fit the model."""
+
+
+@contextmanager
+def reader_gone_quietly() -> Iterator[None]:
+    """Output into a pipe whose reader stopped (``prefix show --json | head``) is no error: the reader has what it wanted."""
+    try:
+        yield
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's flush at exit would fail again

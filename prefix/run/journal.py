@@ -2,14 +2,16 @@
 
 One ``Journal`` per start owns that start's records: a ``start`` record at FIT_START (after any
 resume) and an ``end`` record when the start ends on its own (completed, preempted, failed); a start
-without an end record was killed. ``checkpoint.json`` summarizes the last committed checkpoint, so
-that listing runs never opens a checkpoint. Rank 0 writes; a failed write is held in ``failures``
-so that every rank stops together.
+without an end record was killed. A start that fails before training (building the model, reading
+the checkpoint) leaves one ``setup_failed`` record with its error instead (``record_failed_setup``).
+``checkpoint.json`` summarizes the last committed checkpoint, so that listing runs never opens a
+checkpoint. Rank 0 writes; a failed write is held in ``failures`` so that every rank stops together.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import time
@@ -21,7 +23,11 @@ from composer.loggers import Logger
 from composer.utils import dist
 
 from prefix.dist import RankFailures, describe, started_at
-from prefix.files import atomic_write_text, jsonl
+from prefix.files import WRITER, atomic_write_text, jsonl
+from prefix.run.runinfo import SETUP_FAILED
+from prefix.run.runlock import LockLostError
+
+log = logging.getLogger(__name__)
 
 
 def _now() -> dict[str, object]:
@@ -64,6 +70,7 @@ class Journal(Callback):
             'previous_end': previous_end,
             'redone_steps': max(0, reached - step) if reached is not None else 0,
             'git_commit': self.commit,
+            'writer': WRITER,  # this process: record_failed_setup leaves a start recorded here to its end record
         }
         with self.failures.guard(f'recording this start in {self.path}'):
             jsonl.append(self.path, record)
@@ -78,6 +85,26 @@ class Journal(Callback):
                   **({'error': describe(error)} if error else {})}
         with self.failures.guard('recording the end of this start'):
             jsonl.append(self.path, record)
+
+
+def record_failed_setup(path: Path, error: BaseException) -> None:
+    """Rank 0, still holding the run lock, when this start fails before its journal recorded it: a ``setup_failed``
+    record with the error, so that ``prefix runs`` shows the run failed, and why, instead of new.
+
+    A start the journal recorded has its end record already; a start that lost the lock may write nothing more.
+    A failed write is only logged: the error being raised is the one the user needs.
+    """
+    if isinstance(error, LockLostError):
+        return
+    try:
+        if any(e.get('writer') == WRITER for e in jsonl.read(path)):
+            return
+        jsonl.append(path, {
+            'event': SETUP_FAILED, **_now(), 'process_start': round(started_at(), 3), 'host': socket.gethostname(),
+            'pid': os.getpid(), 'world_size': dist.get_world_size(), 'writer': WRITER, 'error': describe(error),
+        })
+    except Exception as e:
+        log.warning('could not record the failed start in %s: %s', path, describe(e))
 
 
 def record_checkpoint(path: Path, step: int, tokens_seen: int, nbytes: int) -> None:

@@ -13,10 +13,10 @@ from pathlib import Path
 from typing import Any, Optional
 
 from prefix.config import default_runs_root
-from prefix.errors import PrefixError
+from prefix.errors import PrefixError, reader_gone_quietly
 from prefix.files import jsonl
 from prefix.run.rundir import RunDir
-from prefix.run.runinfo import EVAL_LOSS, LOSS, details, list_runs, pair_starts
+from prefix.run.runinfo import EVAL_LOSS, LOSS, SETUP_FAILED, details, failure, list_runs, pair_starts
 
 
 def age(seconds: Optional[float]) -> str:
@@ -26,6 +26,11 @@ def age(seconds: Optional[float]) -> str:
         if seconds >= size:
             return f'{seconds / size:.0f}{unit}'
     return f'{seconds:.0f}s'
+
+
+def text(value: Any) -> str:
+    """A value as shown, ``-`` for one that is not there (never ``None``)."""
+    return '-' if value is None else str(value)
 
 
 def number(value: Optional[float]) -> str:
@@ -56,10 +61,10 @@ def runs_command(argv: list[str]) -> int:
         print(json.dumps([s.as_dict() for s in summaries], indent=2))
         return 0
     rows = [[
-        s.name, s.state, f'{s.step if s.step is not None else "-"}/{s.max_duration or "?"}', number(s.tokens_seen),
+        s.name, s.state, f'{text(s.step)}/{s.max_duration or "?"}', number(s.tokens_seen),
         f'{s.checkpoint_step} ({age(s.checkpoint_age_s)} ago)' if s.checkpoint_step is not None else '-',
         str(s.starts), str(s.redone_steps), f'{s.last_loss:.4f}' if isinstance(s.last_loss, float) else '-',
-        '; '.join(s.problems),
+        '; '.join(filter(None, [s.error, *s.problems])),
     ] for s in summaries]
     print(table(['RUN', 'STATE', 'STEP', 'TOKENS', 'CHECKPOINT', 'STARTS', 'REDONE', 'LOSS', 'PROBLEMS'], rows))
     if not summaries:
@@ -91,14 +96,15 @@ def show_command(argv: list[str]) -> int:
 
 def render(run: RunDir, info: dict[str, Any]) -> str:
     s, cfg, git, g = info['summary'], info['config'], info['git'], info['goodput']
-    model, data, opt = cfg.get('model', {}), cfg.get('data', {}), cfg.get('optimizer', {})
+    model, data, opt = cfg.get('model') or {}, cfg.get('data') or {}, cfg.get('optimizer') or {}
     lines = [
-        f'run {s["name"]}: {s["state"]}, step {s["step"]}/{s["max_duration"]}, last loss '
-        f'{s["last_loss"] if s["last_loss"] is not None else "-"}  ({run.root})',
-        f'config: model d_model={model.get("d_model")} n_layers={model.get("n_layers")} n_heads={model.get("n_heads")} '
-        f'seq={model.get("max_seq_len")}; global_batch_size={cfg.get("global_batch_size")}, lr={opt.get("lr")}, '
-        f'seed={cfg.get("seed")}; data {data.get("remote") or data.get("local")}; '
-        f'checkpoint every {cfg.get("checkpoint", {}).get("interval")}',
+        f'run {s["name"]}: {s["state"]}, step {text(s["step"])}/{s["max_duration"] or "?"}, last loss '
+        f'{text(s["last_loss"])}  ({run.root})',
+        f'config: model d_model={text(model.get("d_model"))} n_layers={text(model.get("n_layers"))} '
+        f'n_heads={text(model.get("n_heads"))} seq={text(model.get("max_seq_len"))}; '
+        f'global_batch_size={text(cfg.get("global_batch_size"))}, lr={text(opt.get("lr"))}, seed={text(cfg.get("seed"))}; '
+        f'data {text(data.get("remote") or data.get("local"))}; '
+        f'checkpoint every {text((cfg.get("checkpoint") or {}).get("interval"))}',
         f'git: {git.get("commit") or "-"} ({git.get("ref") or "-"}{", dirty" if git.get("dirty") else ""})',
         '',
         'starts:',
@@ -106,8 +112,10 @@ def render(run: RunDir, info: dict[str, Any]) -> str:
             str(i + 1), st.get('time', '-'), st.get('host', '-'), str(st.get('world_size', '-')), str(st.get('start_step', '-')),
             st.get('previous_end') or '-', str(st.get('redone_steps', 0)),
             f'{st["startup_s"]:.1f}s' if 'startup_s' in st else '-', st['ended'],
-            str(st['end'].get('step')) if st['end'] else '-',
+            text(st['end'].get('step')) if st['end'] else '-',
         ] for i, st in enumerate(info['starts'])]),
+        *(f'start {i + 1} {why}' for i, st in enumerate(info['starts'])
+          if (why := failure(st if st.get('event') == SETUP_FAILED else st['end']))),
         '',
         'checkpoints:',
         table(['FILE', 'STEP', 'SIZE', 'AGE'], [
@@ -134,15 +142,23 @@ def plot_command(argv: list[str]) -> int:
 
 
 def plot(run: RunDir) -> Path:
-    """Train loss (the last value of each step: a redone step shows its final value) and eval loss, resumes marked."""
+    """Train loss (the last value of each step: a redone step shows its final value) and eval loss, resumes marked.
+
+    A run with no loss logged is a ``PrefixError``, not a blank picture.
+    """
+    metrics = jsonl.read(run.metrics)
+    train = {r['step'] + 1: r[LOSS] for r in metrics if isinstance(r.get(LOSS), (int, float))}
+    evals = {r['step']: r[EVAL_LOSS] for r in metrics if isinstance(r.get(EVAL_LOSS), (int, float))}
+    if not train and not evals:
+        raise PrefixError(f'nothing to plot for run {run.name}: {run.metrics} '
+                          f'{"has no loss logged" if run.metrics.exists() else "does not exist"}; '
+                          'plot again once the run has trained a step')
+
     import matplotlib
 
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
 
-    metrics = jsonl.read(run.metrics)
-    train = {r['step'] + 1: r[LOSS] for r in metrics if isinstance(r.get(LOSS), (int, float))}
-    evals = {r['step']: r[EVAL_LOSS] for r in metrics if isinstance(r.get(EVAL_LOSS), (int, float))}
     resumes = [s for s in pair_starts(jsonl.read(run.starts)) if s.get('start_step')]
     fig, ax = plt.subplots(figsize=(10, 5), dpi=120)
     ax.plot(sorted(train), [train[k] for k in sorted(train)], color='tab:blue', linewidth=1, label='train loss')
@@ -173,9 +189,8 @@ COMMANDS = {'runs': runs_command, 'show': show_command, 'plot': plot_command}
 
 def main(command: str, argv: list[str]) -> int:
     try:
-        return COMMANDS[command](argv)
-    except BrokenPipeError:  # `prefix show --json | head`: the reader has what it wanted
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's flush at exit would fail again
+        with reader_gone_quietly():
+            return COMMANDS[command](argv)
         return 0
     except FileNotFoundError as e:
         print(f'prefix: error: {e}', file=sys.stderr)

@@ -32,7 +32,8 @@ def runs_json(root: Path) -> dict[str, dict]:
 @pytest.fixture(scope='session')  # session, not module: under xdist a worker may leave the module and come back
 def runs(tmp_path_factory: pytest.TempPathFactory, dataset: Path, finished_run: Path) -> tuple[Path, dict]:
     """A runs_root with: done (completed), twice (SIGKILLed, restarted, then SIGTERMed), broken (failed on bad data),
-    halfway (a damaged run directory); and what ``prefix runs`` said while ``twice`` was training.
+    unbuilt (failed building its model, before training), halfway (a damaged run directory); and what
+    ``prefix runs`` said while ``twice`` was training.
 
     Each start of ``twice`` is held at a chosen step by the fault injector, so the kills land at known steps."""
     root = tmp_path_factory.mktemp('runs')
@@ -69,6 +70,10 @@ def runs(tmp_path_factory: pytest.TempPathFactory, dataset: Path, finished_run: 
     shard.write_bytes(bytes(data))
     failed = run_train(*smoke_args(root, bad, 'run_name=broken', 'max_duration=20ba'))
     assert failed.returncode != 0
+    # Out of memory building the model: after the run lock and the run's meta/, before the journal's start record.
+    oom = {'op': 'call', 'target': 'prefix.models:build', 'when': 'before', 'error': 'MemoryError'}
+    unbuilt = run_train(*smoke_args(root, dataset, 'run_name=unbuilt', 'max_duration=20ba'), **faults(oom))
+    assert unbuilt.returncode != 0 and 'injected MemoryError' in unbuilt.stderr
 
     halfway = root / 'halfway'
     (halfway / 'meta').mkdir(parents=True)
@@ -92,12 +97,18 @@ def test_runs_lists_every_state_without_taking_locks(runs: tuple[Path, dict]) ->
     assert twice['redone_steps'] == 4  # killed after step 14, resumed from the checkpoint of step 10
     assert twice['checkpoint_step'] == twice['step'] == 23 and isinstance(twice['last_loss'], float)
 
-    assert listed['broken']['state'] == 'failed'
+    assert listed['broken']['state'] == 'failed' and listed['broken']['error'].startswith('failed at step ')
+    unbuilt = listed['unbuilt']
+    assert (unbuilt['state'], unbuilt['step'], unbuilt['starts'], unbuilt['max_duration']) == ('failed', None, 1, '20ba')
+    assert unbuilt['error'] == 'failed before training: MemoryError: injected MemoryError'
     assert listed['halfway']['problems'] and listed['halfway']['state'] in ('preempted', 'unreadable')
+    assert 'checkpoint latest.pt unreadable: truncated (its zip directory is missing)' in listed['halfway']['problems']
 
     table = prefix('runs', '--root', str(root))
     assert table.returncode == 0 and table.stdout.splitlines()[0].split()[:3] == ['RUN', 'STATE', 'STEP']
-    assert any(line.split()[:2] == ['twice', 'preempted'] for line in table.stdout.splitlines())
+    rows = {line.split()[0]: line for line in table.stdout.splitlines()[1:]}
+    assert rows['twice'].split()[:2] == ['twice', 'preempted']
+    assert rows['unbuilt'].split()[:3] == ['unbuilt', 'failed', '-/20ba'] and rows['unbuilt'].endswith(unbuilt['error'])
 
 
 def test_show_tells_the_history_checkpoints_and_goodput(runs: tuple[Path, dict]) -> None:
@@ -121,6 +132,11 @@ def test_show_tells_the_history_checkpoints_and_goodput(runs: tuple[Path, dict])
 
     damaged = prefix('show', 'halfway', '--root', str(root))
     assert damaged.returncode == 0 and 'unreadable' in damaged.stdout and 'problems:' in damaged.stdout
+    assert 'checkpoint latest.pt unreadable: truncated' in damaged.stdout
+    unbuilt = prefix('show', 'unbuilt', '--root', str(root))
+    assert unbuilt.returncode == 0 and 'None' not in unbuilt.stdout
+    assert unbuilt.stdout.startswith('run unbuilt: failed, step -/20ba,')
+    assert 'start 1 failed before training: MemoryError: injected MemoryError' in unbuilt.stdout.splitlines()
     missing = prefix('show', 'nosuchrun', '--root', str(root))
     assert missing.returncode == 1 and missing.stderr.count('\n') == 1 and 'nosuchrun' in missing.stderr
 
@@ -132,4 +148,7 @@ def test_plot_writes_a_png_with_the_resumes(runs: tuple[Path, dict]) -> None:
     png = root / 'twice' / 'logs' / 'loss.png'
     assert result.stdout.strip() == str(png)
     assert png.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n' and png.stat().st_size > 20_000
-    assert prefix('plot', 'halfway', '--root', str(root)).returncode == 0  # nothing to draw is still a picture
+    for name in ('halfway', 'unbuilt'):  # nothing to draw: one line naming the file, no blank picture
+        empty = prefix('plot', name, '--root', str(root))
+        assert empty.returncode == 1 and empty.stderr.count('\n') == 1
+        assert str(root / name / 'logs' / 'metrics.jsonl') in empty.stderr and not (root / name / 'logs' / 'loss.png').exists()
