@@ -7,7 +7,8 @@ __getattr__, __dir__ = exports(
     config=['CheckpointConfig', 'DataConfig', 'LoggersConfig', 'MLflowConfig', 'OptimizerConfig', 'TrainConfig',
             'WandBConfig', 'load_config', 'to_dict', 'to_yaml'],
     model=['ModelConfig'],
+    schema=['listing'],
     location=['default_runs_root', 'validate_run_name'],
     duration=['Duration'],
-    drift=['check_and_record', 'diff'],
+    drift=['check_and_record', 'diff', 'flatten'],
 )

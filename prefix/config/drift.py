@@ -8,6 +8,7 @@ precision, ...) is allowed. Every change is recorded in ``meta/config_changes.js
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -25,18 +26,22 @@ class ConfigDriftError(ConfigError):
     """The config changed in a way that makes resuming wrong."""
 
 
-def _flatten(tree: Any, prefix: str = '') -> dict[str, Any]:
+def flatten(tree: Any, prefix: str = '') -> dict[str, Any]:
+    """``{'optimizer': {'lr': 3e-3}}`` as ``{'optimizer.lr': 3e-3}``: the dotted keys of a config's leaves (lists and
+    None are values; an empty mapping has none)."""
     if isinstance(tree, dict):
         out: dict[str, Any] = {}
         for key, value in tree.items():
-            out.update(_flatten(value, f'{prefix}{key}.'))
+            out.update(flatten(value, f'{prefix}{key}.'))
         return out
     return {prefix[:-1]: tree}
 
 
 def diff(old: dict[str, Any], new: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
     """``{dotted key: (old, new)}`` for every leaf that differs."""
-    a, b = _flatten(old), _flatten(new)
+    a, b = flatten(old), flatten(new)
+    if isinstance(a.get('data.local'), str):  # a run from before paths were made absolute: relative to this folder
+        a['data.local'] = os.path.abspath(a['data.local'])
     return {k: (a.get(k), b.get(k)) for k in sorted(a.keys() | b.keys())
             if a.get(k) != b.get(k) and k not in IGNORED}
 
@@ -52,7 +57,7 @@ def check_and_record(old: dict[str, Any], new: dict[str, Any], step: int, change
     changes = diff(old, new)
     if not changes:
         return
-    known = _flatten(old)
+    known = flatten(old)
     unsafe = [k for k in changes if is_unsafe(k, new) and k in known]  # a key newer than the checkpoint is no change
     allowed = bool(new.get('allow_config_change'))
     if unsafe and not allowed:

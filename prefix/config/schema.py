@@ -112,3 +112,35 @@ def _nested(cls: type, name: str) -> Optional[type]:
         if dataclasses.is_dataclass(candidate):
             return candidate  # type: ignore[return-value]
     return None
+
+
+def listing(cls: type, prefix: str = '', fixed: bool = False) -> list[str]:
+    """One line per key of ``cls`` (nested configs expanded): its default and what it takes, for ``--help``."""
+    lines = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        nested = _nested(cls, f.name)
+        if nested is not None and dataclasses.fields(nested):
+            lines += listing(nested, f'{prefix}{f.name}.', fixed or f.metadata.get('fixed', False))
+            continue
+        if f.default is not dataclasses.MISSING:
+            default = 'required' if f.default == REQUIRED else ('null' if f.default is None else str(f.default))
+        else:
+            default = str(f.default_factory()) if f.default_factory is not dataclasses.MISSING else ''  # type: ignore[misc]
+        kind = 'section' if nested is not None else _type_name(hints[f.name])
+        meta = f.metadata
+        takes = [f'durations in {",".join(meta["units"])}' if meta.get('units') else '',
+                 'one of ' + ', '.join('null' if c is None else str(c) for c in meta['choices']) if meta.get('choices') else '',
+                 f'in {meta["bounds"]}' if meta.get('bounds') else '',
+                 'fixed for the run' if fixed or meta.get('fixed') else '']
+        lines.append(f'  {prefix + f.name:40} {kind:10} {default:12} {"; ".join(t for t in takes if t)}'.rstrip())
+    return lines
+
+
+def _type_name(hint: Any) -> str:
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if typing.get_origin(hint) is typing.Union and len(args) == 1:
+        hint = args[0]
+    if typing.get_origin(hint) is not None:
+        return typing.get_origin(hint).__name__
+    return getattr(hint, '__name__', str(hint))

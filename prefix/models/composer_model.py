@@ -30,6 +30,8 @@ class ComposerGPT(ComposerModel):
             'LanguageCrossEntropy': LanguageCrossEntropy(),
             'LanguagePerplexity': LanguagePerplexity(),
         }
+        # The weights a token is multiplied by: all but the position table (a lookup); the tied head counts once.
+        self.matmul_params = self.num_parameters() - self.model.pos_emb.weight.numel()
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.model(batch['input_ids'][:, :-1])
@@ -49,3 +51,11 @@ class ComposerGPT(ComposerModel):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+    def flops_per_batch(self, batch: dict[str, torch.Tensor]) -> int:
+        """A training step's FLOPs on ``batch``, for Composer's SpeedMonitor to report MFU: per token, 6 per weight
+        (forward 2, backward 4) and 12 * n_layers * d_model per position attended (scores and their sum; the causal
+        mask not subtracted, the convention MFU figures are quoted in)."""
+        samples, tokens = batch['input_ids'].shape[0], batch['input_ids'].shape[1] - 1
+        cfg = self.model.cfg
+        return samples * tokens * (6 * self.matmul_params + 12 * cfg.n_layers * cfg.d_model * tokens)

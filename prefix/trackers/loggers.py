@@ -12,6 +12,10 @@ their start made rank-local), and continues the tracker run whose id ``meta/trac
   would refuse them), and each start is recorded in the run's config. Offline, each start is a local
   run with the same id, which ``wandb sync`` merges.
 
+Each gets the run's config as hyperparameters (``prefix.trackers.hparams``): TensorBoard's HParams of the first
+start, MLflow's parameters as first logged (a value changed on resume as a ``prefix.latest.<key>`` tag), W&B's
+config as of the latest start.
+
 Each start shows as a ``prefix.start.<n>`` tag or config entry (value: the step it began from) and,
 in TensorBoard and MLflow, a ``prefix/start`` metric at that step. A tracker that fails (a server that
 cannot be reached, a full disk) never stops training: it is dropped with one warning, and the metrics
@@ -87,6 +91,9 @@ class TensorBoard(LoggerDestination):
     written again from ``logs/metrics.jsonl``, and this start's own step-R values that the file
     already holds are dropped (bit-exact repeats). Not Composer's TensorBoardLogger: that one closes
     its event file at every flush (for uploads) and cannot purge. Events are flushed at every batch.
+
+    The hyperparameters (the config) are written at each start's first step, for the HParams dashboard, which
+    shows those of the first start: TensorBoard keeps the first it reads of a run.
     """
 
     def __init__(self, folder: Path, start_number: int, metrics_path: Path) -> None:
@@ -95,6 +102,7 @@ class TensorBoard(LoggerDestination):
         self._writer: Any = None
         self._step = 0
         self._replayed: set[str] = set()  # step-R metrics written from logs/metrics.jsonl
+        self._hparams: dict[str, Any] = {}
 
     def fit_start(self, state: State, logger: Logger) -> None:
         from torch.utils.tensorboard import SummaryWriter
@@ -105,7 +113,12 @@ class TensorBoard(LoggerDestination):
             self._writer.add_scalar(key, value, step, walltime=at)
             self._replayed.add(key)
         self._writer.add_scalar(START_KEY, self.start_number, step)
+        if self._hparams:
+            self._writer.file_writer.add_summary(hparams_summary(self._hparams), step)
         self._writer.flush()
+
+    def log_hyperparameters(self, hyperparameters: dict[str, Any]) -> None:
+        self._hparams.update(hyperparameters)
 
     def log_metrics(self, metrics: dict[str, Any], step: Optional[int] = None) -> None:
         if self._writer is None:
@@ -152,6 +165,13 @@ class WandB(WandBLogger):
 
         wandb.config.update({f'prefix.start.{self.start_number}': int(state.timestamp.batch)}, allow_val_change=True)
 
+    def log_hyperparameters(self, hyperparameters: dict[str, Any]) -> None:
+        """Into the run's config; a value a resumed start changed replaces the old one (W&B refuses it otherwise)."""
+        import wandb
+
+        if self._enabled:
+            wandb.config.update(hyperparameters, allow_val_change=True)
+
     def log_metrics(self, metrics: dict[str, Any], step: Optional[int] = None) -> None:
         if step is None or step >= self._next_step:
             super().log_metrics(metrics, step)
@@ -169,6 +189,19 @@ class WandB(WandBLogger):
         if outcome == 'preempted':
             wandb.run.mark_preempting()
         wandb.finish(exit_code={'completed': 0, 'preempted': PREEMPTED_EXIT_CODE}.get(outcome or '', 1))
+
+
+def hparams_summary(hyperparameters: dict[str, Any]) -> Any:
+    """The summary that makes a TensorBoard run a row of the HParams dashboard (``tensorboard --logdir <runs_root>``
+    compares runs): numbers stay numbers, lists and booleans are written as text, None is left out.
+
+    Only the session's start, not the experiment: with none, TensorBoard makes the columns of every run's keys.
+    """
+    from torch.utils.tensorboard.summary import hparams
+
+    shown = {k: v if isinstance(v, (int, float, str)) and not isinstance(v, bool) else json.dumps(v, default=str)
+             for k, v in hyperparameters.items() if v is not None}
+    return hparams(shown, {})[1]
 
 
 def values_at(path: Path, step: int) -> dict[str, tuple[float, float]]:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -45,7 +46,9 @@ BATCH = 1000  # metrics per request, MLflow's limit
 FLUSH_S = 5.0  # how often the sender looks for new lines
 RETRY_S = 10.0  # how often a server that failed is tried again
 CLOSE_S = 15.0  # at the end of a start, the longest the sender is waited for; what it has not sent goes later
-PARAM_CHARS = 500  # the longest parameter value every MLflow server accepts
+PARAM_CHARS = 500  # the longest parameter value every MLflow server accepts (6000 from MLflow 2.x's newer stores)
+NAME = re.compile(r'[\w./\- :]{1,250}')  # the parameter and tag names MLflow accepts (one it refuses fails its request)
+LATEST = 'prefix.latest.'  # the tag of a parameter a later start changed: its value now (MLflow never changes a parameter)
 PARAMS_BATCH = 100  # parameters (or tags) per request, MLflow's limit
 STATUS = {'completed': 'FINISHED', 'preempted': 'KILLED'}  # how a start ended, as MLflow says it; else FAILED
 
@@ -232,8 +235,8 @@ class MLflow(MLFlowLogger):
                          log_system_metrics=False)
         self.known_run_id, self.run, self.start_number, self.outcome = run_id, run, start_number, outcome
         self.sender: Optional[Sender] = None
-        self._params: dict[str, str] = {}  # Composer's hyperparameters, sent once by the sender
-        self._held_params: set[str] = set()  # the parameters the run holds (MLflow refuses to change one)
+        self._params: dict[str, str] = {}  # the hyperparameters (the config, Composer's), sent once by the sender
+        self._held_params: dict[str, str] = {}  # the parameters the run holds (MLflow refuses to change one)
         self._held_tags: dict[str, str] = {}
         self._held_starts: set[int] = set()  # the starts the run's START_KEY metric holds
         self._ended = False
@@ -253,7 +256,7 @@ class MLflow(MLFlowLogger):
             run = self._mlflow_client.create_run(self._experiment_id, run_name=self.run_name)
         self._run_id = run.info.run_id
         held = {m.key: m.step for m in run.data.to_proto().metrics}
-        self._held_params, self._held_tags = set(run.data.params), dict(run.data.tags)
+        self._held_params, self._held_tags = dict(run.data.params), dict(run.data.tags)
         self._held_starts = {int(m.value) for m in self._mlflow_client.get_metric_history(self._run_id, START_KEY)}
         return Sender(self._mlflow_client, self._run_id, self.run.metrics, self.run.mlflow_ledger, held, self.rename)
 
@@ -281,14 +284,25 @@ class MLflow(MLFlowLogger):
     def fit_start(self, state: State, logger: Logger) -> None:
         assert self.sender is not None
         self.sender.first = self.starts(int(state.timestamp.batch))
+        self.sender.first['tags'].extend(self.changed())
         self.sender.params = {k: v for k, v in self._params.items() if k not in self._held_params}
         self.sender.start()
+
+    def changed(self) -> list[Any]:
+        """A ``prefix.latest.<key>`` tag for each parameter whose value this start changed (a config key changed on
+        resume, as ``logs/config_changes.jsonl`` records): the run keeps the value first logged as its parameter."""
+        from mlflow.entities import RunTag
+
+        return [RunTag(LATEST + k, v) for k, v in self._params.items()
+                if k in self._held_params and NAME.fullmatch(LATEST + k)
+                and self._held_tags.get(LATEST + k, self._held_params[k]) != v]
 
     def log_metrics(self, metrics: dict[str, Any], step: Optional[int] = None) -> None:
         """Nothing: the sender sends what ``logs/metrics.jsonl`` holds (``MetricsLogger`` writes every metric there)."""
 
     def log_hyperparameters(self, hyperparameters: dict[str, Any]) -> None:
-        self._params.update({k: str(v)[:PARAM_CHARS] for k, v in hyperparameters.items()})
+        """Kept for the sender, each value cut to ``PARAM_CHARS``; a name MLflow would refuse is left out."""
+        self._params.update({k: str(v)[:PARAM_CHARS] for k, v in hyperparameters.items() if NAME.fullmatch(k)})
 
     def post_close(self) -> None:
         """End the run once, with how this start ended; Composer's exit hook calling again changes nothing."""

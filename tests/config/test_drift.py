@@ -62,3 +62,27 @@ def test_the_checkpoint_format_is_unsafe_fsdp_placement_is_not_and_a_newer_key_i
     older = config()  # written before checkpoint.format existed
     del older['checkpoint']['format']
     check_and_record(older, config(**{'checkpoint.format': 'full'}), 5, tmp_path / 'config_changes.jsonl')
+
+
+def test_the_dataset_is_compared_as_the_folder_it_names(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """data.local is made absolute where the run starts: the same folder written two ways is the same data, the same
+    relative path from another folder is other data; a run recorded before, with a relative path, resumes as before."""
+    from prefix.config.config import load_config
+
+    (tmp_path / 'a' / 'data').mkdir(parents=True)
+    (tmp_path / 'b' / 'data').mkdir(parents=True)
+    (tmp_path / 'c.yaml').write_text('run_name: r\nmax_duration: 10ba\n')
+    changes = tmp_path / 'config_changes.jsonl'
+
+    def loaded(folder: str, local: str) -> dict:
+        monkeypatch.chdir(tmp_path / folder)
+        return to_dict(load_config(str(tmp_path / 'c.yaml'), [f'data.local={local}']))
+
+    first = loaded('a', 'data')
+    assert first['data']['local'] == str(tmp_path / 'a' / 'data')
+    check_and_record(first, loaded('b', str(tmp_path / 'a' / 'data')), 5, changes)
+    with pytest.raises(ConfigDriftError, match='data.local'):
+        check_and_record(first, loaded('b', 'data'), 5, changes)
+    recorded_relative = {**first, 'data': {**first['data'], 'local': 'data'}}
+    check_and_record(recorded_relative, loaded('a', 'data'), 5, changes)
+    assert not changes.exists()

@@ -3,8 +3,9 @@
 MLflow runs against a real ``mlflow server`` (sqlite store, loopback), as users run it, which the
 tests kill and start again. A real run with all three trackers (W&B offline) is SIGKILLed twice at
 random batch ends, where TensorBoard's events of that batch are not flushed yet, and finishes on a
-third start. Each tracker must then read back as one run with every step once and the starts marked;
-MLflow's status must be how the last start ended, and what the server missed must reach it.
+third start. Each tracker must then read back as one run with every step once and the starts marked,
+the loss and the per-step signals (learning rate, gradient norm, throughput) alike, and the config as
+hyperparameters; MLflow's status must be how the last start ended, and what the server missed must reach it.
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ import os
 import random
 import signal
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import (
@@ -41,6 +44,7 @@ TRACKERS = ['loggers.tensorboard={}', 'loggers.wandb={}', f'max_duration={STEPS}
             'checkpoint.interval=4ba', 'checkpoint.periodic_interval=null', 'eval_interval=10ba']
 OFFLINE = {'WANDB_MODE': 'offline', 'WANDB_SILENT': 'true'}
 LOSS = 'loss/train/total'
+LR, GRAD_NORM, THROUGHPUT = 'lr-DecoupledAdamW/group0', 'l2_norm/grad/global', 'throughput/tokens_per_sec'
 MLFLOW_SERVER = REPO / '.venv-mlflow' / 'bin' / 'mlflow'  # its own venv (make test installs it: Makefile)
 
 
@@ -126,6 +130,25 @@ def assert_one_run_with_every_step_once(server: MLflowServer, run: Path, status:
     assert {m.step: m.value for m in history} == losses
 
 
+def first_values(run: Path, key: str) -> dict[int, float]:
+    """Each step's first value of ``key`` in ``logs/metrics.jsonl``: what MLflow holds (a redone step is sent once)."""
+    values: dict[int, float] = {}
+    for line in (run / 'logs' / 'metrics.jsonl').read_text().splitlines():
+        record = json.loads(line)
+        if key in record:
+            values.setdefault(record['step'], record[key])
+    return values
+
+
+def assert_signals_at_each_step_once(steps: dict[str, list[int]], run: Path) -> None:
+    """The learning rate and gradient norm at every step, as the loss; the throughput at every step but a start's
+    first, which pays for its warm-up (a step an earlier start trained has one); each step once."""
+    assert sorted(steps[LR]) == sorted(steps[GRAD_NORM]) == list(range(STEPS))
+    last_start = starts(run)[-1]['start_step']
+    assert set(range(last_start + 1, STEPS)) <= set(steps[THROUGHPUT]) <= set(range(1, STEPS))
+    assert len(steps[THROUGHPUT]) == len(set(steps[THROUGHPUT]))
+
+
 def kill_at_random_batch_end(root: Path, args: list[str], rng: random.Random, after: int) -> int:
     step = rng.randint(after + 1, min(after + 12, STEPS - 2))
     marker = root / f'held-{step}'
@@ -163,6 +186,7 @@ def tracked_run(tmp_path_factory: pytest.TempPathFactory, dataset: Path, module_
 
 def test_tensorboard_reads_back_one_run_each_step_once(tracked_run: Path) -> None:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams.metadata import SESSION_START_INFO_TAG, parse_session_start_info_plugin_data
 
     events = EventAccumulator(str(tracked_run / 'logs' / 'tensorboard'), size_guidance={'scalars': 0})
     events.Reload()
@@ -174,9 +198,16 @@ def test_tensorboard_reads_back_one_run_each_step_once(tracked_run: Path) -> Non
     assert all(abs(losses[s] - v) < 1e-6 for s, v in step_losses(tracked_run).items())  # float32 in the events
     assert sorted(e.step for e in events.Scalars('metrics/val/LanguageCrossEntropy')) == [10, 20, 30]
     assert sorted(e.step for e in events.Scalars('prefix/start')) == sorted({s['start_step'] for s in starts(tracked_run)})
+    assert_signals_at_each_step_once({k: [e.step for e in events.Scalars(k)] for k in (LR, GRAD_NORM, THROUGHPUT)},
+                                     tracked_run)
+    hparams = events.SummaryMetadata(SESSION_START_INFO_TAG).plugin_data.content  # the HParams dashboard's row
+    config = parse_session_start_info_plugin_data(hparams).hparams
+    assert config['optimizer.lr'].number_value == 3e-3 and config['model.n_layers'].number_value == 2
+    assert config['optimizer.warmup'].string_value == '5ba'
 
 
-def test_mlflow_holds_one_run_every_step_once_and_the_starts(tracked_run: Path, module_server: MLflowServer) -> None:
+def test_mlflow_holds_one_run_every_step_once_and_the_starts(tracked_run: Path, module_server: MLflowServer,
+                                                            dataset: Path) -> None:
     assert_one_run_with_every_step_once(module_server, tracked_run, 'FINISHED')
     client = module_server.client()
     run = client.get_run(mlflow_run_id(tracked_run))
@@ -186,6 +217,33 @@ def test_mlflow_holds_one_run_every_step_once_and_the_starts(tracked_run: Path, 
     assert {k: int(v) for k, v in run.data.tags.items() if k.startswith('prefix.start.')} == {
         f'prefix.start.{n}': s['start_step'] for n, s in enumerate(starts(tracked_run), 1)}
     assert {m.step for m in client.get_metric_history(run.info.run_id, 'prefix/start')} == begun
+    assert run.data.params['optimizer.lr'] == '0.003' and run.data.params['model.n_layers'] == '2'
+    assert run.data.params['optimizer.betas'] == '[0.9, 0.95]' and run.data.params['data.local'] == str(dataset)
+    assert not any(k.startswith('prefix.latest.') for k in run.data.tags), 'no key changed on resume'
+    histories = {k: client.get_metric_history(run.info.run_id, k) for k in (LR, GRAD_NORM, THROUGHPUT)}
+    assert_signals_at_each_step_once({k: [m.step for m in h] for k, h in histories.items()}, tracked_run)
+    for key, history in histories.items():
+        assert {m.step: m.value for m in history} == first_values(tracked_run, key)
+    assert max(m.value for m in histories[GRAD_NORM]) > 1.0, 'the norm before clipping (optimizer.grad_clip_norm: 1)'
+
+
+def test_signals_are_one_line_a_step_with_no_monitor_noise_on_a_cpu(tracked_run: Path) -> None:
+    """A step's signals share one record of logs/metrics.jsonl, at the loss's step, with only the keys worth keeping;
+    on a CPU there is neither peak memory nor MFU, and no warning about them."""
+    import torch
+
+    records = [json.loads(line) for line in (tracked_run / 'logs' / 'metrics.jsonl').read_text().splitlines()]
+    signals = [r for r in records if LR in r]
+    assert all(GRAD_NORM in r and LOSS not in r for r in signals)
+    keys = {k for r in signals for k in r} - {'throughput/device/mfu'}  # on a GPU Composer's table knows
+    memory = {'memory/peak_allocated_mem', 'memory/peak_reserved_mem', 'memory/alloc_retries'}
+    assert keys == {'step', 'time', LR, GRAD_NORM, THROUGHPUT, 'throughput/device/tokens_per_sec'} | (
+        memory if torch.cuda.is_available() else set())
+    assert not any(k.startswith(('time/train', 'throughput/batches')) for r in records for k in r)
+    if not torch.cuda.is_available():
+        assert not any('throughput/device/mfu' in r for r in signals)
+        console = (tracked_run / 'logs' / 'rank0.log').read_text()
+        assert 'memory monitor' not in console.lower() and 'gpu_flop' not in console
 
 
 def test_wandb_offline_keeps_one_run_id_across_starts(tracked_run: Path) -> None:
@@ -193,6 +251,9 @@ def test_wandb_offline_keeps_one_run_id_across_starts(tracked_run: Path) -> None
     offline = sorted((tracked_run / 'logs' / 'wandb').glob('offline-run-*'))
     assert len(offline) == 3, offline
     assert all(folder.name.endswith(f'-{run_id}') for folder in offline)
+    config, history = wandb_records(offline[-1])  # the completed start's (a killed one's file can be empty)
+    assert config['optimizer.lr'] == 3e-3 and config['model.n_layers'] == 2 and config['optimizer.betas'] == [0.9, 0.95]
+    assert all(LR in row and GRAD_NORM in row for row in history if LOSS in row), 'at the step of the loss'
 
 
 def test_an_unreachable_mlflow_server_never_stops_training(tmp_path: Path, dataset: Path) -> None:
@@ -224,18 +285,36 @@ def hold(tmp_path: Path, step: int) -> tuple[Path, Path, dict]:
     return held, release, {'op': 'step', 'step': step, 'block': True, 'marker': str(held), 'release': str(release)}
 
 
-def wandb_endings(run: Path) -> list[tuple[bool, int | None]]:
-    """For each W&B offline run (one per start): whether it was marked preempting, and its exit code."""
+def wandb_scan(folder: Path) -> Iterator[Any]:
+    """The records of a W&B offline run (one start's), in order."""
     from wandb.proto import wandb_internal_pb2
     from wandb.sdk.internal.datastore import DataStore
 
+    store = DataStore()
+    store.open_for_scan(str(next(folder.glob('*.wandb'))))
+    while (data := store.scan_data()) is not None:
+        record = wandb_internal_pb2.Record()
+        record.ParseFromString(data)
+        yield record
+
+
+def wandb_records(folder: Path) -> tuple[dict, list[dict]]:
+    """A W&B offline run's config and its history rows (each a step's metrics)."""
+    config, history = {}, []
+    for record in wandb_scan(folder):
+        if record.HasField('config'):
+            config.update({item.key: json.loads(item.value_json) for item in record.config.update})
+        if record.HasField('history'):
+            history.append({item.key: json.loads(item.value_json) for item in record.history.item})
+    return config, history
+
+
+def wandb_endings(run: Path) -> list[tuple[bool, int | None]]:
+    """For each W&B offline run (one per start): whether it was marked preempting, and its exit code."""
     endings = []
     for folder in sorted((run / 'logs' / 'wandb').glob('offline-run-*')):
-        store, preempting, code = DataStore(), False, None
-        store.open_for_scan(str(next(folder.glob('*.wandb'))))
-        while (data := store.scan_data()) is not None:
-            record = wandb_internal_pb2.Record()
-            record.ParseFromString(data)
+        preempting, code = False, None
+        for record in wandb_scan(folder):
             preempting |= record.HasField('preempting')
             code = record.exit.exit_code if record.HasField('exit') else code
         endings.append((preempting, code))

@@ -91,3 +91,29 @@ def test_requests_hold_at_most_mlflows_limit_of_metrics(tmp_path: Path, mlflow_r
     ('completed', 'FINISHED'), ('preempted', 'KILLED'), ('failed', 'FAILED'), (None, 'FAILED')])
 def test_status_is_finished_only_for_a_completed_start(outcome: str | None, status: str) -> None:
     assert status_of(outcome) == status
+
+
+def test_a_start_that_changed_a_key_keeps_the_parameter_and_tags_the_new_value(tmp_path: Path) -> None:
+    """MLflow refuses to change a parameter: a resume with another ``optimizer.lr`` must neither fail nor lose it."""
+    from types import SimpleNamespace
+
+    from prefix.config import MLflowConfig
+    from prefix.run import RunDir
+    from prefix.trackers.mlflow_run import MLflow
+
+    run = RunDir.for_run(str(tmp_path), 'smoke').create()
+    uri = (tmp_path / 'mlruns').as_uri()
+    run_id = None
+    for number, lr in enumerate([0.003, 0.001, 0.001, 0.003], 1):
+        tracker = MLflow(MLflowConfig(), uri, run_id, run, number, lambda: 'preempted')
+        tracker.init(None, None)  # type: ignore[arg-type]
+        tracker.log_hyperparameters({'optimizer.lr': lr, 'model.n_layers': 2, 'optimizer.betas': [0.9, 0.95],
+                                     'model.kwargs.{bad}': 1, 'model.config.name': 'x' * 600})
+        tracker.fit_start(SimpleNamespace(timestamp=SimpleNamespace(batch=10 * number)), None)  # type: ignore[arg-type]
+        tracker.post_close()
+        run_id = tracker._run_id
+        held = tracker._mlflow_client.get_run(run_id).data
+        assert held.params == {'optimizer.lr': '0.003', 'model.n_layers': '2', 'optimizer.betas': '[0.9, 0.95]',
+                               'model.config.name': 'x' * 500}, 'the first values, a name MLflow refuses left out'
+        assert {k: v for k, v in held.tags.items() if k.startswith('prefix.latest.')} == (
+            {'prefix.latest.optimizer.lr': str(lr)} if number > 1 else {}), 'the value now, once it changed'
