@@ -1,18 +1,47 @@
 """Train a run: ``composer [-n N] -m prefix.train CONFIG.yaml [key=value ...]`` or ``python -m prefix.train ...``.
 
-Reads top to bottom: configuration, data, run lock, resume point, then ``fit``: model, Composer trainer.
-A run resumes by default from its run directory; a finished run reports so and exits 0.
+Reads top to bottom: the command line (checked before the slow imports), data, run lock, resume point,
+then ``fit``: model, Composer trainer. A run resumes by default from its run directory; a finished run
+reports so and exits 0.
 """
 
 from __future__ import annotations
 
+import signal
+import sys
+
+from prefix import config as config_lib
 from prefix.dist import die_with_launcher
+from prefix.errors import PrefixError, reader_gone_quietly
+
+USAGE = 'usage: composer [-n N] -m prefix.train CONFIG.yaml [key=value ...]'
 
 die_with_launcher()  # before the slow imports below, so a launcher killed meanwhile ends this rank too
+signal.signal(signal.SIGINT, signal.SIG_DFL)  # Ctrl-C during the imports ends the process as a shell expects: 130, quietly
+
+
+def check_arguments(argv: list[str]) -> None:
+    """Exit now on ``--help`` (the usage and every key), no config, or a config error: in a fraction of a
+    second, where Composer's import alone takes seconds."""
+    if not argv or argv[0] in ('-h', '--help'):
+        if not argv:
+            print(USAGE, file=sys.stderr)
+            sys.exit(2)
+        with reader_gone_quietly():
+            print(USAGE, '', 'keys (yamls/base.yaml explains each; a fixed key may not change when a run resumes):',
+                  *config_lib.listing(config_lib.TrainConfig), sep='\n')
+        sys.exit(0)
+    try:
+        config_lib.load_config(argv[0], argv[1:])
+    except PrefixError as e:
+        sys.exit(e.report())
+
+
+if __name__ == '__main__':
+    check_arguments(sys.argv[1:])
 
 import logging
 import os
-import sys
 from pathlib import Path
 from typing import Any, Optional
 
@@ -26,7 +55,6 @@ from composer.utils import dist, reproducibility
 from streaming import StreamingDataLoader
 
 import prefix.dist.composer_fixes  # noqa: F401  (applied on import)
-from prefix import config as config_lib
 from prefix import models, schedule, trackers
 from prefix.checkpoint import (
     MIN_WRITE_TIMEOUT_S,
@@ -40,25 +68,26 @@ from prefix.checkpoint import (
 )
 from prefix.config import Duration, TrainConfig, check_and_record
 from prefix.data import build_dataloader, count_tokens, dataset_info
-from prefix.dist import PREEMPTED_EXIT_CODE, Preempted, PreemptionSignal, RankFailures, agreement, from_rank_zero
-from prefix.errors import ConfigError, PrefixError
+from prefix.dist import Preempted, PreemptionSignal, RankFailures, agreement, from_rank_zero
+from prefix.errors import ConfigError
 from prefix.models import average_gradients_on_gloo, parallelism_config
 from prefix.run import (
+    ConsoleLine,
     Journal,
     MetricsLogger,
     RunDir,
     RunLock,
     gpu_names,
     previous_start,
+    record_failed_setup,
     start_count,
     tee_output,
     write_snapshots,
 )
 
-USAGE = 'usage: composer [-n N] -m prefix.train CONFIG.yaml [key=value ...]'
-
 
 def train(cfg: TrainConfig) -> int:
+    on_terminal = sys.stdout.isatty()  # before tee_output makes it a pipe
     preemption = PreemptionSignal().install()  # after Composer's import, so it replaces Composer's handler
     if cfg.deterministic:
         reproducibility.configure_deterministic_mode()  # before any CUDA work: cuBLAS reads its workspace setting once
@@ -70,7 +99,8 @@ def train(cfg: TrainConfig) -> int:
     agreement.connect(timeout_s)  # before any collective of prefix's own
     rank, world_size = dist.get_global_rank(), dist.get_world_size()
     logging.basicConfig(level=logging.INFO, format=f'%(asctime)s [rank{rank}] %(name)s: %(message)s')
-    logging.getLogger('streaming').setLevel(logging.WARNING)
+    for chatty in ('streaming', 'composer'):  # their INFO lines ("Setting seed to 17" four times) are noise to a reader
+        logging.getLogger(chatty).setLevel(logging.WARNING)
     if cfg.global_batch_size % world_size:
         raise ConfigError(f'global_batch_size={cfg.global_batch_size} is not divisible by the world size {world_size}')
     device_batch_size = cfg.global_batch_size // world_size
@@ -90,6 +120,8 @@ def train(cfg: TrainConfig) -> int:
     # Rank 0's file work runs while the other ranks poll it (from_rank_zero): no collective waits on a disk.
     run = RunDir.for_run(cfg.runs_root, cfg.run_name).create()
     lock, generation = acquire_on_rank_zero(run.lock, Duration.parse(cfg.lock_wait).seconds, preemption)
+    if lock is not None:
+        preemption.farewell = lambda name: stopped_before_first_step(cfg.run_name, name, lock)
     try:
         tee_output(run.console(rank))
         small = MIN_WRITE_TIMEOUT_S  # the deadline of rank 0's work on small files
@@ -107,7 +139,12 @@ def train(cfg: TrainConfig) -> int:
             return 0
         if resume is not None and rank == 0:
             schedule.warn_of_jump(resume, config_dict, len(train_loader))  # raising max_duration stretches the cosine
-        return fit(cfg, config_dict, run, resume, train_loader, val_loader, device, preemption, lock, generation)
+        return fit(cfg, config_dict, run, resume, train_loader, val_loader, device, preemption, lock, generation,
+                   on_terminal)
+    except BaseException as e:  # a start that failed before training has no journal record yet: one says why
+        if lock is not None:
+            record_failed_setup(run.starts, e)
+        raise
     finally:
         if lock is not None:
             lock.release()
@@ -127,6 +164,14 @@ def acquire_on_rank_zero(path: Path, wait: float, preemption: PreemptionSignal) 
     return (lock if dist.get_global_rank() == 0 else None), generation
 
 
+def stopped_before_first_step(run_name: str, signal_name: str, lock: RunLock) -> None:
+    """Rank 0, on a stop signal before the start trained a step: nothing to save; say so, and free the lock
+    for the replacement (on the stop watcher's thread: files only)."""
+    os.write(1, f'run {run_name} stopped by {signal_name} before its first step: nothing new to save; '
+                'run the same command to resume\n'.encode())
+    lock.release()
+
+
 def fit(
     cfg: TrainConfig,
     config_dict: dict[str, Any],
@@ -138,6 +183,7 @@ def fit(
     preemption: PreemptionSignal,
     lock: Optional[RunLock],
     generation: int,
+    on_terminal: bool,
 ) -> int:
     rank = dist.get_global_rank()
     gpus = gpu_names()
@@ -160,10 +206,18 @@ def fit(
         save_overwrite=sharded_resume,  # Composer's saver, idle, would otherwise refuse a folder with files
         save_latest_filename=resume.filename if resume else 'latest.pt',
         save_interval=never,
-        callbacks=[checkpointer, journal, schedule.ConfiguredLR(cfg.optimizer.lr)],  # after the checkpoint is loaded
+        callbacks=[checkpointer, journal, schedule.ConfiguredLR(cfg.optimizer.lr),  # after the checkpoint is loaded
+                   # The config as the trackers' hyperparameters; learning rate, throughput, MFU, gradient norm and
+                   # peak memory, each at its batch's loss step (prefix.trackers.signals).
+                   trackers.Hyperparameters(config_dict), trackers.Signals()],
         # Rank 0 logs; each tracker continues the tracker run of earlier starts (prefix.trackers.loggers).
         # The trackers report how the start ended as the journal records it, once, when they close.
+        # The console: Composer's progress bar on a terminal, else one line per log_interval (prefix.run.console).
+        progress_bar=on_terminal,
+        log_to_console=False,
+        console_stream='stdout',
         loggers=[MetricsLogger(run.metrics, failures),
+                 *([ConsoleLine(Duration.parse(cfg.log_interval).number)] if rank == 0 and not on_terminal else []),
                  *(trackers.build(cfg.loggers, run, cfg.run_name, starts + 1, lambda: journal.outcome)
                    if rank == 0 else [])],
     )
@@ -179,7 +233,7 @@ def fit(
             raise
         if rank == 0:
             print(f'run {cfg.run_name} {e}; run the same command to resume', flush=True)
-        return PREEMPTED_EXIT_CODE
+        return e.exit_code
     journal.end('completed', int(trainer.state.timestamp.batch))
     trainer.close()
     if rank == 0:
@@ -197,7 +251,6 @@ def training_args(
     reproducibility.seed_all(cfg.seed)
     model = models.build(cfg, initialize)
     opt = cfg.optimizer
-    on_terminal = sys.stderr.isatty()
     return {
         'model': model,
         'train_dataloader': DataSpec(train_loader, get_num_tokens_in_batch=count_tokens),
@@ -215,18 +268,12 @@ def training_args(
         'device_train_microbatch_size': cfg.device_microbatch_size or cfg.global_batch_size // dist.get_world_size(),
         'parallelism_config': parallelism_config(cfg),
         'seed': cfg.seed,
-        'progress_bar': on_terminal,
-        'log_to_console': not on_terminal,
-        'console_log_interval': cfg.log_interval,
-        'console_stream': 'stdout',
     }
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] in ('-h', '--help'):
-        print(USAGE, file=sys.stdout if argv else sys.stderr)
-        return 0 if argv else 2
+    check_arguments(argv)
     # Every torch.load in this process, Composer's included, is restricted to plain data.
     os.environ['TORCH_FORCE_WEIGHTS_ONLY_LOAD'] = '1'
     try:

@@ -27,6 +27,15 @@ def test_smoke_run_lays_out_the_run_directory_and_learns(tmp_path: Path, dataset
     records = [json.loads(line) for line in (run / 'logs' / 'metrics.jsonl').read_text().splitlines()]
     assert any('metrics/val/LanguagePerplexity' in r for r in records), 'evaluation on the val split ran'
     assert 'checkpoint saved at step 60' in (run / 'logs' / 'rank0.log').read_text()
+    # Not a terminal: one line per log_interval, one per evaluation, and none of Composer's chatter.
+    lines = result.stdout.splitlines()
+    assert [line.split()[1] for line in lines if line.startswith('step ')] == [f'{s}/60' for s in (1, 10, 20, 30, 40, 50, 60)]
+    assert all(' loss ' in line and ' lr ' in line and ' tok/s ' in line and ' eta ' in line
+               for line in lines if line.startswith('step ') and not line.startswith('step 1/'))
+    assert [line.split(':')[0] for line in lines if line.startswith('eval ')] == ['eval at step 20', 'eval at step 40',
+                                                                                  'eval at step 60']
+    noise = ('Setting seed', 'Checkpoint not found', '*****', '[batch=', 'composer.')
+    assert not [line for line in result.stdout.splitlines() + result.stderr.splitlines() if any(n in line for n in noise)]
 
     config = yaml.safe_load((run / 'meta' / 'config.yaml').read_text())
     assert config['run_name'] == 'smoke' and config['runs_root'] == str(tmp_path) and config['model']['dropout'] == 0.1
@@ -75,11 +84,27 @@ def test_bad_input_is_one_line_and_touches_nothing(tmp_path: Path, dataset: Path
     assert not (tmp_path / 'runs').exists()
 
 
-def test_help_is_the_usage_and_success_no_arguments_are_a_usage_error() -> None:
-    asked = run_train('--help')
-    assert asked.returncode == 0 and asked.stdout.startswith('usage: composer')
-    bare = run_train()
+def test_help_and_config_errors_come_before_the_slow_imports() -> None:
+    """``--help`` lists every key of the schema, and a bad config is refused, before torch or Composer is imported."""
+    import subprocess
+    import sys
+
+    code = ('import runpy, sys; sys.argv = ["prefix.train", *sys.argv[1:]]\n'
+            'try:\n    runpy.run_module("prefix.train", run_name="__main__")\n'
+            'except SystemExit as e:\n    assert "torch" not in sys.modules, "torch was imported"; raise')
+
+    def trainer(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, '-c', code, *args], capture_output=True, text=True, cwd=REPO)
+
+    asked = trainer('--help')
+    assert asked.returncode == 0 and asked.stdout.startswith('usage: composer'), asked.stderr
+    keys = {line.split()[0] for line in asked.stdout.splitlines() if line.startswith('  ')}
+    assert {'run_name', 'optimizer.lr', 'model.d_model', 'checkpoint.interval', 'loggers.mlflow.tracking_uri'} <= keys
+    assert any(line.startswith('  seed ') and 'fixed for the run' in line for line in asked.stdout.splitlines())
+    bare = trainer()
     assert bare.returncode == 2 and bare.stderr.startswith('usage: composer')
+    bad = trainer(str(REPO / 'yamls' / 'smoke.yaml'), 'optimizer.lrr=3')
+    assert bad.returncode == 2 and bad.stderr.strip() == "prefix: config error: unknown config key 'optimizer.lrr'"
 
 
 def test_a_run_measured_in_epochs_completes_and_is_not_trained_again(tmp_path: Path, dataset: Path) -> None:
@@ -93,6 +118,35 @@ def test_a_run_measured_in_epochs_completes_and_is_not_trained_again(tmp_path: P
     assert again.returncode == 0 and 'already complete' in again.stdout, again.stderr[-3000:]
     records = [json.loads(line) for line in (run / 'meta' / 'starts.jsonl').read_text().splitlines()]
     assert [r['event'] for r in records] == ['start', 'end'], 'no second start, no evaluation redone'
+
+
+def test_a_terminal_gets_the_progress_bar(finished_run: Path, tmp_path: Path, dataset: Path) -> None:
+    """Under a real pseudo-terminal, though every rank's output is also copied into logs/ through a pipe."""
+    import os
+    import pty
+    import subprocess
+
+    from conftest import copy_run, run_env, train_cmd
+
+    copy_run(finished_run, tmp_path)
+    controller, terminal = pty.openpty()
+    proc = subprocess.Popen(train_cmd(*smoke_args(tmp_path, dataset, 'max_duration=26ba')), env=run_env(), cwd=REPO,
+                            stdin=subprocess.DEVNULL, stdout=terminal, stderr=terminal)
+    os.close(terminal)
+    seen = b''
+    while True:
+        try:
+            chunk = os.read(controller, 65536)
+        except OSError:  # EIO: every writer of the terminal has exited
+            break
+        if not chunk:
+            break
+        seen += chunk
+    os.close(controller)
+    assert proc.wait(timeout=300) == 0, seen.decode(errors='replace')[-3000:]
+    text = seen.decode(errors='replace')
+    assert 'train' in text and '%|' in text, text[-3000:]
+    assert not [line for line in text.splitlines() if line.startswith('step ')], 'the bar, not the lines for a log'
 
 
 @pytest.mark.slow
@@ -125,13 +179,14 @@ def test_prefix_check_says_what_the_trainer_would_without_torch() -> None:
     assert unknown.returncode == 2 and unknown.stderr.startswith("prefix: unknown command 'bogus'\nusage: prefix COMMAND")
 
 
-@pytest.mark.parametrize('case', ['a file', 'read-only'])
-def test_a_runs_root_that_cannot_hold_runs_is_one_line(case: str, tmp_path: Path, dataset: Path) -> None:
+@pytest.mark.parametrize('case', ['a file', 'read-only', 'a run on a read-only volume'])
+def test_a_runs_root_that_cannot_hold_runs_is_one_line(case: str, tmp_path: Path, dataset: Path,
+                                                       finished_run: Path) -> None:
     import os
     import shutil
     import subprocess
 
-    from conftest import run_env, train_cmd
+    from conftest import copy_run, run_env, train_cmd
 
     root = tmp_path / 'runs'
     wrap: list[str] = []
@@ -141,13 +196,16 @@ def test_a_runs_root_that_cannot_hold_runs_is_one_line(case: str, tmp_path: Path
         if os.geteuid() != 0 or shutil.which('unshare') is None:
             pytest.skip('a read-only mount needs root and unshare')
         root.mkdir()
+        if case == 'a run on a read-only volume':
+            copy_run(finished_run, root)
         wrap = ['unshare', '--mount', 'sh', '-c', 'mount --bind "$1" "$1" && mount -o remount,ro,bind "$1" && shift && '
                 'exec "$@"', 'sh', str(root)]
     result = subprocess.run([*wrap, *train_cmd(*smoke_args(root, dataset))], env=run_env(), capture_output=True, text=True,
                             cwd=REPO, timeout=300)
     errors = [line for line in result.stderr.splitlines() if line.startswith('prefix:')]
     assert result.returncode == 1 and len(errors) == 1, result.stderr[-3000:]
-    assert errors[0].startswith(f'prefix: error: cannot create the run directory {root}/smoke/') and \
+    what = 'write to' if case == 'a run on a read-only volume' else 'create'
+    assert errors[0].startswith(f'prefix: error: cannot {what} the run directory {root}/smoke/') and \
         'give runs_root (or $PREFIX_RUNS_ROOT) a folder you can write to' in errors[0], errors[0]
     assert 'Traceback' not in result.stderr
 

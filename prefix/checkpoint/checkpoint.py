@@ -1,6 +1,6 @@
 """The checkpoint contract, written by a Composer callback and resumed through Composer's autoresume.
 
-Files in ``<run>/checkpoints/`` (schema in the README):
+Files in ``<run>/checkpoints/`` (schema in docs/checkpoints.md):
 
 - ``latest.pt`` (rank 0): ``{'schema_version', 'generation', 'global_step', 'tokens_seen', 'config',
   'wall_clock', 'state'}`` where ``state`` is Composer's own state dict (model, optimizers, schedulers, timestamp,
@@ -28,6 +28,7 @@ import logging
 import mmap
 import pickle
 import random
+import re
 import shutil
 import struct
 import time
@@ -49,7 +50,7 @@ from prefix.checkpoint import shards
 from prefix.config import Duration
 from prefix.dist import together
 from prefix.errors import PrefixError
-from prefix.files import tag_of
+from prefix.files import TMP_SUFFIX, tag_of
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +80,20 @@ def global_file(folder: Path, kind: str = LATEST) -> Path:
 
 def rank_file(folder: Path, rank: int, kind: str = LATEST) -> Path:
     return folder / f'{kind}_rank{rank}.pt'
+
+
+RANK_FILE = re.compile(rf'^({LATEST}|{PERIODIC})_rank(\d+)\.pt$')
+OWN_NAME = re.compile(rf'^(({LATEST}|{PERIODIC})(_rank\d+)?\.pt|{shards.NAME.pattern[1:]}.*)$')
+
+
+def written_by_prefix(name: str) -> bool:
+    """A checkpoint file or shard folder, or the temporary name of one: all that prefix may delete in checkpoints/
+    (a file of the user's there stays, whatever its name)."""
+    tag = tag_of(name)
+    if tag is None:
+        return OWN_NAME.match(name) is not None
+    stem = name[:-len(TMP_SUFFIX)]  # latest.pt.7 (a writer's tag), or latest.pt (an older prefix's fixed name)
+    return any(OWN_NAME.match(n) for n in (stem, stem.removesuffix(f'.{tag}')))
 
 
 # --- RNG states as plain tensors and numbers (loadable with weights_only=True) -------------------
@@ -329,7 +344,7 @@ def remove_leftovers(folder: Path, generation: int) -> list[Path]:
     can no longer publish it, so what is read next (the checkpoints and the shards they name) is final.
     """
     leftovers = [p for p in folder.iterdir() if p.name.startswith('._signal_file')
-                 or (tag_of(p.name) is not None and generation_of(p.name) < generation)]
+                 or (tag_of(p.name) is not None and written_by_prefix(p.name) and generation_of(p.name) < generation)]
     for path in leftovers:
         log.warning('removing %s, left by an earlier start', path)
         if path.is_dir():

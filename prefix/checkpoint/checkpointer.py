@@ -59,6 +59,7 @@ from prefix.checkpoint import shards
 from prefix.checkpoint.checkpoint import (
     LATEST,
     PERIODIC,
+    RANK_FILE,
     CheckpointError,
     ResumePoint,
     capture_rng,
@@ -308,7 +309,7 @@ class Checkpointer(Callback):
         if preempt or due or periodic:
             self.save(state, periodic=periodic, wait=preempt, abandon=preempt)
         if preempt:
-            raise Preempted(step)
+            raise Preempted(step, self.preemption.signal_name or 'SIGTERM')
         self.preemption.arm()  # a step exists that a stop signal should save
 
     def fit_end(self, state: State, logger: Logger) -> None:
@@ -633,7 +634,8 @@ class Checkpointer(Callback):
     def _remove_rank_files_beyond(self, world_size: int, kind: str) -> None:
         """Rank files of ranks a smaller world no longer has belong to no checkpoint once the global file moved on."""
         for path in self.folder.glob(f'{kind}_rank*.pt'):
-            if int(path.stem.removeprefix(f'{kind}_rank')) >= world_size:
+            match = RANK_FILE.match(path.name)
+            if match is not None and int(match.group(2)) >= world_size:
                 log.warning('removing %s: the run now has %d ranks', path.name, world_size)
                 path.unlink(missing_ok=True)
 

@@ -42,6 +42,7 @@ if TYPE_CHECKING:  # a type only: writing and reading shards needs torch alone (
     from composer.core import State
 
 PREFIX = 'shards-'
+NAME = re.compile(r'^shards-\d+-')  # a shard folder's name (new_name, or an older prefix's without the generation)
 GENERATION = re.compile(r'^shards-\d+-g(\d+)-')
 METADATA = '.metadata'
 MARGIN_S = 60  # DCP's group waits this much longer than its caller's deadline
@@ -201,7 +202,7 @@ def read_whole(folder: Path) -> dict[str, Any]:
 def remove_unreferenced(checkpoints: Path, keep: set[str], generation: int) -> list[Path]:
     """Delete the shard folders of ``generation`` and older that no checkpoint names (older ones, those of killed
     writes); never a newer generation's, which its holder is about to name."""
-    gone = [p for p in checkpoints.glob(f'{PREFIX}*') if p.is_dir() and p.name not in keep
+    gone = [p for p in checkpoints.glob(f'{PREFIX}*') if p.is_dir() and NAME.match(p.name) and p.name not in keep
             and tag_of(p.name) is None and generation_of(p.name) <= generation]
     for path in gone:
         shutil.rmtree(path, ignore_errors=True)

@@ -7,6 +7,7 @@ is raised as one ``ConfigError`` line that names the key or file.
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -263,6 +264,9 @@ def load_config(path: str, overrides: list[str], check_paths: bool = True) -> Tr
         cfg.runs_root = default_runs_root()
     if cfg.checkpoint.format is None:
         cfg.checkpoint.format = 'sharded' if cfg.fsdp is not None else 'full'
+    if cfg.data.local is not None and cfg.data.local != MISSING:
+        # The dataset is where the path leads from here: a relative path from another folder is other data.
+        cfg.data.local = os.path.abspath(os.path.expanduser(cfg.data.local))
     _validate(cfg, check_paths)
     return cfg
 

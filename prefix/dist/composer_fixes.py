@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import random
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -21,6 +22,12 @@ from composer.utils import dist
 # checkpoint metadata (about 45 ms, most of a small model's checkpoint), although the answer cannot
 # change within a process. Ask once.
 composer.core.state.get_composer_env_dict = functools.cache(composer.core.state.get_composer_env_dict)
+
+# composer.core.state.State.load_state_dict warns for every callback of this start that the checkpoint
+# does not hold: the progress bar of a start on a terminal after one that logged to a file, a monitor
+# added since. Such a callback starts fresh, which is what a reader of the warning would want anyway.
+warnings.filterwarnings('ignore', message='.* is not in the state_dict. Its state will not be restored.',
+                        category=UserWarning)
 
 
 # composer.utils.dist.get_node_signal_file_name: the file the ranks of one node wait for during

@@ -1,7 +1,7 @@
 """Graceful preemption: SIGTERM (or SIGINT) asks for a checkpoint at the end of the current batch.
 
 On Kubernetes a preemption is SIGTERM to the container's first process, a grace period, then
-SIGKILL. Once training has done its first step, the handler only records the request; the
+SIGKILL. Once training has done its first step, the signal's watcher only records the request; the
 ``Checkpointer`` agrees on it across ranks at the end of the batch, saves, and raises ``Preempted``
 so the process exits non-zero (a preempted run must not look completed, or it would not be
 restarted). Further SIGTERMs are logged and ignored so they cannot interrupt the save; a second
@@ -9,7 +9,11 @@ SIGINT (a person at a terminal) ends the process at once; SIGKILL still can, and
 the previous checkpoint whole.
 
 Before the first step of a start there is nothing new to save: a stop signal ends the process at
-once, with the kernel's default action, even while it waits in a collective or reads a checkpoint.
+once, even while it waits in a collective or reads a checkpoint. The signal's byte wakes a watcher
+thread (``signal.set_wakeup_fd``: written by the C-level handler, whatever the main thread is blocked
+in), which runs the start's ``farewell`` (rank 0: one line, the run lock marked released, so a
+replacement takes it at once) for at most ``FAREWELL_S`` seconds and exits with 128 + the signal's
+number, as the kernel's default action would. The watcher touches files only, never CUDA.
 
 Composer installs a SIGTERM handler at import that exits without saving; ``install`` runs after
 that import and replaces it. A rank started by the ``composer`` launcher also asks the kernel for
@@ -23,25 +27,39 @@ import ctypes
 import logging
 import os
 import signal
+import threading
+from collections.abc import Callable
 from types import FrameType
 from typing import Optional
 
 log = logging.getLogger(__name__)
 
 PREEMPTED_EXIT_CODE = 128 + signal.SIGTERM  # what a shell reports for a process ended by SIGTERM
+FAREWELL_S = 5.0  # the most a stop signal before the first step waits for the farewell (a frozen volume)
 _PR_SET_PDEATHSIG = 1
 
 
 class Preempted(Exception):
-    """Training stopped at a checkpoint because the process was asked to stop."""
+    """Training stopped at a checkpoint because the process was asked to stop (``signal_name``)."""
 
-    def __init__(self, step: int) -> None:
+    def __init__(self, step: int, signal_name: Optional[str] = 'SIGTERM') -> None:
         super().__init__(f'preempted at step {step}; the checkpoint of that step is saved')
         self.step = step
+        self.exit_code = exit_code(signal_name)
+
+
+def exit_code(signal_name: Optional[str]) -> int:
+    """What a shell reports for a process the signal ended: 130 for SIGINT (Ctrl-C), 143 for SIGTERM."""
+    return 128 + signal.Signals[signal_name] if signal_name else PREEMPTED_EXIT_CODE
 
 
 class PreemptionSignal:
-    """SIGTERM/SIGINT: the default action until ``arm``, then recorded; ``requested`` is read once per batch."""
+    """SIGTERM/SIGINT: an exit at once until ``arm``, then recorded; ``requested`` is read once per batch.
+
+    Every stop signal is acted on by one watcher thread, woken by the byte the C-level handler writes
+    (``signal.set_wakeup_fd``); the Python-level handlers do nothing. One actor for the process's whole life:
+    no moment where a handler is swapped and a signal could be lost or handled twice.
+    """
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -49,19 +67,36 @@ class PreemptionSignal:
         self.requested = False
         self.signal_name: Optional[str] = None
         self.armed = False
+        self.farewell: Callable[[str], None] = lambda name: None  # what a stop before the first step does first
 
     def install(self) -> PreemptionSignal:
-        """Until ``arm``, a stop signal ends the process at once (replacing Composer's handler)."""
+        """Until ``arm``, a stop signal ends the process at once, after ``farewell`` (replacing Composer's handler)."""
+        read, write = os.pipe()
+        os.set_blocking(write, False)
+        signal.set_wakeup_fd(write, warn_on_full_buffer=False)
         for sig in self.SIGNALS:
-            signal.signal(sig, signal.SIG_DFL)
+            signal.signal(sig, lambda signum, frame: None)  # the watcher acts, even while this thread is blocked
+        threading.Thread(target=self._watch, args=(read,), name='prefix-stop-watcher', daemon=True).start()
         return self
+
+    def _watch(self, read: int) -> None:
+        stops = {int(sig) for sig in self.SIGNALS}
+        while True:
+            signum = os.read(read, 1)[0]
+            if signum not in stops:  # the wakeup byte comes for every signal Python handles (SIGCHLD, ...)
+                continue
+            if self.armed:
+                self._handle(signum, None)
+                continue
+            name = signal.Signals(signum).name
+            done = threading.Thread(target=self.farewell, args=(name,), name='prefix-farewell', daemon=True)
+            done.start()
+            done.join(FAREWELL_S)
+            os._exit(exit_code(name))
 
     def arm(self) -> None:
         """Training has done a step worth saving: from now on a stop signal asks for a checkpoint."""
-        if not self.armed:
-            for sig in self.SIGNALS:
-                signal.signal(sig, self._handle)
-            self.armed = True
+        self.armed = True
 
     def ignore(self) -> None:
         """Training is over: ignore stop signals while the process exits, with the code it exits with.
@@ -71,6 +106,7 @@ class PreemptionSignal:
         had saved and was exiting could be killed by it (and the run end with 241 instead of 143).
         Ignored signals stay ignored through the shutdown.
         """
+        self.armed = True
         for sig in self.SIGNALS:
             signal.signal(sig, signal.SIG_IGN)
 

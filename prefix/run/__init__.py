@@ -6,8 +6,9 @@ __getattr__, __dir__ = exports(
     __name__,
     rundir=['RunDir'],
     runlock=['LockLostError', 'RunLock'],
-    journal=['Journal', 'record_checkpoint'],
+    journal=['Journal', 'record_checkpoint', 'record_failed_setup'],
     meta=['gpu_names', 'write_snapshots'],
     logs=['MetricsLogger', 'tee_output'],
+    console=['ConsoleLine'],
     runinfo=['LOSS', 'previous_start', 'start_count', 'start_steps'],
 )

@@ -6,6 +6,7 @@ the chaos tool and the benchmarks read through it. Torch-free.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +30,9 @@ class RunDir:
             except OSError as e:
                 raise PrefixError(f'cannot create the run directory {folder}: {e.strerror} ({e.filename}); give '
                                   'runs_root (or $PREFIX_RUNS_ROOT) a folder you can write to') from None
+            if not os.access(folder, os.W_OK):  # a run found on a volume mounted read-only: nothing could be saved
+                raise PrefixError(f'cannot write to the run directory {folder} (a read-only mount, or not yours): mount '
+                                  'it writable, or give runs_root (or $PREFIX_RUNS_ROOT) a folder you can write to')
         return self
 
     @property

@@ -220,7 +220,9 @@ def test_leftovers_of_earlier_generations_are_removed_and_a_newer_ones_kept(fini
     older = ['latest.pt.tmp', 'latest.pt.2.tmp', 'latest_rank0.pt.1.tmp', 'shards-000000020-g2-0badcafe.2.tmp',
              'shards-000000010-g1-00c0ffee', '._signal_file_node0_abc123']
     newer = ['latest.pt.4.tmp', 'latest_rank0.pt.4.tmp', 'shards-000000030-g4-feedbeef.4.tmp', 'shards-000000030-g4-deadbeef']
-    for name in older + newer:
+    # A user's files: whatever their names, prefix deletes only what it writes.
+    users = ['notes.tmp', 'best.pt.1.tmp', 'latest_best.pt', 'latest_rankX.pt', 'shards-backup', 'shards-backup.1.tmp']
+    for name in older + newer + users:
         if name.startswith('shards-'):
             (ckpts / name).mkdir()
             (ckpts / name / '__0_0.distcp').write_bytes(b'half')
@@ -228,7 +230,7 @@ def test_leftovers_of_earlier_generations_are_removed_and_a_newer_ones_kept(fini
             (ckpts / name).write_bytes(b'half')
     assert {p.name for p in remove_leftovers(ckpts, 3)} == set(older) - {'shards-000000010-g1-00c0ffee'}
     assert sorted(p.name for p in ckpts.iterdir()) == sorted(
-        ['latest.pt', 'latest_rank0.pt', 'periodic.pt', 'periodic_rank0.pt', *newer])
+        ['latest.pt', 'latest_rank0.pt', 'periodic.pt', 'periodic_rank0.pt', *newer, *users])
 
 
 def test_a_rank_file_of_another_generation_is_not_used(finished_run: Path, tmp_path: Path,
