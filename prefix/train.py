@@ -16,8 +16,9 @@ from prefix.errors import PrefixError, reader_gone_quietly
 
 USAGE = 'usage: composer [-n N] -m prefix.train CONFIG.yaml [key=value ...]'
 
+if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not where the caller ignores it (nohup, &)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)  # Ctrl-C during the imports ends the process as a shell expects: quietly
 die_with_launcher()  # before the slow imports below, so a launcher killed meanwhile ends this rank too
-signal.signal(signal.SIGINT, signal.SIG_DFL)  # Ctrl-C during the imports ends the process as a shell expects: 130, quietly
 
 
 def check_arguments(argv: list[str]) -> None:
@@ -101,6 +102,7 @@ def train(cfg: TrainConfig) -> int:
     logging.basicConfig(level=logging.INFO, format=f'%(asctime)s [rank{rank}] %(name)s: %(message)s')
     for chatty in ('streaming', 'composer'):  # their INFO lines ("Setting seed to 17" four times) are noise to a reader
         logging.getLogger(chatty).setLevel(logging.WARNING)
+    logging.getLogger('composer.distributed').setLevel(logging.INFO)  # but how long FSDP's start-up broadcast took
     if cfg.global_batch_size % world_size:
         raise ConfigError(f'global_batch_size={cfg.global_batch_size} is not divisible by the world size {world_size}')
     device_batch_size = cfg.global_batch_size // world_size

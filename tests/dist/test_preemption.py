@@ -115,6 +115,20 @@ def test_a_launcher_killed_during_start_up_leaves_no_orphans(tmp_path: Path, dat
     assert not (tmp_path / 'smoke').exists()
 
 
+def test_ctrl_c_during_the_imports_ends_the_process_quietly(tmp_path: Path, dataset: Path) -> None:
+    held = tmp_path / 'held'
+    # Held just before the slow imports (torch, Composer), where Python would raise KeyboardInterrupt.
+    hold = {'op': 'call', 'target': 'prefix.dist.preemption:die_with_launcher', 'when': 'after', 'marker': str(held),
+            'block': True}
+    proc = start(smoke_args(tmp_path, dataset, 'max_duration=4ba'), env=faults(hold))
+    wait_for(held.exists, proc, 'the imports begin')
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == -signal.SIGINT, 'ended by the signal itself, as a shell expects of Ctrl-C (it reports 130)'
+    assert 'Traceback' not in out and 'KeyboardInterrupt' not in out, out[-3000:]
+    assert not (tmp_path / 'smoke').exists()
+
+
 def test_sigterm_before_the_first_step_of_a_resume_ends_it_at_once_without_writing(
         finished_run: Path, tmp_path: Path, dataset: Path) -> None:
     run = copy_run(finished_run, tmp_path)
