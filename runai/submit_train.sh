@@ -272,15 +272,23 @@ if [ "$cli" = new ] && [ "$nodes" -gt 1 ]; then
 fi
 submit+=(--command -- "${pod_command[@]}")
 
-if [ "$cli" = new ]; then
-  describe=(runai "${kind[@]}" describe "$workload" ${project:+-p "$project"} -o json)
-  delete=(runai "${kind[@]}" delete "$workload" ${project:+-p "$project"})
-  logs=(runai "${kind[@]}" logs "$workload" ${project:+-p "$project"} -f)
-else
-  describe=(runai describe job "$workload" ${project:+-p "$project"} -o json)
-  delete=(runai delete job "$workload" ${project:+-p "$project"})
-  logs=(runai logs "$workload" ${project:+--project "$project"} -f)
-fi
+# The describe, delete and logs commands for a workload of this name of kind $1: with the current CLI 'training',
+# 'training pytorch' or 'distributed' (Run:ai 2.18's distributed workloads); the older CLI's commands take any job.
+commands_for() {
+  local -a of
+  read -r -a of <<< "$1"
+  if [ "$cli" = new ]; then
+    describe=(runai "${of[@]}" describe "$workload" ${project:+-p "$project"} -o json)
+    delete=(runai "${of[@]}" delete "$workload" ${project:+-p "$project"})
+    logs=(runai "${of[@]}" logs "$workload" ${project:+-p "$project"} -f)
+  else
+    describe=(runai describe job "$workload" ${project:+-p "$project"} -o json)
+    delete=(runai delete job "$workload" ${project:+-p "$project"})
+    logs=(runai logs "$workload" ${project:+--project "$project"} -f)
+  fi
+}
+submitted_kind=${kind[*]}
+commands_for "$submitted_kind"
 
 show() {
   printf '%q ' "$@" | sed 's/ $//'
@@ -294,43 +302,88 @@ if [ "$dry_run" = 1 ]; then
   exit 0
 fi
 
-# The workload's state, from the top-level status field of its description ('' when there is none).
-state_of() {
-  local json
-  json=$("${describe[@]}" 2>/dev/null) || return 1
-  python3 -c '
+# look_up runs $describe: it succeeds when a workload of this name and kind exists, setting state to the top-level
+# status field of its description ('' when there is none), and fails when the CLI says there is none: a failed
+# describe whose output (either stream: the older CLI prints its errors on stdout) has a line naming the workload
+# and saying "not found" or "does not exist". The older CLI's is "The job NAME does not exist in project P. ...";
+# the current CLI's reference documents none, so its "not found" is assumed to name the workload or say "workload". Any other
+# failure (not logged in, the API down, permission denied, output that is no JSON description) stops the script:
+# it cannot tell whether the name holds a live workload.
+errors=$(mktemp)
+trap 'rm -f "$errors"' EXIT
+look_up() {
+  local out status=0 line reason='no message'
+  out=$("${describe[@]}" 2>"$errors") || status=$?
+  if [ "$status" != 0 ]; then
+    local name="((^|[^a-z0-9-])$workload([^a-z0-9-]|\$)|workload)" missing='(not found|does not exist)'
+    if grep -Eiq -- "$name.*$missing|$missing.*$name" "$errors" <(printf '%s\n' "$out"); then
+      return 1
+    fi
+    while IFS= read -r line; do  # one line of the error: the first that says error, else the first
+      [[ $line =~ [^[:space:]] ]] || continue
+      [ "$reason" != 'no message' ] || reason=$line
+      if [[ ${line,,} == *error* ]]; then reason=$line; break; fi
+    done < <(cat "$errors"; printf '%s\n' "$out")
+    fail "cannot tell whether workload $workload exists, so nothing was submitted: $(show "${describe[@]}") failed (exit $status): ${reason:0:300}"
+  fi
+  state=$(python3 -c '
 import json, sys
 record = json.loads(sys.stdin.read() or "{}")
 fields = {k.lower(): v for k, v in record.items()} if isinstance(record, dict) else {}
 state = fields.get("status", fields.get("phase"))
-print(state if isinstance(state, str) else "")' <<< "$json"
+print(state if isinstance(state, str) else "")' <<< "$out" 2>/dev/null) ||
+    fail "cannot tell whether workload $workload exists, so nothing was submitted: $(show "${describe[@]}") printed no JSON description"
 }
+# Each kind of workload that could hold the name: a run submitted with another --nodes is of the other kind. The
+# older CLI's 'runai describe job' finds a job of any kind. A kind counts only if this CLI's help documents it.
+documents() {
+  local help
+  help=$(help_of "$@") && grep -Eq -- "runai $*( |\$)" <<< "$help"
+}
+if [ "$cli" = new ]; then
+  kinds=(training)
+  if documents training pytorch describe; then
+    kinds+=("training pytorch")
+  elif documents distributed describe; then
+    kinds+=(distributed)
+  fi
+else
+  kinds=("")
+fi
 
 # A workload of this name from an earlier submission. Only one in a final state is replaced (it only
 # holds the name); any other state, an unknown one included, means it may still be training: refuse.
 # The older CLI's final states also include Fail, ContainerCannotRun and Unknown (its job statuses page).
 final='completed|succeeded|failed|stopped|timedout|preempted|deleted'
 [ "$cli" = new ] || final="$final|fail|containercannotrun|unknown"
-if state=$(state_of); then
+finished=() finished_states=()
+for of in "${kinds[@]}"; do
+  commands_for "$of"
+  look_up || continue
   normal=$(tr '[:upper:]' '[:lower:]' <<< "$state" | tr -d ' _-')
   case "|$final|" in
-    *"|$normal|"*) ;;
-    *)
-      echo "submit_train: workload $workload of run $run_name is ${state:-in an unknown state}, not finished: refusing to replace it" >&2
-      echo "submit_train: follow it with: $(show "${logs[@]}")" >&2
-      echo "submit_train: to restart it anyway (it checkpoints on SIGTERM), delete it first: $(show "${delete[@]}")" >&2
-      exit 1 ;;
+    *"|$normal|"*) finished+=("$of") finished_states+=("$state"); continue ;;
   esac
-  echo "submit_train: deleting the $state workload $workload (the run itself is safe on the PVC)"
+  echo "submit_train: workload $workload of run $run_name is ${state:-in an unknown state}, not finished: refusing to replace it" >&2
+  [ "$of" = "$submitted_kind" ] ||
+    echo "submit_train: it is a 'runai $of' workload (another --nodes); this submission would be a 'runai $submitted_kind' one" >&2
+  echo "submit_train: follow it with: $(show "${logs[@]}")" >&2
+  echo "submit_train: to restart it anyway (it checkpoints on SIGTERM), delete it first: $(show "${delete[@]}")" >&2
+  exit 1
+done
+for i in "${!finished[@]}"; do
+  commands_for "${finished[i]}"
+  echo "submit_train: deleting the ${finished_states[i]} workload $workload (the run itself is safe on the PVC)"
   "${delete[@]}"
   # Deleting takes a while: the name is taken until it is gone.
   for (( waited = 0; ; waited += 2 )); do
-    state=$(state_of) || break
+    look_up || break
     [ "$waited" -lt 300 ] || fail "workload $workload is still there (${state:-deleting}) 300 s after its delete; run the same command again later"
     (( waited % 10 )) || echo "submit_train: waiting for workload $workload to be deleted (${state:-deleting})"
     sleep 2
   done
-fi
+done
+commands_for "$submitted_kind"
 echo "submit_train: submitting run $run_name as workload $workload"
 show "${submit[@]}"
 "${submit[@]}"

@@ -7,10 +7,22 @@ with the flags it knows, and keeps workloads between calls in a state file: a su
 from then on, a delete leaves the name in ``Deleting`` for a few more calls, ``describe -o json``
 prints the workload with a top-level status and its pods' own statuses nested.
 
+A workload has a kind, the command group that submitted it (``training``, ``training pytorch``,
+``distributed``; ``training`` for one in the state file without a ``kind``): the current CLI's
+describe, delete and logs of one kind do not find a workload of another, while its name is taken for
+all kinds; an ``output`` there is what its describe prints instead of JSON. The older CLI's
+``describe job``, ``delete job`` and ``logs`` take a job of any kind. A workload that is not there:
+the older CLI prints ``The job NAME does not exist in project P. ...`` on
+stdout, exit 1 (run-ai/runai-cli ``cmd/util/util.go``, ``GetJobDoesNotExistsInNamespaceError``, which
+``runai describe job`` prints with ``fmt.Println``); the current CLI's reference documents no message,
+so this one prints ``Error: workload NAME not found`` on stderr, exit 1 (an assumption).
+
 Environment: ``FAKE_RUNAI_VERSION`` (below), ``FAKE_RUNAI_STATE`` (the state file), ``RUNAI_LOG``
-(every call's arguments, one JSON list a line). A submission's workload in the state file holds its
-``spec`` as the cluster would store it: each pod environment variable with its ``value``, or with the
-``secret`` and ``key`` it is read from.
+(every call's arguments, one JSON list a line), ``FAKE_RUNAI_ERRORS`` (a JSON object from a command,
+``"training pytorch describe"``, to the error it fails with instead, exit 1: not logged in, the API
+down; on stderr as ``Error: ...``, on stdout for the older CLI). A submission's workload in the state
+file holds its ``spec`` as the cluster would store it: each pod environment variable with its
+``value``, or with the ``secret`` and ``key`` it is read from.
 
 Where each flag list comes from (the Run:ai CLI reference):
 - 2.22: docs.nvidia.com/run-ai self-hosted CLI reference (``runai training pytorch submit``; its
@@ -24,7 +36,8 @@ Where each flag list comes from (the Run:ai CLI reference):
   ``runai_training_submit.md`` (commit 090b17d): ``--master-environment``, ``--master-command``,
   no master CPU or memory flags, ``-e`` is ``--environment``.
 - 2.18: the same repository's ``runai_distributed_submit.md`` (commit 990c712): distributed
-  workloads are ``runai distributed submit --framework PyTorch``; ``runai training submit`` has no
+  workloads are ``runai distributed submit --framework PyTorch``, with ``runai distributed describe``
+  (commit b20d043), ``delete`` and ``logs``; ``runai training submit`` has no
   ``--termination-grace-period`` (commit 7b38f49).
 - 2.16: the same repository's ``runai-submit.md`` and ``runai-submit-dist-pytorch.md`` (2.10 and
   later): ``--name``, ``--pvc-exists``, ``--cpu``, ``--memory``, ``--preemptible`` (submit only),
@@ -86,7 +99,9 @@ OLD_16 = {
     ('delete', 'job'): {'-p': '--project', '--project': 1},
     ('logs',): {'--project': 1, '-f': '--follow', '--follow': BOOL},
 }
-VERSIONS = {'2.22': {**NEW_22, **QUERIES_NEW}, '2.20': {**NEW_20, **QUERIES_NEW}, '2.18': {**NEW_18, **QUERIES_NEW},
+QUERIES_18 = {(('distributed' if path[1] == 'pytorch' else 'training'), path[-1]): flags
+              for path, flags in QUERIES_NEW.items()}  # no 'runai training pytorch' yet
+VERSIONS = {'2.22': {**NEW_22, **QUERIES_NEW}, '2.20': {**NEW_20, **QUERIES_NEW}, '2.18': {**NEW_18, **QUERIES_18},
             '2.16': OLD_16}
 NUMBER = re.compile(r'^\d+(\.\d+)?$')
 QUANTITY = re.compile(r'^\d+(\.\d+)?(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E)?$')  # Kubernetes resource quantity
@@ -166,6 +181,17 @@ def spec_of(version: str, seen: dict[str, list[str]]) -> dict[str, list[dict[str
     return {role: [variable(flag, text) for flag in flags for text in seen.get(flag, [])] for role, flags in roles.items()}
 
 
+def not_found(name: str, seen: dict[str, list[str]], old: bool) -> int:
+    """No workload of this name (and kind): what the CLI prints, exit 1."""
+    if old:
+        project = seen.get('--project', ['default'])[-1]
+        print(f'The job {name} does not exist in project {project}. If the job exists in a different project, '
+              'use -p <project name>.')
+    else:
+        print(f'Error: workload {name} not found', file=sys.stderr)
+    return 1
+
+
 def main() -> int:
     args = sys.argv[1:]
     with open(os.environ['RUNAI_LOG'], 'a') as log:
@@ -186,36 +212,42 @@ def main() -> int:
                 print(f'  {short + ", " if short else "    "}{name}{"" if kind is BOOL else " string"}')
         return 0
     positional, seen, command = parse(flags, rest)
+    old = version == '2.16'
+    error = json.loads(os.environ.get('FAKE_RUNAI_ERRORS') or '{}').get(' '.join(path))
+    if error is not None:
+        print(error if old else f'Error: {error}', file=sys.stdout if old else sys.stderr)
+        return 1
     state_file = Path(os.environ['FAKE_RUNAI_STATE'])
     state = json.loads(state_file.read_text()) if state_file.exists() else {}
     name = seen.get('--name', positional)[0] if (seen.get('--name') or positional) else None
     verb = next(v for v in ('submit', 'describe', 'delete', 'logs') if any(part.startswith(v) for part in path))
+    kind = ' '.join(path[:-1])
     workload = state.get(name)
     if verb == 'submit':
-        if workload is not None:
+        if workload is not None:  # a name is taken whatever the workload's kind
             print(f'Error: workload {name} already exists', file=sys.stderr)
             return 1
-        state[name] = {'status': 'Pending', 'args': args, 'spec': spec_of(version, seen)}
-    elif verb == 'describe':
-        if workload is None:
-            print(f'Error: workload {name} not found', file=sys.stderr)
-            return 1
-        if workload['status'] == 'Deleting':
-            workload['left'] -= 1
-            if workload['left'] < 0:
+        state[name] = {'status': 'Pending', 'kind': kind, 'args': args, 'spec': spec_of(version, seen)}
+        state_file.write_text(json.dumps(state))
+        return 0
+    if workload is not None and not old and workload.get('kind', 'training') != kind:
+        workload = None  # another kind's: the current CLI's commands of this kind do not see it
+    if verb == 'describe':
+        if workload is None or (workload['status'] == 'Deleting' and workload['left'] <= 0):
+            if workload is not None:
                 del state[name]
                 state_file.write_text(json.dumps(state))
-                print(f'Error: workload {name} not found', file=sys.stderr)
-                return 1
+            return not_found(name, seen, old)
+        if workload['status'] == 'Deleting':
+            workload['left'] -= 1
         pods = [{'name': f'{name}-{role}-0', 'status': workload.get('pods', workload['status'])}
                 for role in ('master', 'worker')]
         key = 'instances' if version == '2.16' else 'pods'
-        print(json.dumps({'name': name, 'status': workload['status'], key: pods,
-                          'conditions': [{'type': 'Running', 'status': 'True'}]}))
+        print(workload.get('output') or json.dumps({'name': name, 'status': workload['status'], key: pods,
+                                                    'conditions': [{'type': 'Running', 'status': 'True'}]}))
     elif verb == 'delete':
         if workload is None:
-            print(f'Error: workload {name} not found', file=sys.stderr)
-            return 1
+            return not_found(name, seen, old)
         workload.update(status='Deleting', left=DELETE_TAKES)
     state_file.write_text(json.dumps(state))
     return 0

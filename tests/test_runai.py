@@ -270,6 +270,78 @@ def test_the_older_clis_final_states_are_final(tmp_path: Path, version: str, sta
     assert (workloads['exp1']['status'] == 'Pending') == replaced
 
 
+def runai_calls(calls: list, verb: str) -> list[list[str]]:
+    """The calls of one verb (describe, delete, submit), help requests left out."""
+    return [c for c in calls if verb in c and '--help' not in c and '-h' not in c]
+
+
+@pytest.mark.parametrize(('version', 'nodes', 'other', 'state', 'replaced'), [
+    ('2.22', '3', 'training', 'Running', False),  # a 1-pod run still going, resubmitted on 3 pods
+    ('2.22', '1', 'training pytorch', 'Running', False),  # and the other way round
+    ('2.22', '1', 'training pytorch', 'Pending', False),
+    ('2.20', '1', 'training pytorch', 'Running', False),
+    ('2.18', '1', 'distributed', 'Running', False),  # Run:ai 2.18's distributed workloads
+    ('2.22', '3', 'training', 'Completed', True),
+    ('2.22', '1', 'training pytorch', 'Failed', True),
+    ('2.18', '1', 'distributed', 'Succeeded', True),
+])
+def test_a_workload_of_the_other_kind_holds_the_name_too(tmp_path: Path, version: str, nodes: str, other: str,
+                                                         state: str, replaced: bool) -> None:
+    """A run resubmitted with another --nodes is another kind of workload, whose describe alone would not see
+    the earlier one: a live one of either kind is refused, a finished one is deleted with its own kind's delete."""
+    existing = {'exp1': {'status': state, 'kind': other, 'left': 99}}
+    result, calls, workloads = submit(tmp_path, '--nodes', nodes, 'exp1', version=version, existing=existing)
+    submitted_kind = 'training pytorch' if nodes != '1' else 'training'
+    assert [*other.split(), 'describe', 'exp1', '-o', 'json'] in runai_calls(calls, 'describe')
+    if not replaced:
+        assert result.returncode == 1 and f'exp1 of run exp1 is {state}, not finished' in result.stderr
+        assert f"it is a 'runai {other}' workload (another --nodes)" in result.stderr
+        assert f'runai {other} logs exp1 -f' in result.stderr and f'runai {other} delete exp1' in result.stderr
+        assert workloads == existing and not runai_calls(calls, 'delete') and not runai_calls(calls, 'submit')
+        return
+    assert result.returncode == 0, result.stderr
+    assert [c[:-1] for c in runai_calls(calls, 'delete')] == [[*other.split(), 'delete']]
+    assert workloads['exp1']['kind'] == submitted_kind and workloads['exp1']['status'] == 'Pending'
+    assert f'runai {submitted_kind} logs exp1 -f' in result.stdout, 'the new workload is followed with its own kind'
+
+
+@pytest.mark.parametrize(('version', 'nodes', 'command', 'error'), [
+    ('2.22', '1', 'training describe', 'unauthorized: run runai login'),
+    ('2.22', '1', 'training pytorch describe', 'Get "https://runai.example/api/v1/workloads": connection refused'),
+    ('2.22', '3', 'training describe', '403 Forbidden: the user may not view workloads in project p'),
+    ('2.22', '3', 'training pytorch describe', 'config file not found, run runai login'),  # "not found", not exp1's
+    ('2.18', '1', 'distributed describe', 'context deadline exceeded'),
+    ('2.16', '1', 'describe job', 'Unable to connect to the server: dial tcp 10.0.0.1:443: i/o timeout'),
+])
+def test_a_describe_that_fails_for_another_reason_than_not_found_stops_the_submission(
+        tmp_path: Path, version: str, nodes: str, command: str, error: str) -> None:
+    """Not logged in, the API down, permission denied: whether a live workload holds the name is unknown,
+    so one line names the describe and its error, exit 1, and nothing is deleted or submitted."""
+    existing = {'other': {'status': 'Running'}}
+    result, calls, workloads = submit(tmp_path, '--nodes', nodes, 'exp1', version=version, existing=existing,
+                                      FAKE_RUNAI_ERRORS=json.dumps({command: error}))
+    assert result.returncode == 1, result.stderr
+    (line,) = [e for e in result.stderr.splitlines() if not e.startswith('submit_train: warning:')]
+    assert line.startswith('submit_train: cannot tell whether workload exp1 exists, so nothing was submitted: ')
+    assert f'runai {command} exp1 -o json failed (exit 1): ' in line and line.endswith(error)
+    assert workloads == existing and not runai_calls(calls, 'delete') and not runai_calls(calls, 'submit')
+
+
+def test_a_describe_that_prints_no_json_stops_the_submission(tmp_path: Path) -> None:
+    existing = {'exp1': {'status': 'Running', 'output': 'NAME: exp1   STATUS: Running'}}
+    result, calls, workloads = submit(tmp_path, 'exp1', existing=existing)
+    assert result.returncode == 1 and 'runai training describe exp1 -o json printed no JSON description' in result.stderr
+    assert workloads == existing and not runai_calls(calls, 'submit')
+
+
+@pytest.mark.parametrize('version', ['2.22', '2.16'])
+def test_the_clis_not_found_is_no_workload(tmp_path: Path, version: str) -> None:
+    """The older CLI says so on stdout ("The job exp1 does not exist in project p"), the current one on stderr."""
+    result, calls, workloads = submit(tmp_path, '--project', 'p', 'exp1', version=version)
+    assert result.returncode == 0, result.stderr
+    assert len(runai_calls(calls, 'describe')) == (2 if version == '2.22' else 1) and list(workloads) == ['exp1']
+
+
 @pytest.mark.parametrize('args', [('-g', 'two'), ('--termination-grace-period', 'forever'), ('-e', 'NOEQUALS'),
                                   ('--workers', '-5'), ('--cpu-memory-request', '32 GB'),
                                   ('--env-secret', 'WANDB_API_KEY=sk-live-value'), ('--env-secret', 'K=wandb:api-key')])
