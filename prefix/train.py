@@ -124,10 +124,11 @@ def train(cfg: TrainConfig) -> int:
     lock, generation = acquire_on_rank_zero(run.lock, Duration.parse(cfg.lock_wait).seconds, preemption)
     if lock is not None:
         preemption.farewell = lambda name: stopped_before_first_step(cfg.run_name, name, lock)
+        preemption.on_request = lock.beat_now  # "stopping" at once: a restart here waits for the save
     try:
         tee_output(run.console(rank))
         small = MIN_WRITE_TIMEOUT_S  # the deadline of rank 0's work on small files
-        from_rank_zero(lambda: remove_leftovers(run.checkpoints, generation), small, 'removing leftovers')
+        from_rank_zero(lambda: remove_leftovers(run.checkpoints, generation), small, f'removing leftovers in {run.checkpoints}')
         resume = find_resume_point(run.checkpoints, cfg.checkpoint.write_timeout)
         config_dict = config_lib.to_dict(cfg)
         if resume is not None:

@@ -210,6 +210,22 @@ def test_a_runs_root_that_cannot_hold_runs_is_one_line(case: str, tmp_path: Path
     assert 'Traceback' not in result.stderr
 
 
+def test_a_run_directory_that_fails_a_write_during_setup_is_one_line(finished_run: Path, tmp_path: Path,
+                                                                     dataset: Path) -> None:
+    """meta/ full while rank 0 records a config change at the resume: one line naming the file, no traceback."""
+    from conftest import copy_run, faults
+
+    run = copy_run(finished_run, tmp_path)
+    full = faults({'op': 'open', 'path': 'config_changes.jsonl', 'error': 'ENOSPC'})
+    result = run_train(*smoke_args(tmp_path, dataset, 'max_duration=30ba'), **full)
+    errors = [line for line in result.stderr.splitlines() if line.startswith('prefix:')]
+    assert result.returncode == 1 and 'Traceback' not in result.stderr, result.stderr[-3000:]
+    assert errors == [f'prefix: error: rank 0 failed recording config changes in {run}/meta/config_changes.jsonl: No '
+                      f'space left on device ({run}/meta/config_changes.jsonl): the volume is full, read-only or failing; '
+                      'fix it, then run the same command again'], result.stderr[-3000:]
+    assert json.loads((run / 'meta' / 'lock.json').read_text())['state'] == 'released'
+
+
 def test_show_into_a_closed_pipe_is_quiet(finished_run: Path) -> None:
     """``prefix show --json | head``: the reader left before the output was written (its end closed at once here)."""
     import subprocess

@@ -238,8 +238,13 @@ def leave() -> None:
 
 
 def from_rank_zero(work: Callable[[], Any], deadline_s: Optional[float] = None, doing: str = '') -> Any:
-    """``work`` runs on rank 0 alone; every rank returns its result, or raises its exception."""
-    return together(work if rank() == 0 else None, deadline_s, doing)[0].get()
+    """``work`` runs on rank 0 alone; every rank returns its result, or raises its exception (a failed file
+    operation as one ``PrefixError`` line naming the file: the run directory's volume, not a bug)."""
+    try:
+        return together(work if rank() == 0 else None, deadline_s, doing)[0].get()
+    except OSError as e:
+        raise PrefixError(f'rank 0 failed {doing or "its work on the run directory"}: {describe(e)}: the volume is full, '
+                          'read-only or failing; fix it, then run the same command again') from None
 
 
 def _picklable(outcome: Outcome) -> Outcome:

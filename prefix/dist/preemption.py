@@ -68,6 +68,7 @@ class PreemptionSignal:
         self.signal_name: Optional[str] = None
         self.armed = False
         self.farewell: Callable[[str], None] = lambda name: None  # what a stop before the first step does first
+        self.on_request: Callable[[], None] = lambda: None  # what a stop after it does at once (publish "stopping")
 
     def install(self) -> PreemptionSignal:
         """Until ``arm``, a stop signal ends the process at once, after ``farewell`` (replacing Composer's handler)."""
@@ -120,6 +121,7 @@ class PreemptionSignal:
             return
         self.requested, self.signal_name = True, name
         log.warning('%s received: saving a checkpoint at the end of this batch, then exiting', name)
+        self.on_request()
 
 
 def die_with_launcher() -> None:

@@ -65,6 +65,10 @@ class RunLockedError(PrefixError):
     """Another live process is training this run."""
 
 
+class LockIOError(PrefixError):
+    """The run lock's own files cannot be read or written: the volume is full, read-only or failing."""
+
+
 class LockLostError(RuntimeError):
     """This process held the run's lock and another has taken it: it must publish nothing more."""
 
@@ -91,6 +95,7 @@ class RunLock:
         self.lost: Optional[str] = None  # why this process no longer holds the lock
         self.renewed = float('-inf')  # monotonic start of the last successful renewal
         self._stop = threading.Event()
+        self._wake = threading.Event()  # a beat now, not at the next period: a stop was asked for, a commit waits
         self._thread: Optional[threading.Thread] = None
         self._waiting_logged = 0.0
 
@@ -120,9 +125,10 @@ class RunLock:
 
     @staticmethod
     def _owner(claim: Path) -> Optional[str]:
-        """The token in a claim; None once it is gone (a failed read raises)."""
+        """The token in a claim; None once it is gone (a failed read raises). Bytes that are no token (a torn or
+        garbage claim) are nobody's: the claim is then one whose holder writes no beat, and is taken over."""
         try:
-            return claim.read_text()
+            return claim.read_bytes().decode('ascii', errors='replace')
         except FileNotFoundError:
             return None
 
@@ -159,18 +165,52 @@ class RunLock:
     # --- taking it ------------------------------------------------------------------------------
 
     def _claim(self, generation: int) -> bool:
-        """Exclusive: of all newcomers, one creates this generation's claim."""
+        """Exclusive: of all newcomers, one creates this generation's claim. A claim whose token could not be
+        written is removed again: left empty, it would make the next start watch it for a whole window."""
+        path = self.path.parent / f'lock.claim-{generation}'
         try:
-            fd = os.open(self.path.parent / f'lock.claim-{generation}', os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
             return False
-        with os.fdopen(fd, 'w') as f:
-            f.write(self.token)
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with os.fdopen(fd, 'w') as f:
+                f.write(self.token)
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError:
+            path.unlink(missing_ok=True)
+            raise
         return True
 
     def acquire(self) -> RunLock:
+        """Take the lock (waiting as the class says); a file of the lock that cannot be read or written is one
+        ``LockIOError`` line naming it, and a half-taken lock is marked released so the next start is not slowed."""
+        try:
+            return self._acquire()
+        except OSError as e:
+            if self.generation:
+                self._abandon()
+            raise LockIOError(f'cannot take the run lock {self.path}: {e.strerror or e} ({e.filename or self.path}): '
+                              'its volume is full, read-only or failing; fix it, then run the same command again') from None
+
+    def _abandon(self) -> None:
+        """A claim taken, then a failure: the record published is marked released; with none published, the claim
+        goes (nothing was written under its generation), so the next start need not watch it."""
+        try:
+            published = (self._record(self._raw()) or {}).get('token') == self.token
+        except OSError:
+            published = True
+        if published:
+            self.release()
+            return
+        self._stop.set()
+        self._wake.set()
+        try:
+            (self.path.parent / f'lock.claim-{self.generation}').unlink(missing_ok=True)
+        except OSError as e:
+            log.warning('cannot remove the run lock claim %d (%s): the next start watches it first', self.generation, e)
+
+    def _acquire(self) -> RunLock:
         waited_since: Optional[float] = None
         logged = 0.0
         while True:
@@ -261,8 +301,17 @@ class RunLock:
                          f'host {record.get("host")}')
             log.error('%s: this process must publish nothing more', self.lost)
 
+    def beat_now(self) -> None:
+        """Renew the lease now (any thread): a stop just asked for is published as ``stopping`` at once, so that a
+        restart on this machine waits for the save instead of being refused, and a waiting commit goes on."""
+        self._wake.set()
+
     def _beat(self) -> None:
-        while not self._stop.wait(self.beat_seconds) and self.lost is None:
+        while self.lost is None:
+            self._wake.wait(self.beat_seconds)
+            self._wake.clear()
+            if self._stop.is_set():
+                return
             started = time.monotonic()
             try:
                 self._check()
@@ -300,6 +349,7 @@ class RunLock:
                 raise LockLostError(self.lost)
             if self.current():
                 return
+            self.beat_now()
             now = time.monotonic()
             if now - self._waiting_logged >= 10:
                 log.warning('a commit waits for the run lock %s to be renewed (last renewed %.0fs ago)',
@@ -310,6 +360,7 @@ class RunLock:
     def release(self) -> None:
         """Mark the lock released (the next start takes it at once); its claim stays, so generations only grow."""
         self._stop.set()
+        self._wake.set()
         if self._thread is not None:
             self._thread.join()
         if self.lost is None and self.generation:

@@ -78,12 +78,16 @@ def test_the_same_hostname_elsewhere_is_watched_not_trusted(tmp_path: Path, monk
     assert time.monotonic() - started >= 1.0
 
 
-@pytest.mark.parametrize('content', [b'{"token": "other", "generation": 1}{"tok', b'', b'\x00\x00garbage'])
-def test_an_unreadable_lock_is_an_unknown_holder_watched_then_taken_over(tmp_path: Path, content: bytes,
-                                                                         caplog: pytest.LogCaptureFixture) -> None:
-    """Torn (two writes landed in one file), empty or garbage: never a traceback, never a run bricked."""
-    (tmp_path / 'lock.claim-1').write_text('other')
-    (tmp_path / 'lock.json').write_bytes(content)
+@pytest.mark.parametrize(('content', 'claim'), [(b'{"token": "other", "generation": 1}{"tok', b'other'),
+                                                (b'', b'other'), (b'\x00\x00garbage', b'other'),
+                                                (None, b'\xff\xfe\x00 not a token'), (None, b'')])
+def test_an_unreadable_lock_is_an_unknown_holder_watched_then_taken_over(
+        tmp_path: Path, content: bytes | None, claim: bytes, caplog: pytest.LogCaptureFixture) -> None:
+    """Torn (two writes landed in one file), empty or garbage, a claim of bytes that are no token or of none:
+    never a traceback, never a run bricked."""
+    (tmp_path / 'lock.claim-1').write_bytes(claim)
+    if content is not None:
+        (tmp_path / 'lock.json').write_bytes(content)
     lock = RunLock(tmp_path / 'lock.json', window=1.0).acquire()
     assert lock.generation == 2 and 'no readable record of its holder (generation 1)' in caplog.text
     lock.release()
@@ -243,6 +247,43 @@ def test_the_holder_keeps_beating_and_marks_itself_stopping(tmp_path: Path) -> N
     lock.release()
 
 
+def test_a_stop_is_published_at_once_not_at_the_next_beat(tmp_path: Path) -> None:
+    stopping = threading.Event()
+    lock = RunLock(tmp_path / 'lock.json', beat_seconds=3600, stopping=stopping.is_set).acquire()
+    stopping.set()
+    lock.beat_now()  # what a stop signal's watcher does: the next beat is an hour away
+    wait_for(lambda: json.loads((tmp_path / 'lock.json').read_text())['state'] == 'stopping')
+    lock.release()
+
+
+@pytest.mark.parametrize('failing', ['the claim', 'the record'])
+def test_a_lock_that_cannot_be_written_is_one_line_and_slows_no_later_start(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failing: str) -> None:
+    """A full (or read-only, or failing) meta/: the claim's token or the first record cannot be written."""
+    import errno
+
+    import prefix.run.runlock as runlock
+    from prefix.run.runlock import LockIOError
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, 'No space left on device', str(tmp_path / 'lock.json'))
+
+    if failing == 'the claim':
+        real_fsync = os.fsync
+        monkeypatch.setattr(runlock.os, 'fsync', full)
+    else:
+        monkeypatch.setattr(runlock, 'atomic_write_text', full)
+    with pytest.raises(LockIOError, match=r'^cannot take the run lock .*lock.json: No space left on device \(.*\): '
+                                          r'its volume is full, read-only or failing; fix it, then run the same'):
+        RunLock(tmp_path / 'lock.json').acquire()
+    monkeypatch.undo()
+    if failing == 'the claim':
+        assert os.fsync is real_fsync
+        assert not list(tmp_path.iterdir()), 'the claim without its token is gone'
+    later = RunLock(tmp_path / 'lock.json', window=3600).acquire()  # would watch an hour if the failure slowed it
+    later.release()
+
+
 def test_a_newcomer_waits_for_a_stopping_holder_then_takes_the_lock(tmp_path: Path) -> None:
     stopping = threading.Event()
     holder = RunLock(tmp_path / 'lock.json', beat_seconds=0.05, stopping=stopping.is_set).acquire()
@@ -266,7 +307,7 @@ def test_a_newcomer_waits_for_a_stopping_holder_then_takes_the_lock(tmp_path: Pa
 
 
 @pytest.mark.slow
-def test_a_replacement_waits_for_the_old_process_to_save_then_resumes_from_its_checkpoint(
+def test_a_restart_right_after_sigterm_waits_for_the_old_process_to_save_then_resumes_from_its_checkpoint(
         tmp_path: Path, dataset: Path, reference) -> None:
     from conftest import assert_same_training, faults, run_env, smoke_args, starts, train_cmd
 
@@ -276,21 +317,22 @@ def test_a_replacement_waits_for_the_old_process_to_save_then_resumes_from_its_c
     go_on, finish_saving = tmp_path / 'go-on', tmp_path / 'finish-saving'
     old = subprocess.Popen(train_cmd(*args), cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL,
                            stderr=subprocess.DEVNULL, env=run_env(**faults(
+                               # No periodic beat in this test's time: "stopping" can only come from the stop itself.
+                               {'op': 'set', 'target': 'prefix.run.runlock:BEAT_S', 'value': 3600},
                                {'op': 'step', 'step': 7, 'marker': str(held), 'block': True, 'release': str(go_on)},
                                # the final save's write of latest.pt (the second) hangs until released
                                {'op': 'fsync', 'path': 'latest.pt.*.tmp', 'skip': 1, 'marker': str(saving), 'block': True,
                                 'release': str(finish_saving)})))
     wait_for(held.exists, old, 'step 7')
     old.send_signal(signal.SIGTERM)
-    wait_for(lambda: 'SIGTERM received' in (run / 'logs' / 'rank0.log').read_text(), old)
+    wait_for(lambda: json.loads((run / 'meta' / 'lock.json').read_text())['state'] == 'stopping', old)
     go_on.touch()
     wait_for(saving.exists, old, 'the old process saves')
-    wait_for(lambda: json.loads((run / 'meta' / 'lock.json').read_text())['state'] == 'stopping', old)
 
+    # Not in a pod: a live holder would be refused at once, a stopping one is waited for.
     console = tmp_path / 'replacement.log'
     with console.open('w') as out:
-        replacement = subprocess.Popen(train_cmd(*args), cwd=REPO, env=run_env(PREFIX_POD='pod-2'),
-                                       stdout=out, stderr=subprocess.STDOUT)
+        replacement = subprocess.Popen(train_cmd(*args), cwd=REPO, env=run_env(), stdout=out, stderr=subprocess.STDOUT)
     wait_for(lambda: 'saving after SIGTERM); waiting up to' in console.read_text(), replacement, 'the replacement waits')
     assert old.poll() is None
     finish_saving.touch()  # the old process finishes its save and exits
