@@ -103,11 +103,14 @@ cmd+=(-m prefix.train "$config" "run_name=$run_name" "runs_root=$runs_root" "$@"
 
 log_dir="$runs_root/$run_name/logs"
 mkdir -p "$log_dir"
-echo "pod_train: $(date -u +%FT%TZ) node $node of $nnodes on $(hostname):$gloo_note ${cmd[*]}" | tee -a "$log_dir/pod-$node.log"
-
-# The console goes to the pod's log through a tee of this script's own, so that the launcher's only
-# children are the training ranks; the training runs in a session of its own.
-exec 3> >(tee -a "$log_dir/pod-$node.log")
+# The console goes to the pod's log through a copy of this script's own, so that the launcher's only
+# children are the training ranks; the training runs in a session of its own. The copy (prefix.run.tee,
+# as each rank's own) writes the console at once and the file when its volume answers: a PVC that hangs
+# holds neither the console nor the training nor this script.
+exec 3> >(exec python3 -m prefix.run.tee "$log_dir/pod-$node.log")
+copy=$!
+say() { echo "pod_train: $*" >&3; }
+say "$(date -u +%FT%TZ) node $node of $nnodes on $(hostname):$gloo_note ${cmd[*]}"
 setsid "${cmd[@]}" >&3 2>&1 &
 pid=$!
 # The launcher's children: the training ranks (/proc, so that the image needs no procps).
@@ -121,11 +124,35 @@ ranks() {
     [ "$ppid" = "$pid" ] && echo "${stat//[^0-9]/}"
   done
 }
+# Whether a process of the training's session is still running, other than the ranks' console copies
+# (prefix.run.tee), which are waited for apart.
+training_left() {
+  local stat fields state pgrp args
+  for stat in /proc/[0-9]*/stat; do
+    { read -r fields <"$stat"; } 2>/dev/null || continue
+    read -r state _ pgrp _ <<<"${fields##*) }"
+    [ "$pgrp" = "$pid" ] && [ "$state" != Z ] || continue
+    { mapfile -d '' -t args <"${stat%stat}cmdline"; } 2>/dev/null || continue
+    [[ " ${args[*]} " == *" prefix.run.tee "* ]] || return 0
+  done
+  return 1
+}
+# Wait at most 12 s while process $1 (or group -$1) runs: a console copy gives up on a file that does not
+# answer 10 s after its input ended; one that has not by then (stopped, stuck in the kernel) is killed.
+wait_for_copy() {
+  local i
+  for ((i = 0; i < 24; i++)); do
+    kill -0 -- "$1" 2>/dev/null || return 0
+    sleep 0.5
+  done
+  echo "pod_train: $(date -u +%FT%TZ) a console copy into $log_dir did not finish in 12 s: its last lines are not there" >&2
+  kill -KILL -- "$1" 2>/dev/null || true
+}
 # To the ranks, not to the composer launcher: on SIGTERM the launcher passes it on and kills its ranks
 # 30 s later, which would cut a long final checkpoint short. Before the ranks exist, to the launcher.
 # shellcheck disable=SC2329  # invoked by the traps below
 forward() {
-  echo "pod_train: $1 received, forwarding it to the training processes" | tee -a "$log_dir/pod-$node.log"
+  say "$1 received, forwarding it to the training processes"
   local targets
   targets=$(ranks)
   # shellcheck disable=SC2086  # one pid per word
@@ -139,9 +166,14 @@ while true; do
   status=$?
   kill -0 "$pid" 2>/dev/null || break  # else wait was interrupted by a trapped signal
 done
-# Ranks outlive a launcher ended by SIGTERM while they save: wait for the whole session.
-while kill -0 -- "-$pid" 2>/dev/null; do
+# Ranks outlive a launcher ended by SIGTERM while they save: wait for them, however long, then for their
+# console copies, a bounded time.
+while training_left; do
   sleep 0.5
 done
-echo "pod_train: $(date -u +%FT%TZ) training exited with status $status" | tee -a "$log_dir/pod-$node.log"
+wait_for_copy "-$pid"
+trap '' TERM INT  # the training is over: nothing left to forward
+say "$(date -u +%FT%TZ) training exited with status $status"
+exec 3>&-
+wait_for_copy "$copy"
 exit "$status"

@@ -8,7 +8,8 @@ __getattr__, __dir__ = exports(
     runlock=['LockLostError', 'RunLock'],
     journal=['Journal', 'record_checkpoint', 'record_failed_setup'],
     meta=['gpu_names', 'write_snapshots'],
-    logs=['MetricsLogger', 'tee_output'],
+    logs=['MetricsLogger'],
+    tee=['tee_output'],
     console=['ConsoleLine'],
     runinfo=['LOSS', 'previous_start', 'start_count', 'start_steps'],
 )

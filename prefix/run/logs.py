@@ -1,13 +1,9 @@
-"""What a run writes to ``logs/``: each rank's console output and the per-step metrics as JSON lines."""
+"""What a run writes to ``logs/``: the per-step metrics as JSON lines (each rank's console: ``prefix.run.tee``)."""
 
 from __future__ import annotations
 
 import json
 import math
-import os
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -16,37 +12,6 @@ from composer.core import State
 from composer.loggers import Logger, LoggerDestination
 
 from prefix.dist import RankFailures
-
-
-def _ignore_signals() -> None:
-    # The tee must outlive a SIGTERM/SIGINT to the process group so the final save can still print,
-    # and a console that went away (the launcher killed): it keeps writing the file.
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGPIPE):
-        signal.signal(sig, signal.SIG_IGN)
-
-
-def tee_output(path: Path) -> Path:
-    """Copy this process's stdout and stderr into ``path`` (``logs/rank{rank}.log``) as well.
-
-    The ``composer`` launcher discards the output of ranks other than 0, so each rank keeps its
-    own copy. A ``tee`` child (not a thread) flushes what it was given even if we are SIGKILLed.
-    """
-    sys.stdout.flush()
-    sys.stderr.flush()
-    for fd in (1, 2):
-        tee = subprocess.Popen(
-            ['tee', '-p', '-a', str(path)],
-            stdin=subprocess.PIPE,
-            stdout=os.dup(fd),
-            preexec_fn=_ignore_signals,
-            close_fds=True,
-        )
-        assert tee.stdin is not None
-        os.dup2(tee.stdin.fileno(), fd)
-        tee.stdin.close()
-    sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
-    sys.stderr.reconfigure(line_buffering=True)  # type: ignore[union-attr]
-    return path
 
 
 def _plain(value: Any) -> Any:

@@ -5,7 +5,9 @@ moment), and the benchmarks observe the trainer from outside (``record``), so th
 code has no test or timing hooks. ``PREFIX_TEST_FAULTS`` holds a JSON list of
 rules; with it unset this module does nothing. A rule:
 
-- ``op``: ``fsync`` | ``open`` | ``link`` | ``replace`` (the path is the file's), ``step`` (before
+- ``op``: ``fsync`` | ``open`` | ``link`` | ``replace`` (the path is the file's), ``write`` (each ``os.write``
+  to a file of that name: a volume that stops answering mid-file; only ``os.write`` is watched, and only in a
+  process with such a rule), ``step`` (before
   Composer runs ``event`` at the batch count ``step``, or every time without ``step``), ``call`` (``target`` is
   ``module:qualname``, patched right after the module is imported; ``when`` is ``before`` or ``after``),
   ``set`` (``target`` is ``module:NAME``, set to ``value`` right after the module is imported: short
@@ -96,7 +98,7 @@ def _fd_path(fd: int) -> str:
 
 
 builtins_open = builtins.open
-_originals = {'fsync': os.fsync, 'link': os.link, 'replace': os.replace}
+_originals = {'fsync': os.fsync, 'link': os.link, 'replace': os.replace, 'write': os.write}
 
 
 def _fsync(fd: int) -> None:
@@ -116,6 +118,13 @@ def _replace(src, dst, *args, **kwargs) -> None:
     for index in _matching('replace', os.fspath(dst)):
         _act(index, os.fspath(dst))
     _originals['replace'](src, dst, *args, **kwargs)
+
+
+def _write(fd: int, data) -> int:
+    path = _fd_path(fd)
+    for index in _matching('write', path):
+        _act(index, path)
+    return _originals['write'](fd, data)
 
 
 def _open(file, mode='r', *args, **kwargs):
@@ -208,6 +217,8 @@ def _gpu_on_threads(module) -> None:
 if RULES:
     os.fsync, os.link, os.replace = _fsync, _link, _replace
     builtins.open = io.open = _open
+    if any(rule['op'] == 'write' for rule in RULES):
+        os.write = _write
     patches: dict[str, list] = {}
     for i, rule in enumerate(RULES):
         if rule['op'] == 'call':
