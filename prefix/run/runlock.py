@@ -237,6 +237,11 @@ class RunLock:
                 fenced = True
             if not self._claim(top + 1):
                 continue  # another newcomer won this generation
+            if max(self._claims(), default=0) != top + 1:
+                # This start stalled while making its claim, and another took a newer one meanwhile (watching an
+                # ownerless claim): it is that start's run now; look again before writing anything.
+                log.warning('a newer claim than this start\'s (generation %d) appeared while it was made', top + 1)
+                continue
             self._hold(top + 1)
             if fenced:
                 log.warning('waiting %.0fs before using the run, so that the previous holder, if it is only stalled, '

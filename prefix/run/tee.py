@@ -120,6 +120,10 @@ class FileCopy:
             return self._dropped + self._writing + sum(map(_count, self._queue))
 
     def _run(self) -> None:
+        try:  # at once, as tee does: the file is there before the first line (readers wait for it to appear)
+            self._file = open(self.path, 'ab', buffering=0)  # noqa: SIM115  (open until the process ends)
+        except OSError:
+            pass  # tried again with the first line
         while True:
             with self._cond:
                 while not (self._queue or self._dropped or self._closed):

@@ -247,6 +247,27 @@ def test_the_holder_keeps_beating_and_marks_itself_stopping(tmp_path: Path) -> N
     lock.release()
 
 
+def test_a_claimer_that_stalled_while_a_newer_claim_was_taken_does_not_hold(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Between creating its claim and writing its token, this start stalls; meanwhile another start watched the
+    ownerless claim, took the next generation and holds the run. This one must write nothing and see that holder."""
+    import prefix.run.runlock as runlock
+
+    real_fsync = runlock.os.fsync
+
+    def stall_then_go_on(fd: int) -> None:
+        if not (tmp_path / 'lock.claim-2').exists():  # what happened while this start was stalled
+            held(tmp_path, generation=2, pid=os.getpid(), pid_start=start_ticks(os.getpid()))
+        real_fsync(fd)
+
+    monkeypatch.setattr(runlock.os, 'fsync', stall_then_go_on)
+    before = (tmp_path / 'lock.json').read_text() if (tmp_path / 'lock.json').exists() else None
+    with pytest.raises(RunLockedError, match=r'in use by pid'):
+        RunLock(tmp_path / 'lock.json').acquire()
+    assert before is None and json.loads((tmp_path / 'lock.json').read_text())['token'] == 'other', 'nothing written'
+    assert (tmp_path / 'lock.claim-2').read_text() == 'other'
+
+
 def test_a_stop_is_published_at_once_not_at_the_next_beat(tmp_path: Path) -> None:
     stopping = threading.Event()
     lock = RunLock(tmp_path / 'lock.json', beat_seconds=3600, stopping=stopping.is_set).acquire()
