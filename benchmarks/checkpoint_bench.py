@@ -45,14 +45,14 @@ from composer.core import Callback
 from composer.devices import DeviceCPU, DeviceGPU
 from composer.utils import dist
 
-import prefix.dist.composer_fixes  # noqa: F401  (applied on import)
+import prefix.distributed.composer_fixes  # noqa: F401  (applied on import)
 from prefix import config as config_lib
 from prefix.checkpoint.checkpointer import Checkpointer
 from prefix.config.config import CheckpointConfig, load_config
 from prefix.config.duration import Duration
 from prefix.data.loader import build_dataloader
-from prefix.dist.agreement import RankFailures
-from prefix.dist.preemption import PreemptionSignal
+from prefix.distributed.agreement import RankFailures
+from prefix.distributed.preemption import PreemptionSignal
 from prefix.files import jsonl
 from prefix.models.gpt import GPT
 from prefix.run.journal import Journal

@@ -11,7 +11,7 @@ import signal
 import sys
 
 from prefix import config as config_lib
-from prefix.dist import die_with_launcher
+from prefix.distributed import die_with_launcher
 from prefix.errors import PrefixError, reader_gone_quietly
 
 USAGE = 'usage: composer [-n N] -m prefix.train CONFIG.yaml [key=value ...]'
@@ -55,7 +55,7 @@ from composer.optim import DecoupledAdamW
 from composer.utils import dist, reproducibility
 from streaming import StreamingDataLoader
 
-import prefix.dist.composer_fixes  # noqa: F401  (applied on import)
+import prefix.distributed.composer_fixes  # noqa: F401  (applied on import)
 from prefix import models, schedule, trackers
 from prefix.checkpoint import (
     MIN_WRITE_TIMEOUT_S,
@@ -69,7 +69,7 @@ from prefix.checkpoint import (
 )
 from prefix.config import Duration, TrainConfig, check_and_record
 from prefix.data import build_dataloader, count_tokens, dataset_info
-from prefix.dist import Preempted, PreemptionSignal, RankFailures, agreement, from_rank_zero
+from prefix.distributed import Preempted, PreemptionSignal, RankFailures, agreement, from_rank_zero
 from prefix.errors import ConfigError
 from prefix.models import average_gradients_on_gloo, parallelism_config
 from prefix.run import (

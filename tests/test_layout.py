@@ -11,7 +11,7 @@ from conftest import REPO
 
 # Bottom to top: a package imports only from those before it (and from itself); prefix's top-level modules
 # (train, cli, chaos, schedule) may import any of them.
-LAYERS = ['errors', 'files', 'config', 'dist', 'run', 'checkpoint', 'data', 'models', 'trackers']
+LAYERS = ['errors', 'files', 'config', 'distributed', 'run', 'checkpoint', 'data', 'models', 'trackers']
 PACKAGE = REPO / 'prefix'
 
 

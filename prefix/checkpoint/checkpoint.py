@@ -48,7 +48,7 @@ from composer.utils import dist
 
 from prefix.checkpoint import shards
 from prefix.config import Duration
-from prefix.dist import together
+from prefix.distributed import together
 from prefix.errors import PrefixError
 from prefix.files import TMP_SUFFIX, tag_of
 

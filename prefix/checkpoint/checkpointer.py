@@ -26,7 +26,7 @@ at its next write), then write the final checkpoint synchronously: the last stat
 ``checkpoint.async_write=false`` makes every checkpoint synchronous.
 
 Waiting is never a collective: a rank waits for its own write in short local waits, each followed
-by the agreement all-reduce (``prefix.dist.agreement``), so no collective waits on a disk however slow.
+by the agreement all-reduce (``prefix.distributed.agreement``), so no collective waits on a disk however slow.
 A failure on any rank is agreed the same way and stops every rank with one line naming it.
 
 Every write has a deadline (``checkpoint.write_timeout``, by default from the checkpoint's size):
@@ -75,7 +75,7 @@ from prefix.checkpoint.checkpoint import (
 from prefix.checkpoint.snapshot import HostSnapshot, copy_into
 from prefix.checkpoint.writer import WriteJob, raise_if_abandoned
 from prefix.config import CheckpointConfig, Duration
-from prefix.dist import POLL_S, Preempted, PreemptionSignal, RankFailures, agreement, any_rank, any_rank_later, together
+from prefix.distributed import POLL_S, Preempted, PreemptionSignal, RankFailures, agreement, any_rank, any_rank_later, together
 from prefix.errors import PrefixError
 from prefix.files import commit, link_temp, temp_path, write_temp
 from prefix.run import LockLostError, RunLock, record_checkpoint

@@ -35,7 +35,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
 from prefix.checkpoint import writer
-from prefix.dist import PeerFailed, collective, own_io
+from prefix.distributed import PeerFailed, collective, own_io
 from prefix.files import CheckedWriter, fsync_dir, tag_of, temp_path
 
 if TYPE_CHECKING:  # a type only: writing and reading shards needs torch alone (benchmarks/gpu_check.py)

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from typing import Any, NamedTuple, Optional
 
 from prefix.checkpoint.snapshot import host_only
-from prefix.dist import Activity, track
+from prefix.distributed import Activity, track
 
 _local = threading.local()  # .job: the WriteJob whose thread this is
 

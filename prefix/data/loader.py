@@ -24,7 +24,7 @@ from streaming import StreamingDataLoader, StreamingDataset
 
 from prefix.config import DataConfig
 from prefix.data.prepare import META_FILE
-from prefix.dist import gather, rank, together
+from prefix.distributed import gather, rank, together
 from prefix.errors import DataError
 
 

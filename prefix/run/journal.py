@@ -22,7 +22,7 @@ from composer.core import Callback, State
 from composer.loggers import Logger
 from composer.utils import dist
 
-from prefix.dist import RankFailures, describe, started_at
+from prefix.distributed import RankFailures, describe, started_at
 from prefix.files import WRITER, atomic_write_text, jsonl
 from prefix.run.runinfo import SETUP_FAILED
 from prefix.run.runlock import LockLostError

@@ -11,7 +11,7 @@ from typing import Any, Optional
 from composer.core import State
 from composer.loggers import Logger, LoggerDestination
 
-from prefix.dist import RankFailures
+from prefix.distributed import RankFailures
 
 
 def _plain(value: Any) -> Any:

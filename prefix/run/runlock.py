@@ -49,7 +49,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Optional
 
-from prefix.dist import boot_id, pid_namespace, start_ticks
+from prefix.distributed import boot_id, pid_namespace, start_ticks
 from prefix.errors import PrefixError
 from prefix.files import TMP_SUFFIX, WRITER, atomic_write_text, tag_of
 

@@ -38,7 +38,7 @@ from composer.core import Event, State
 from composer.loggers import Logger, LoggerDestination, WandBLogger
 
 from prefix.config import LoggersConfig, MLflowConfig, WandBConfig
-from prefix.dist import PREEMPTED_EXIT_CODE, describe
+from prefix.distributed import PREEMPTED_EXIT_CODE, describe
 from prefix.files import atomic_write_text, jsonl
 from prefix.run import RunDir
 from prefix.trackers.mlflow_run import START_KEY, MLflow, complete, ended

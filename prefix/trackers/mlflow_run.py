@@ -35,7 +35,7 @@ from composer.core import State
 from composer.loggers import Logger, MLFlowLogger
 
 from prefix.config import MLflowConfig
-from prefix.dist import describe
+from prefix.distributed import describe
 from prefix.files import atomic_write_text, jsonl
 from prefix.run import RunDir, start_steps
 

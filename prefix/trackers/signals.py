@@ -32,7 +32,7 @@ from composer.devices import DeviceGPU
 from composer.loggers import Logger
 from torch.distributed.tensor import DTensor
 
-from prefix.dist import describe
+from prefix.distributed import describe
 
 log = logging.getLogger(__name__)
 

@@ -22,8 +22,8 @@ import prefix.checkpoint.checkpointer as checkpointer_module
 from prefix.checkpoint.checkpointer import Checkpointer, Committed, PendingSave, SaveRecord
 from prefix.checkpoint.writer import WriteJob
 from prefix.config.config import CheckpointConfig
-from prefix.dist.agreement import RankFailedError, RankFailures
-from prefix.dist.preemption import PreemptionSignal
+from prefix.distributed.agreement import RankFailedError, RankFailures
+from prefix.distributed.preemption import PreemptionSignal
 
 
 def test_a_write_failing_between_the_agreement_and_acting_on_it_is_never_counted_as_committed(

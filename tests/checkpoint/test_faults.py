@@ -29,7 +29,7 @@ from conftest import (
 from test_checkpoint import flip_a_weight_byte
 
 from prefix.checkpoint.checkpoint import verify_crc
-from prefix.dist.preemption import PREEMPTED_EXIT_CODE
+from prefix.distributed.preemption import PREEMPTED_EXIT_CODE
 
 pytestmark = pytest.mark.slow
 

@@ -31,7 +31,7 @@ from conftest import (
 
 from prefix.chaos import main as chaos
 from prefix.checkpoint.shards import check
-from prefix.dist.preemption import PREEMPTED_EXIT_CODE
+from prefix.distributed.preemption import PREEMPTED_EXIT_CODE
 from prefix.models.export import whole_checkpoint
 
 pytestmark = pytest.mark.slow

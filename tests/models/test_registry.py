@@ -31,7 +31,7 @@ from conftest import (
 )
 
 from prefix.config.config import ConfigError, load_config
-from prefix.dist.preemption import PREEMPTED_EXIT_CODE
+from prefix.distributed.preemption import PREEMPTED_EXIT_CODE
 from prefix.models.export import whole_checkpoint
 
 HF_TINY = REPO / 'yamls' / 'hf-gpt2-tiny.yaml'

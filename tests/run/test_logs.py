@@ -5,7 +5,7 @@ from pathlib import Path
 
 from composer.utils import dist
 
-from prefix.dist.agreement import RankFailures
+from prefix.distributed.agreement import RankFailures
 from prefix.run.logs import MetricsLogger
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO, wait_for
 
-from prefix.dist.process import boot_id, pid_namespace, start_ticks
+from prefix.distributed.process import boot_id, pid_namespace, start_ticks
 from prefix.run.runlock import LockLostError, RunLock, RunLockedError
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO, committed_step, copy_run, faults, run_env, run_train, smoke_args, train_cmd, wait_for
 
-from prefix.dist.preemption import PREEMPTED_EXIT_CODE
+from prefix.distributed.preemption import PREEMPTED_EXIT_CODE
 
 pytestmark = pytest.mark.slow
 

@@ -30,8 +30,9 @@ from conftest import (
     wait_for,
 )
 
-from prefix.dist.agreement import Outcome, RankFailedError, RankFailures, from_rank_zero, together
-from prefix.dist.preemption import PREEMPTED_EXIT_CODE
+from prefix.distributed.agreement import Outcome, RankFailedError, RankFailures, from_rank_zero, together
+from prefix.distributed.preemption import PREEMPTED_EXIT_CODE
+
 
 def test_together_gives_every_outcome_and_from_rank_zero_raises_its_error() -> None:
     assert [o.value for o in together(lambda: 7)] == [7] and together(None)[0].value is None

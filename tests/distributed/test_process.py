@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from prefix.dist.process import CLOCK_TICKS, start_ticks, started_at
+from prefix.distributed.process import CLOCK_TICKS, start_ticks, started_at
 
 
 def test_a_child_started_after_a_moment_is_never_placed_before_it() -> None:

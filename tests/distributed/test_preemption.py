@@ -27,7 +27,7 @@ from conftest import (
     wait_for,
 )
 
-from prefix.dist.preemption import PREEMPTED_EXIT_CODE
+from prefix.distributed.preemption import PREEMPTED_EXIT_CODE
 
 pytestmark = pytest.mark.slow
 
@@ -105,7 +105,7 @@ def test_sigterm_to_the_composer_launcher_reaches_every_rank(tmp_path: Path, dat
 def test_a_launcher_killed_during_start_up_leaves_no_orphans(tmp_path: Path, dataset: Path) -> None:
     held = tmp_path / 'held'
     # Each rank is held just after it asked for the launcher's death signal, before its slow imports.
-    hold = {'op': 'call', 'target': 'prefix.dist.preemption:die_with_launcher', 'when': 'after', 'marker': str(held),
+    hold = {'op': 'call', 'target': 'prefix.distributed.preemption:die_with_launcher', 'when': 'after', 'marker': str(held),
             'block': True}
     proc = start(smoke_args(tmp_path, dataset, 'max_duration=200ba'), nproc=2, env=faults(hold))
     wait_for(lambda: held.exists() and len(held.read_text().splitlines()) == 2, proc, 'both ranks start')
@@ -118,7 +118,7 @@ def test_a_launcher_killed_during_start_up_leaves_no_orphans(tmp_path: Path, dat
 def test_ctrl_c_during_the_imports_ends_the_process_quietly(tmp_path: Path, dataset: Path) -> None:
     held = tmp_path / 'held'
     # Held just before the slow imports (torch, Composer), where Python would raise KeyboardInterrupt.
-    hold = {'op': 'call', 'target': 'prefix.dist.preemption:die_with_launcher', 'when': 'after', 'marker': str(held),
+    hold = {'op': 'call', 'target': 'prefix.distributed.preemption:die_with_launcher', 'when': 'after', 'marker': str(held),
             'block': True}
     proc = start(smoke_args(tmp_path, dataset, 'max_duration=4ba'), env=faults(hold))
     wait_for(held.exists, proc, 'the imports begin')
