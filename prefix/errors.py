@@ -19,9 +19,12 @@ class PrefixError(Exception):
     exit_code = 1
     kind = 'error'
 
+    def line(self) -> str:
+        return f'prefix: {self.kind}: {self}'
+
     def report(self) -> int:
         """Print the one line on stderr; the exit code."""
-        print(f'prefix: {self.kind}: {self}', file=sys.stderr)
+        print(self.line(), file=sys.stderr)
         return self.exit_code
 
 

@@ -69,7 +69,7 @@ from prefix.checkpoint import (
 )
 from prefix.config import Duration, TrainConfig, check_and_record
 from prefix.data import build_dataloader, count_tokens, dataset_info
-from prefix.distributed import Preempted, PreemptionSignal, RankFailures, agreement, from_rank_zero
+from prefix.distributed import Exit, Preempted, PreemptionSignal, RankFailures, agreement, describe, from_rank_zero
 from prefix.errors import ConfigError
 from prefix.models import average_gradients_on_gloo, parallelism_config
 from prefix.run import (
@@ -145,12 +145,15 @@ def train(cfg: TrainConfig) -> int:
         return fit(cfg, config_dict, run, resume, train_loader, val_loader, device, preemption, lock, generation,
                    on_terminal)
     except BaseException as e:  # a start that failed before training has no journal record yet: one says why
+        Exit.arm(ending_line(cfg.run_name, e), getattr(e, 'exit_code', 1))
         if lock is not None:
-            record_failed_setup(run.starts, e)
+            with Exit.doing(f'recording the failed start in {run.starts}'):
+                record_failed_setup(run.starts, e)
         raise
     finally:
         if lock is not None:
-            lock.release()
+            with Exit.doing(f'releasing the run lock {run.lock}'):
+                lock.release()
         preemption.ignore()  # what is left is exiting: a launcher's SIGTERM to a rank still exiting must not kill it
 
 
@@ -225,23 +228,40 @@ def fit(
                    if rank == 0 else [])],
     )
     average_gradients_on_gloo(trainer.state.model)
+    # From the end of fit, however it ends, this rank has Exit.EXIT_S seconds to record it, close its loggers and
+    # release the run lock: on a volume that stopped answering it then prints its line and exits without them.
     try:
         trainer.fit()
     except BaseException as e:
-        journal.end('preempted' if isinstance(e, Preempted) else 'failed', int(trainer.state.timestamp.batch),
-                    None if isinstance(e, Preempted) else e)
-        # Not Trainer.close(): its barrier would wait for ranks that may be in another collective, or gone.
-        trainer.engine.close()
+        Exit.arm(ending_line(cfg.run_name, e), getattr(e, 'exit_code', 1))
+        with Exit.doing(f'recording the end of this start in {run.starts}'):
+            journal.end('preempted' if isinstance(e, Preempted) else 'failed', int(trainer.state.timestamp.batch),
+                        None if isinstance(e, Preempted) else e)
+        with Exit.doing('closing the loggers (logs/metrics.jsonl and the trackers)'):
+            # Not Trainer.close(): its barrier would wait for ranks that may be in another collective, or gone.
+            trainer.engine.close()
         if not isinstance(e, Preempted):
             raise
         if rank == 0:
-            print(f'run {cfg.run_name} {e}; run the same command to resume', flush=True)
+            print(ending_line(cfg.run_name, e), flush=True)
         return e.exit_code
-    journal.end('completed', int(trainer.state.timestamp.batch))
-    trainer.close()
+    step = int(trainer.state.timestamp.batch)
+    complete = f'run {cfg.run_name} complete at step {step} ({run.root})'
+    Exit.arm(complete, 0)
+    with Exit.doing(f'recording the end of this start in {run.starts}'):
+        journal.end('completed', step)
+    with Exit.doing('closing the loggers (logs/metrics.jsonl and the trackers)'):
+        trainer.close()
     if rank == 0:
-        print(f'run {cfg.run_name} complete at step {int(trainer.state.timestamp.batch)} ({run.root})', flush=True)
+        print(complete, flush=True)
     return 0
+
+
+def ending_line(run_name: str, error: BaseException) -> str:
+    """The line a rank ends with: a stop's, or the error's (what ``main`` prints, and ``Exit`` when the clean-up hangs)."""
+    if isinstance(error, Preempted):
+        return f'run {run_name} {error}; run the same command to resume'
+    return error.line() if isinstance(error, PrefixError) else f'prefix: error: {describe(error)}'
 
 
 def training_args(

@@ -75,10 +75,23 @@ from prefix.checkpoint.checkpoint import (
 from prefix.checkpoint.snapshot import HostSnapshot, copy_into
 from prefix.checkpoint.writer import WriteJob, raise_if_abandoned
 from prefix.config import CheckpointConfig, Duration
-from prefix.distributed import POLL_S, Preempted, PreemptionSignal, RankFailures, agreement, any_rank, any_rank_later, together
+from prefix.distributed import (
+    BOUNDED_S,
+    POLL_S,
+    Deadline,
+    Preempted,
+    PreemptionSignal,
+    RankFailures,
+    agreement,
+    any_rank,
+    any_rank_later,
+    bounded,
+    together,
+)
+from prefix.distributed.agreement import RankFailedError
 from prefix.errors import PrefixError
 from prefix.files import commit, link_temp, temp_path, write_temp
-from prefix.run import LockLostError, RunLock, record_checkpoint
+from prefix.run import LockIOError, LockLostError, RunLock, record_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -128,13 +141,9 @@ class PendingSave:
     job: WriteJob
     record: SaveRecord
     rng: dict[str, Any]  # this rank's RNG states at the step: kept in the next rank file once committed
-    timeout_s: float  # this rank's part must be written by job.started + timeout_s
+    deadline: Deadline  # by when this rank's part must be written (checkpoint.write_timeout)
     on_disk: Callable[[], int]  # bytes of this rank's files of the write so far
     shards_name: Optional[str] = None  # its shard folder (sharded format)
-
-    @property
-    def deadline(self) -> float:
-        return self.job.started + self.timeout_s
 
     @property
     def writing(self) -> bool:
@@ -323,7 +332,7 @@ class Checkpointer(Callback):
         if pending is None:
             return
         if agreement.world_size() == 1:
-            while pending.job.running() and time.monotonic() < pending.deadline:  # a hung write is left behind
+            while pending.job.running() and not pending.deadline.passed:  # a hung write is left behind
                 pending.job.join(POLL_S)
         else:
             pending.job.abort()  # the other ranks may be gone: never commit what they may not have written
@@ -340,27 +349,37 @@ class Checkpointer(Callback):
         if self.lock is not None and self.lock.lost is not None:
             self.failures.record('holding the run lock', LockLostError(self.lock.lost))
 
-    def _agree(self, *flags: bool) -> list[bool]:
-        """OR ``flags`` over the ranks, in the same all-reduce as the state of the write in flight; act on that state."""
+    def _agree(self, *flags: bool, draining: bool = False) -> list[bool]:
+        """OR ``flags`` over the ranks, in the same all-reduce as the state of the write in flight; act on that state.
+
+        ``draining``: every rank waits for the write. Rank 0 then waits up to ``POLL_S`` for its lease rather than
+        hold the next phase back at once: the ranks compare notes twice a second, never back to back.
+        """
         self._check_lock()
         pending = self._pending
         status = pending.job.status() if pending is not None else None
         if pending is not None and status is not None and status.failed:
             assert pending.job.error is not None
-            if self.lock is not None and not self.lock.holds():  # the write failed because the run was taken over
-                self.failures.record('holding the run lock', LockLostError(self.lock.lost))
             self.failures.record(f'writing the checkpoint of step {pending.record.step}', pending.job.error)
-        report = False
-        if pending is not None and status is not None and status.busy:
-            now = time.monotonic()
-            if now > pending.deadline and pending.writing:
-                self.failures.record(f'writing the checkpoint of step {pending.record.step}', WriteTimeoutError(
-                    f'still writing after {pending.timeout_s / 60:.1f} min (checkpoint.write_timeout), '
-                    f'{pending.on_disk() / 1e6:.1f} MB on disk: its volume is hung or too slow (raise '
-                    'checkpoint.write_timeout for a slow one)'))
-            report = now >= self._next_report
         # Rank 0 holds the next phase back while its lease is not current: every phase after the first publishes.
         held = self.lock is not None and not self.lock.current()
+        if held and draining and status is not None and not status.busy:
+            assert self.lock is not None
+            held = not self.lock.wait_current(POLL_S)
+        # The write waits for the lock (held back at a phase's end, or in a fence): its volume, not the checkpoint's.
+        for_lock = held and status is not None and (not status.busy or (self.lock is not None and self.lock.fencing))
+        report = False
+        if pending is not None and status is not None and (status.busy or held):
+            if pending.deadline.passed and for_lock:
+                assert self.lock is not None
+                self.failures.record('renewing the run lock', LockIOError(
+                    f'{self.lock.stall()}: its volume is full, failing or hung, and no checkpoint can be committed '
+                    'without it'))
+            elif pending.deadline.passed and pending.writing:
+                self.failures.record(pending.deadline.what, WriteTimeoutError(pending.deadline.line(
+                    f'checkpoint.write_timeout; {pending.on_disk() / 1e6:.1f} MB on disk') + ': its volume is hung or '
+                    'too slow (raise checkpoint.write_timeout for a slow one)'))
+            report = time.monotonic() >= self._next_report
         *agreed, failed, busy, unfinished, report = any_rank([
             *flags, self.failures.failed, bool(status and (status.busy or held)), bool(status and not status.done),
             report])
@@ -379,7 +398,7 @@ class Checkpointer(Callback):
         """Wait, every rank together, until the write in flight is committed everywhere (short local waits)."""
         while self._pending is not None:  # the same on every rank: saves and their ends are agreed
             self._pending.job.wait(POLL_S)
-            self._agree()
+            self._agree(draining=True)
 
     def _abandon(self) -> None:
         """Every rank: stop the write in flight (at its next write call) and wait until every rank's thread has ended;
@@ -391,10 +410,9 @@ class Checkpointer(Callback):
                  pending.record.step)
         job.abort()
         while True:
-            if job.running() and time.monotonic() > pending.deadline and not job.waiting_for_peers:
-                self.failures.record(f'writing the checkpoint of step {pending.record.step}', WriteTimeoutError(
-                    f'still writing after {pending.timeout_s / 60:.1f} min (checkpoint.write_timeout), not stopping '
-                    'when abandoned: its volume is hung'))
+            if job.running() and pending.deadline.passed and not job.waiting_for_peers:
+                self.failures.record(pending.deadline.what, WriteTimeoutError(pending.deadline.line(
+                    'checkpoint.write_timeout; abandoned, it did not stop') + ': its volume is hung'))
             running, failed = any_rank([job.running(), self.failures.failed])
             if failed:
                 self._stop()
@@ -420,7 +438,7 @@ class Checkpointer(Callback):
         writing = [f'rank {r} ({written / 1e6:.1f} MB on disk)' for r, (busy, written) in enumerate(ranks) if busy]
         log.warning('the checkpoint of step %d is still being written after %.1f min (checkpoint.write_timeout: %.1f '
                     'min): %s', pending.record.step, (time.monotonic() - pending.job.started) / 60,
-                    pending.timeout_s / 60, ', '.join(writing) + ' still writing' if writing else
+                    pending.deadline.seconds / 60, ', '.join(writing) + ' still writing' if writing else
                     'every rank has written its part and waits for the others')
 
     def _leave(self, pending: PendingSave) -> None:
@@ -430,7 +448,7 @@ class Checkpointer(Callback):
         interrupts it, and no other rank waits for it in a collective."""
         job, started = pending.job, time.monotonic()
         while job.running():
-            if time.monotonic() > pending.deadline and not job.waiting_for_peers:
+            if pending.deadline.passed and not job.waiting_for_peers:
                 log.warning("leaving the checkpoint write of step %d behind: it is stuck on this rank's disk", job.step)
                 return
             if time.monotonic() - started > REPORT_S / 6:
@@ -448,24 +466,31 @@ class Checkpointer(Callback):
             self._report(record)
 
     def _stop(self) -> None:
-        """Every rank: some rank failed. Write nothing more and raise one line naming it and what is intact."""
+        """Every rank: some rank failed. Write nothing more and raise one line naming it and what is intact; a run
+        taken over by another start is named as that on every rank, whichever rank's failure showed it first."""
         pending, self._pending = self._pending, None
         if pending is not None:
             pending.job.abort()
+        committed = False
         try:
+            if self.lock is not None and self.lock.lost is None:  # a look now: the takeover may be what failed
+                bounded(self.lock.holds, BOUNDED_S, f'reading the run lock {self.lock.path}')
+            lost = self.lock.lost if self.lock is not None else None
+            committed, lost = agreement.gather((pending is not None and pending.record.committed, lost))[0]
             newest = self._committed.step if self._committed is not None else None
-            committed, lost = agreement.gather((pending is not None and pending.record.committed,
-                                                self.lock is not None and self.lock.lost is not None))[0]
             if committed:
                 newest = pending.record.step  # rank 0 renamed it into place before the failure
-            intact = f'the checkpoint of step {newest} is intact' if newest is not None else 'no checkpoint was written yet'
             if lost:
-                self.failures.stop('another start holds the run now and continues it from the newest checkpoint; this '
-                                   'one stopped without publishing anything more')
+                raise RankFailedError(f'{lost}: that start continues the run from the newest checkpoint; this one '
+                                      'stopped without publishing anything more')
+            intact = f'the checkpoint of step {newest} is intact' if newest is not None else 'no checkpoint was written yet'
             self.failures.stop(f'{intact}. Fix the cause, then run the same command again to resume')
         finally:
             if pending is not None:  # after the last collective: the ranks whose threads wait in DCP leave together
                 self._leave(pending)
+                if not committed:  # this start's own temporaries: a successor's folder keeps none of them
+                    bounded(lambda: self._discard(pending.shards_name), BOUNDED_S,
+                            f'removing the temporary files of the checkpoint of step {pending.record.step}')
 
     # --- saving ---------------------------------------------------------------------------------
 
@@ -531,7 +556,8 @@ class Checkpointer(Callback):
         phases = self._phases(record, rank_payload, payload, tensors, name, periodic, timeout_s)
         self._next_report = time.monotonic() + REPORT_S
         job = WriteJob(step, phases, agreement.world_size(), (rank_payload, payload, tensors))
-        return PendingSave(job, record, rng, timeout_s, lambda: self._on_disk(name, payload is not None), name)
+        deadline = Deadline(timeout_s, f'writing the checkpoint of step {step}')
+        return PendingSave(job, record, rng, deadline, lambda: self._on_disk(name, payload is not None), name)
 
     def _host_copies(self) -> tuple[HostSnapshot, HostSnapshot]:
         """Where the shards and latest.pt's payload are copied: in asynchronous mode slabs kept for every
@@ -541,10 +567,12 @@ class Checkpointer(Callback):
     def _discard(self, shards_name: Optional[str]) -> None:
         """Remove this rank's temporary files of an abandoned write, and rank 0 the temporary shard folder (every
         rank is out of DCP by then: it raises on every rank together, and an abandon waits for every rank)."""
-        tag = str(self.generation)
-        temp_path(rank_file(self.folder, agreement.rank()), tag).unlink(missing_ok=True)
-        if agreement.rank() == 0:
-            temp_path(global_file(self.folder), tag).unlink(missing_ok=True)
+        tag, rank = str(self.generation), agreement.rank()
+        for kind in (LATEST, PERIODIC):
+            temp_path(rank_file(self.folder, rank, kind), tag).unlink(missing_ok=True)
+        if rank == 0:
+            for kind in (LATEST, PERIODIC):
+                temp_path(global_file(self.folder, kind), tag).unlink(missing_ok=True)
             if shards_name is not None:
                 shutil.rmtree(temp_path(self.folder / shards_name, tag), ignore_errors=True)
 
@@ -563,6 +591,11 @@ class Checkpointer(Callback):
         rank, world_size = agreement.rank(), agreement.world_size()
         latest, mine = global_file(self.folder), rank_file(self.folder, rank)
         tag = str(self.generation)
+        # The periodic copies are the same files: their temporaries are made with the others', so that a late rename
+        # of a rank other than 0 (which renames without a fence) fails once a successor removed them.
+        links = [(mine, rank_file(self.folder, rank, PERIODIC))] if periodic else []
+        if periodic and payload is not None:
+            links.append((latest, global_file(self.folder, PERIODIC)))
 
         def write() -> None:
             try:
@@ -574,6 +607,8 @@ class Checkpointer(Callback):
                 if payload is not None:
                     record.bytes += write_temp(latest, lambda f: torch.save(payload, f), tag,
                                                raise_if_abandoned).stat().st_size
+                for src, dst in links:
+                    link_temp(temp_path(src, tag), dst, tag)
             except BaseException:
                 self._discard(shards_name)  # abandoned or failed: its temporary files go
                 raise
@@ -589,31 +624,28 @@ class Checkpointer(Callback):
                 self._fence()
                 commit(temp_path(latest, tag), latest)
                 record.committed = True
+                self._fence()  # what follows removes or rewrites files a successor may own
                 self._remove_rank_files_beyond(world_size, LATEST)
                 self._remove_unreferenced_shards()
                 if self.summary is not None and payload is not None:
                     record_checkpoint(self.summary, record.step, payload['tokens_seen'], record.bytes)
 
         def link_periodic() -> None:
-            if periodic:
-                links = [(mine, rank_file(self.folder, rank, PERIODIC))]
-                if rank == 0:
-                    links.append((latest, global_file(self.folder, PERIODIC)))
-                for src, dst in links:
-                    tmp = link_temp(src, dst, tag)
-                    self._fence()
-                    commit(tmp, dst)
-                if rank == 0:
-                    self._remove_rank_files_beyond(world_size, PERIODIC)
-                    self._remove_unreferenced_shards()
+            for _, dst in links:
+                self._fence()
+                commit(temp_path(dst, tag), dst)
+            if periodic and rank == 0:
+                self._fence()
+                self._remove_rank_files_beyond(world_size, PERIODIC)
+                self._remove_unreferenced_shards()
 
         return [write, publish_rank_files, commit_latest, link_periodic]
 
     def _fence(self) -> None:
         """Rank 0, before each rename that publishes: its lease must be current (the other ranks rename only
-        in phases it released while it was)."""
+        in phases it released while it was). An abandoned write stops waiting for it."""
         if self.lock is not None:
-            self.lock.fence()
+            self.lock.fence(raise_if_abandoned)
 
     def _report(self, record: SaveRecord) -> None:
         how = 'in the background' if record.asynchronous else 'synchronously'

@@ -1,4 +1,5 @@
-"""What the ranks decide together (``agreement``), signals (``preemption``), facts about processes, Composer's corrections."""
+"""What the ranks decide together (``agreement``), signals (``preemption``), every wait's end (``waits``),
+facts about processes, Composer's corrections."""
 
 from prefix import exports
 
@@ -8,4 +9,5 @@ __getattr__, __dir__ = exports(
                'from_rank_zero', 'gather', 'own_io', 'rank', 'together', 'track'],
     preemption=['PREEMPTED_EXIT_CODE', 'Preempted', 'PreemptionSignal', 'die_with_launcher'],
     process=['boot_id', 'pid_namespace', 'start_ticks', 'started_at'],
+    waits=['BOUNDED_S', 'Deadline', 'Exit', 'bounded', 'minutes'],
 )

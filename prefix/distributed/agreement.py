@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import timedelta
@@ -29,6 +28,7 @@ from typing import Any, Optional
 import torch
 import torch.distributed as tdist
 
+from prefix.distributed.waits import Deadline
 from prefix.errors import PrefixError
 
 log = logging.getLogger(__name__)
@@ -208,18 +208,18 @@ def together(work: Optional[Callable[[], Any]], deadline_s: Optional[float] = No
         thread.join(timeout)
         return not thread.is_alive()
 
-    deadline = time.monotonic() + deadline_s if deadline_s is not None else None
-    late = wait_until_done(done, lambda: deadline is not None and time.monotonic() > deadline
+    deadline = Deadline(deadline_s, doing) if deadline_s is not None else None
+    late = wait_until_done(done, lambda: deadline is not None and deadline.passed
                            and not activity.waiting_for_peers)
     if late:
         if thread is not None and thread.is_alive() and activity.waiting_for_peers:
             # Inside a collective, which the late rank's exit (or its timeout) ends: waited for by leave(),
             # once this rank has printed its line (a launcher kills the other ranks when one exits).
             _lingering.append((thread, activity))
-        assert deadline_s is not None
+        assert deadline is not None
         ranks = ', '.join(f'rank {r}' for r in late)
-        raise RankFailedError(f'{ranks} failed {doing}: still at it after {deadline_s / 60:.1f} min '
-                              '(checkpoint.write_timeout): its volume is hung or too slow (raise '
+        raise RankFailedError(f'{ranks} failed {doing}: {deadline.line("checkpoint.write_timeout")}: its volume is '
+                              'hung or too slow (raise '
                               'checkpoint.write_timeout for a slow one)')
     if world_size() == 1:
         return [outcome]

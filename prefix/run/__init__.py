@@ -5,7 +5,7 @@ from prefix import exports
 __getattr__, __dir__ = exports(
     __name__,
     rundir=['RunDir'],
-    runlock=['LockLostError', 'RunLock'],
+    runlock=['LockIOError', 'LockLostError', 'RunLock'],
     journal=['Journal', 'record_checkpoint', 'record_failed_setup'],
     meta=['gpu_names', 'write_snapshots'],
     logs=['MetricsLogger'],

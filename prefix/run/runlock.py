@@ -49,7 +49,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Optional
 
-from prefix.distributed import boot_id, pid_namespace, start_ticks
+from prefix.distributed import Deadline, boot_id, describe, pid_namespace, start_ticks
 from prefix.errors import PrefixError
 from prefix.files import TMP_SUFFIX, WRITER, atomic_write_text, tag_of
 
@@ -58,6 +58,7 @@ log = logging.getLogger(__name__)
 BEAT_S = 4.0  # how often the holder renews its lease
 WINDOW_S = 13.0  # how long a newcomer watches a silent lock before it takes it over
 MARGIN_S = 4.0  # the holder stops publishing this much sooner than a newcomer may take over
+REPORT_S = 10.0  # how often a commit waiting for a renewal says so
 CLAIM = re.compile(r'^lock\.claim-(\d+)$')
 
 
@@ -94,6 +95,9 @@ class RunLock:
         }
         self.lost: Optional[str] = None  # why this process no longer holds the lock
         self.renewed = float('-inf')  # monotonic start of the last successful renewal
+        self.problem: Optional[str] = None  # the error of the last beat, while the beats fail
+        self._renewal = threading.Condition()  # notified at each renewal
+        self.fencing = False  # a commit waits in fence() for a renewal
         self._stop = threading.Event()
         self._wake = threading.Event()  # a beat now, not at the next period: a stop was asked for, a commit waits
         self._thread: Optional[threading.Thread] = None
@@ -154,12 +158,12 @@ class RunLock:
     def _silent(self, raw: Optional[bytes], top: int, who: str) -> bool:
         """Watch ``lock.json`` and the claims for ``window`` seconds: whether nothing changed (the holder is gone)."""
         log.warning('%s: watching %s for up to %.0fs to see whether it is alive', who, self.path, self.window)
-        deadline = time.monotonic() + self.window
+        window = Deadline(self.window, f'watching {self.path}')
         while True:
             time.sleep(min(1.0, self.beat_seconds / 4))
             if self._raw() != raw or max(self._claims(), default=0) != top:
                 return False
-            if time.monotonic() >= deadline:  # the last read came after the whole window
+            if window.passed:  # the last read came after the whole window
                 return True
 
     # --- taking it ------------------------------------------------------------------------------
@@ -326,9 +330,13 @@ class RunLock:
                 self.info['state'] = 'stopping' if self.stopping() else 'running'
                 atomic_write_text(self.path, json.dumps(self.info), self._tag)
             except OSError as e:
+                self.problem = describe(e)
                 log.warning('cannot renew the run lock %s (%s); trying again at the next beat', self.path, e)
                 continue
-            self.renewed = started
+            with self._renewal:
+                self.renewed = started
+                self.problem = None
+                self._renewal.notify_all()
 
     def holds(self) -> bool:
         """Whether no other process has taken the lock, read now (a read that fails says nothing: True)."""
@@ -343,31 +351,51 @@ class RunLock:
         """Whether the lease is provably this process's now (no I/O: the training thread asks it every step)."""
         return self.lost is None and time.monotonic() < self.renewed + self.window - self.margin
 
-    def fence(self) -> None:
-        """Before every rename that publishes: wait while the lease is not current; raise LockLostError once lost."""
-        while True:
-            try:
-                self._check()  # also while waiting: a holder whose lease lapsed learns of a takeover
-            except OSError as e:
-                log.warning('cannot read the run lock %s before a commit (%s); trying again', self.path, e)
-            if self.lost is not None:
-                raise LockLostError(self.lost)
-            if self.current():
-                return
-            self.beat_now()
-            now = time.monotonic()
-            if now - self._waiting_logged >= 10:
-                log.warning('a commit waits for the run lock %s to be renewed (last renewed %.0fs ago)',
-                            self.path, now - self.renewed)
-                self._waiting_logged = now
-            time.sleep(self.beat_seconds / 4)
+    def wait_current(self, seconds: float) -> bool:
+        """Ask for a beat now and wait at most ``seconds`` for a renewal: whether the lease is current (any thread).
+        Logs every ``REPORT_S`` seconds while it is not, naming why."""
+        self.beat_now()
+        with self._renewal:
+            self._renewal.wait_for(lambda: self.current() or self.lost is not None, seconds)
+        if self.current():
+            return True
+        now = time.monotonic()
+        if now - self._waiting_logged >= REPORT_S:
+            log.warning('a commit waits for the run lock to be renewed: %s', self.stall())
+            self._waiting_logged = now
+        return False
+
+    def stall(self) -> str:
+        """Why the lease is not current: how long since the last renewal, and the last error of the beats."""
+        since = time.monotonic() - self.renewed
+        return (f'the run lock {self.path} has not been renewed for {since:.0f} s '
+                f'({self.problem or "its volume does not answer"})')
+
+    def fence(self, give_up: Callable[[], None] = lambda: None) -> None:
+        """Before every rename that publishes: wait while the lease is not current; raise LockLostError once lost.
+        ``give_up`` is asked between two looks (it raises to stop waiting: the write was abandoned)."""
+        try:
+            while True:
+                try:
+                    self._check()  # also while waiting: a holder whose lease lapsed learns of a takeover
+                except OSError as e:
+                    log.warning('cannot read the run lock %s before a commit (%s); trying again', self.path, e)
+                if self.lost is not None:
+                    raise LockLostError(self.lost)
+                if self.current():
+                    return
+                self.fencing = True
+                give_up()
+                self.wait_current(self.beat_seconds / 4)
+        finally:
+            self.fencing = False
 
     def release(self) -> None:
         """Mark the lock released (the next start takes it at once); its claim stays, so generations only grow."""
         self._stop.set()
         self._wake.set()
         if self._thread is not None:
-            self._thread.join()
+            self._thread.join(self.beat_seconds)  # a beat stuck in the volume is left to the process's exit
         if self.lost is None and self.generation:
             try:
                 self._check()

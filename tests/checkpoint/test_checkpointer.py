@@ -24,6 +24,7 @@ from prefix.checkpoint.writer import WriteJob
 from prefix.config.config import CheckpointConfig
 from prefix.distributed.agreement import RankFailedError, RankFailures
 from prefix.distributed.preemption import PreemptionSignal
+from prefix.distributed.waits import Deadline
 
 
 def test_a_write_failing_between_the_agreement_and_acting_on_it_is_never_counted_as_committed(
@@ -37,7 +38,8 @@ def test_a_write_failing_between_the_agreement_and_acting_on_it_is_never_counted
         raise OSError(errno.ENOSPC, 'No space left on device', str(tmp_path / 'latest_rank0.pt.1.tmp'))
 
     job = WriteJob(10, [write, lambda: None], world_size=2)
-    checkpointer._pending = PendingSave(job, SaveRecord(10, periodic=False, asynchronous=True), rng={}, timeout_s=600,
+    checkpointer._pending = PendingSave(job, SaveRecord(10, periodic=False, asynchronous=True), rng={},
+                                       deadline=Deadline(600, 'writing the checkpoint of step 10'),
                                        on_disk=lambda: 0)
     agree = checkpointer_module.any_rank
 
@@ -68,12 +70,12 @@ FAILING_WRITES = {
                              'rank 1 failed writing the checkpoint of step 8: Input/output error'),
     # a volume that hangs in fsync until released (never, here): the write's deadline stops every rank
     'hung shard fsync of rank 1': ('fsdp={}', {'op': 'fsync', 'path': SHARD, 'rank': 1, 'block': True, 'skip': 1},
-                                   'rank 1 failed writing the checkpoint of step 8: still writing after 0.1 min '
-                                   '(checkpoint.write_timeout)'),
+                                   'rank 1 failed writing the checkpoint of step 8: still at it after 6 s '
+                                   '(checkpoint.write_timeout;'),
     'hung latest.pt fsync (full format)': ('fsdp=null', {'op': 'fsync', 'path': 'latest.pt.*.tmp', 'rank': 0,
                                                          'block': True, 'skip': 1},
-                                           'rank 0 failed writing the checkpoint of step 8: still writing after 0.1 min '
-                                           '(checkpoint.write_timeout)'),
+                                           'rank 0 failed writing the checkpoint of step 8: still at it after 6 s '
+                                           '(checkpoint.write_timeout;'),
 }
 
 

@@ -5,7 +5,8 @@ moment), and the benchmarks observe the trainer from outside (``record``), so th
 code has no test or timing hooks. ``PREFIX_TEST_FAULTS`` holds a JSON list of
 rules; with it unset this module does nothing. A rule:
 
-- ``op``: ``fsync`` | ``open`` | ``link`` | ``replace`` (the path is the file's), ``write`` (each ``os.write``
+- ``op``: ``fsync`` | ``open`` | ``link`` | ``replace`` (the path is the file's), ``list`` (``os.listdir`` and
+  ``os.scandir`` of a folder: its path, matched as the folder's own files are), ``write`` (each ``os.write``
   to a file of that name: a volume that stops answering mid-file; only ``os.write`` is watched, and only in a
   process with such a rule), ``step`` (before
   Composer runs ``event`` at the batch count ``step``, or every time without ``step``), ``call`` (``target`` is
@@ -13,7 +14,8 @@ rules; with it unset this module does nothing. A rule:
   ``set`` (``target`` is ``module:NAME``, set to ``value`` right after the module is imported: short
   timeouts), or ``gpu_threads``: ``torch.cuda.is_available()`` and ``device_count()`` say a GPU is there on every
   thread but the main one, so a background thread that would use CUDA on a GPU host fails here;
-- ``path``: an ``fnmatch`` pattern for the file's name; ``mode``: ``write`` (default) or ``read``, for ``open``;
+- ``path``: an ``fnmatch`` pattern for the file's name; ``under``: only files under that folder (a whole volume);
+  ``mode``: ``write`` (default), ``read`` or ``any``, for ``open``;
 - ``rank``: only in the process of that global rank (``RANK``, 0 without a launcher);
 - ``after``: only once that file exists (another rule's marker: a volume that freezes from a given moment);
 - ``skip``: let that many matches pass first; ``times``: act that many times at most (default: always);
@@ -87,7 +89,8 @@ def _applies(index: int) -> bool:
 
 def _matching(op: str, path: str) -> list[int]:
     return [i for i, r in enumerate(RULES) if r['op'] == op and _applies(i)
-            and fnmatch.fnmatch(os.path.basename(path), r.get('path', '*'))]
+            and fnmatch.fnmatch(os.path.basename(path), r.get('path', '*'))
+            and (not r.get('under') or os.path.abspath(path).startswith(r['under'].rstrip('/') + '/'))]
 
 
 def _fd_path(fd: int) -> str:
@@ -98,7 +101,8 @@ def _fd_path(fd: int) -> str:
 
 
 builtins_open = builtins.open
-_originals = {'fsync': os.fsync, 'link': os.link, 'replace': os.replace, 'write': os.write}
+_originals = {'fsync': os.fsync, 'link': os.link, 'replace': os.replace, 'write': os.write, 'listdir': os.listdir,
+              'scandir': os.scandir}
 
 
 def _fsync(fd: int) -> None:
@@ -127,11 +131,23 @@ def _write(fd: int, data) -> int:
     return _originals['write'](fd, data)
 
 
+def _listdir(path='.'):
+    for index in _matching('list', os.path.join(os.fspath(path), '')) if not isinstance(path, int) else []:
+        _act(index, os.fspath(path))
+    return _originals['listdir'](path)
+
+
+def _scandir(path='.'):
+    for index in _matching('list', os.path.join(os.fspath(path), '')) if not isinstance(path, int) else []:
+        _act(index, os.fspath(path))
+    return _originals['scandir'](path)
+
+
 def _open(file, mode='r', *args, **kwargs):
     if isinstance(file, (str, bytes, os.PathLike)):
         writing = any(c in mode for c in 'wax+')
         for index in _matching('open', os.fsdecode(file)):
-            if (RULES[index].get('mode', 'write') == 'write') == writing:
+            if RULES[index].get('mode', 'write') in ('any', 'write' if writing else 'read'):
                 _act(index, os.fsdecode(file))
     return builtins_open(file, mode, *args, **kwargs)
 
@@ -219,6 +235,8 @@ if RULES:
     builtins.open = io.open = _open
     if any(rule['op'] == 'write' for rule in RULES):
         os.write = _write
+    if any(rule['op'] == 'list' for rule in RULES):
+        os.listdir, os.scandir = _listdir, _scandir
     patches: dict[str, list] = {}
     for i, rule in enumerate(RULES):
         if rule['op'] == 'call':
