@@ -69,7 +69,18 @@ from prefix.checkpoint import (
 )
 from prefix.config import Duration, TrainConfig, check_and_record
 from prefix.data import build_dataloader, count_tokens, dataset_info
-from prefix.distributed import Exit, Preempted, PreemptionSignal, RankFailures, agreement, describe, from_rank_zero
+from prefix.distributed import (
+    Exit,
+    PeerLostError,
+    PeerWatch,
+    Preempted,
+    PreemptionSignal,
+    RankFailures,
+    agreement,
+    describe,
+    from_rank_zero,
+    is_collective_failure,
+)
 from prefix.errors import ConfigError
 from prefix.models import average_gradients_on_gloo, parallelism_config
 from prefix.run import (
@@ -99,6 +110,7 @@ def train(cfg: TrainConfig) -> int:
     dist.initialize_dist(device, timeout=timeout_s)
     agreement.connect(timeout_s)  # before any collective of prefix's own
     rank, world_size = dist.get_global_rank(), dist.get_world_size()
+    peers = PeerWatch(rank, world_size).start() if world_size > 1 else None  # a lost rank: noticed in seconds
     logging.basicConfig(level=logging.INFO, format=f'%(asctime)s [rank{rank}] %(name)s: %(message)s')
     for chatty in ('streaming', 'composer'):  # their INFO lines ("Setting seed to 17" four times) are noise to a reader
         logging.getLogger(chatty).setLevel(logging.WARNING)
@@ -143,7 +155,7 @@ def train(cfg: TrainConfig) -> int:
         if resume is not None and rank == 0:
             schedule.warn_of_jump(resume, config_dict, len(train_loader))  # raising max_duration stretches the cosine
         return fit(cfg, config_dict, run, resume, train_loader, val_loader, device, preemption, lock, generation,
-                   on_terminal)
+                   on_terminal, peers)
     except BaseException as e:  # a start that failed before training has no journal record yet: one says why
         Exit.arm(ending_line(cfg.run_name, e), getattr(e, 'exit_code', 1))
         if lock is not None:
@@ -151,6 +163,8 @@ def train(cfg: TrainConfig) -> int:
                 record_failed_setup(run.starts, e)
         raise
     finally:
+        if peers is not None:
+            peers.done()  # this rank's silence from now on is no loss
         if lock is not None:
             with Exit.doing(f'releasing the run lock {run.lock}'):
                 lock.release()
@@ -190,6 +204,7 @@ def fit(
     lock: Optional[RunLock],
     generation: int,
     on_terminal: bool,
+    peers: Optional[PeerWatch] = None,
 ) -> int:
     rank = dist.get_global_rank()
     gpus = gpu_names()
@@ -233,6 +248,12 @@ def fit(
     try:
         trainer.fit()
     except BaseException as e:
+        if peers is not None and is_collective_failure(e) and (lost := peers.lost()):
+            e = PeerLostError(f'lost {", ".join(f"rank {r} ({peers.where(r)})" for r in lost)} at step '
+                              f'{int(trainer.state.timestamp.batch)}: {describe(e)}; ' + (
+                                  f'the checkpoint of step {checkpointer.committed_step} is intact'
+                                  if checkpointer.committed_step is not None else 'no checkpoint was written yet') +
+                              '; run the same command to resume')
         Exit.arm(ending_line(cfg.run_name, e), getattr(e, 'exit_code', 1))
         with Exit.doing(f'recording the end of this start in {run.starts}'):
             journal.end('preempted' if isinstance(e, Preempted) else 'failed', int(trainer.state.timestamp.batch),
@@ -241,7 +262,7 @@ def fit(
             # Not Trainer.close(): its barrier would wait for ranks that may be in another collective, or gone.
             trainer.engine.close()
         if not isinstance(e, Preempted):
-            raise
+            raise e  # the original, or the lost peer's line
         if rank == 0:
             print(ending_line(cfg.run_name, e), flush=True)
         return e.exit_code

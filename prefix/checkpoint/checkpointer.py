@@ -245,6 +245,11 @@ class Checkpointer(Callback):
         self._unsettled = resume is not None  # DDP's buckets, before the first step of a resumed process
         self._saved_position: Optional[tuple[int, int]] = None  # of the last checkpoint this start took
 
+    @property
+    def committed_step(self) -> Optional[int]:
+        """The step of the newest checkpoint every rank knows is committed (None: none yet)."""
+        return self._committed.step if self._committed is not None else None
+
     # --- events ---------------------------------------------------------------------------------
 
     def after_load(self, state: State, logger: Logger) -> None:

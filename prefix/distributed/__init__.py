@@ -1,5 +1,5 @@
-"""What the ranks decide together (``agreement``), signals (``preemption``), every wait's end (``waits``),
-facts about processes, Composer's corrections."""
+"""What the ranks decide together (``agreement``), signals (``preemption``), lost ranks (``peers``),
+every wait's end (``waits``), facts about processes, Composer's corrections."""
 
 from prefix import exports
 
@@ -7,6 +7,7 @@ __getattr__, __dir__ = exports(
     __name__,
     agreement=['Activity', 'POLL_S', 'PeerFailed', 'RankFailures', 'any_rank', 'any_rank_later', 'collective', 'describe',
                'from_rank_zero', 'gather', 'own_io', 'rank', 'together', 'track'],
+    peers=['PeerLostError', 'PeerWatch', 'is_collective_failure'],
     preemption=['PREEMPTED_EXIT_CODE', 'Preempted', 'PreemptionSignal', 'die_with_launcher'],
     process=['boot_id', 'pid_namespace', 'start_ticks', 'started_at'],
     waits=['BOUNDED_S', 'Deadline', 'Exit', 'bounded', 'minutes'],

@@ -1,0 +1,178 @@
+"""Lost peers: a rank that dies or stops answering is noticed within seconds and named once, not after
+``dist_timeout``.
+
+Every rank's watcher thread counts up its own key in the rendezvous store (``MASTER_ADDR:MASTER_PORT``,
+the store PyTorch's process group was set up with, hosted by rank 0's process) every ``BEAT_S`` and
+reads everyone's in the same round trip. The training thread never waits on it: the store is
+touched by the watcher alone, over a connection of its own, and no CUDA is involved.
+
+- A rank that **dies** (SIGKILL, OOM kill, a node gone) closes its connections: the survivors'
+  next collective fails at once, and ``lost`` then names the ranks whose count stopped (or rank 0,
+  when the store itself is gone: it lived in rank 0's process).
+- A rank that **hangs** (SIGSTOP, a frozen node, a partition) closes nothing, and a collective would
+  wait for it ``dist_timeout``. Its count stops: after ``SILENT_S`` of silence the watcher prints
+  one line naming it and ends the process (``os._exit``), whatever the training thread is waiting
+  in. So does a store that stops answering (rank 0 hung): a store call can block past its own
+  timeout, so a second thread ends the process when a round of the watcher has not come back in
+  ``SILENT_S``.
+
+A rank that ends (its training done, failed or stopped) says so first (``done``): it is then never
+taken for a lost one. Ranks that never beat (not yet started) are not judged.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import threading
+import time
+from datetime import timedelta
+from typing import Optional
+
+from prefix.distributed.waits import minutes
+from prefix.errors import PrefixError
+
+log = logging.getLogger(__name__)
+
+BEAT_S = 1.0  # how often each rank counts up its key and reads the others'
+SILENT_S = 10.0  # a rank whose count has not moved for this long is hung: the process ends
+LOST_CODE = 1  # the exit code of a rank that ends because a peer was lost
+KEY = 'prefix/peer'
+
+
+class PeerWatch:
+    """This rank's beats in the rendezvous store, and its view of the others'."""
+
+    def __init__(self, rank: int, world_size: int) -> None:
+        self.rank = rank
+        self.world_size = world_size
+        self.silent_s = SILENT_S
+        self.beat_s = BEAT_S
+        self.store_gone: Optional[str] = None  # why the store could not be reached (rank 0's process died)
+        self._seen: dict[int, tuple[int, float]] = {}  # rank: (its count, when this watcher saw it change)
+        self._where: dict[int, str] = {}
+        self._ended = threading.Event()
+        self._failing = False  # the training thread handles a failed collective: it names the lost, not the watcher
+        self._round = time.monotonic()  # when the watcher's last round with the store came back
+        self._store = None
+
+    def start(self) -> PeerWatch:
+        """Connect to the store and start watching; a store that cannot be reached now only costs the watch."""
+        import torch.distributed as tdist
+
+        try:
+            self._store = tdist.TCPStore(os.environ['MASTER_ADDR'], int(os.environ['MASTER_PORT']), is_master=False,
+                                         timeout=timedelta(seconds=self.silent_s), wait_for_workers=False)
+            node = os.environ.get('NODE_RANK', '0')
+            self._store.set(f'{KEY}/where/{self.rank}', json.dumps(f'node {node}, host {socket.gethostname()}'))
+        except (KeyError, ValueError, RuntimeError) as e:
+            log.warning('not watching for lost ranks: the rendezvous store cannot be reached (%s)', e)
+            self._ended.set()
+            return self
+        self._round = time.monotonic()
+        threading.Thread(target=self._watch, name='prefix-peers', daemon=True).start()
+        threading.Thread(target=self._store_answers, name='prefix-peers-store', daemon=True).start()
+        return self
+
+    def done(self) -> None:
+        """This rank is ending: the others must not take its silence for a loss (its count goes to -1)."""
+        if self._ended.is_set():
+            return
+        self._ended.set()
+        try:
+            if self._store is not None and self.store_gone is None:
+                self._store.set(f'{KEY}/count/{self.rank}', '-1')
+        except Exception as e:  # the store may be gone with rank 0: nothing to tell then
+            log.debug('could not mark rank %d done: %s', self.rank, e)
+
+    def where(self, rank: int) -> str:
+        """``node N, host H`` of a rank, as it said when it started (read while the store was there)."""
+        return self._where.get(rank, 'where unknown')
+
+    def _watch(self) -> None:
+        assert self._store is not None
+        count = 0
+        keys = [f'{KEY}/count/{r}' for r in range(self.world_size)]
+        while not self._ended.wait(self.beat_s):
+            count += 1
+            try:
+                self._store.set(keys[self.rank], str(count))
+                counts = [int(v) for v in self._store.multi_get(keys)] if self._store.check(keys) else None
+                if len(self._where) < self.world_size:
+                    self._learn_where()
+            except Exception as e:  # the store is gone: it lived in rank 0's process
+                text = str(e).splitlines()[0] if str(e) else type(e).__name__
+                if 'time' in text.lower():  # no answer, where a dead process refuses or resets at once
+                    self._end(self._store_hung())
+                self.store_gone = text
+                return
+            self._round = time.monotonic()
+            if counts is not None:
+                self._judge(counts)
+
+    def _store_answers(self) -> None:
+        """A round of the watcher that has not come back in ``silent_s``: the store's host (rank 0) is hung."""
+        while not self._ended.wait(self.beat_s):
+            if self.store_gone is None and time.monotonic() - self._round > self.silent_s:
+                self._end(self._store_hung())
+
+    def _store_hung(self) -> str:
+        return (f'rank 0 ({self.where(0)}; it hosts the rendezvous) stopped answering: its store gave no answer for '
+                f'{minutes(self.silent_s)} (a frozen process or node, or a network partition)')
+
+    def _learn_where(self) -> None:
+        assert self._store is not None
+        for r in range(self.world_size):
+            if r not in self._where and self._store.check([f'{KEY}/where/{r}']):
+                self._where[r] = json.loads(self._store.get(f'{KEY}/where/{r}'))
+
+    def _judge(self, counts: list[int]) -> None:
+        now = time.monotonic()
+        for r, value in enumerate(counts):
+            last = self._seen.get(r)
+            if value < 0 or r == self.rank:
+                continue  # ended, or this rank
+            if last is None or last[0] != value:
+                self._seen[r] = (value, now)
+        hung = [r for r, (_, since) in self._seen.items() if counts[r] >= 0 and now - since > self.silent_s]
+        if hung:
+            names = ', '.join(f'rank {r} ({self.where(r)})' for r in hung)
+            self._end(f'{names} stopped answering: no sign of {"it" if len(hung) == 1 else "them"} for '
+                      f'{minutes(self.silent_s)} (a frozen process or node, or a network partition)')
+
+    def lost(self, within: Optional[float] = None) -> list[int]:
+        """After a collective failed: the ranks whose count has not moved for ``within`` seconds (waiting that long
+        for them to show life), or [0] when the store is gone. Empty: every peer is alive (not a peer's loss)."""
+        within = 3 * self.beat_s if within is None else within
+        self._failing = True
+        deadline = time.monotonic() + within
+        while time.monotonic() < deadline and self.store_gone is None:
+            time.sleep(self.beat_s / 4)
+        if self.store_gone is not None:
+            return [0]
+        now = time.monotonic()
+        return sorted(r for r, (value, since) in self._seen.items() if value >= 0 and now - since >= within)
+
+    def _end(self, what: str) -> None:
+        """A hung peer: say so once, and end this process (its training thread may wait in a collective for it)."""
+        if self._ended.is_set() or self._failing:
+            return
+        self._ended.set()
+        os.write(2, f'prefix: error: {what}; this rank stops now without saving (the last committed checkpoint is '
+                    'intact); run the same command to resume\n'.encode())
+        os._exit(LOST_CODE)
+
+
+class PeerLostError(PrefixError):
+    """A collective failed because a rank was lost: one line naming it, instead of the backend's traceback."""
+
+
+def is_collective_failure(error: BaseException) -> bool:
+    """An error a collective raises when a peer is gone (gloo's connection errors, NCCL's, a store's)."""
+    import torch.distributed as tdist
+
+    text = str(error)
+    return isinstance(error, tdist.DistError) or (isinstance(error, RuntimeError) and any(
+        s in text for s in ('gloo', 'NCCL', 'Connection reset', 'Connection closed', 'Broken pipe')))
