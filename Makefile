@@ -37,7 +37,7 @@ train: venv data
 
 # Two workers; tests sharing an expensive fixture stay on one worker (tests/conftest.py).
 test: venv $(MLFLOW_SERVER)
-	$(BIN)/python -m pytest -q -ra -n 2 --dist loadgroup
+	$(BIN)/python -m pytest -q -ra -n 2 --dist loadgroup --durations=15
 
 lint: venv
 	$(BIN)/ruff check prefix tests benchmarks

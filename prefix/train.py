@@ -249,11 +249,7 @@ def fit(
         trainer.fit()
     except BaseException as e:
         if peers is not None and is_collective_failure(e) and (lost := peers.lost()):
-            e = PeerLostError(f'lost {", ".join(f"rank {r} ({peers.where(r)})" for r in lost)} at step '
-                              f'{int(trainer.state.timestamp.batch)}: {describe(e)}; ' + (
-                                  f'the checkpoint of step {checkpointer.committed_step} is intact'
-                                  if checkpointer.committed_step is not None else 'no checkpoint was written yet') +
-                              '; run the same command to resume')
+            e = lost_rank(e, lost, peers, checkpointer, trainer.state)
         Exit.arm(ending_line(cfg.run_name, e), getattr(e, 'exit_code', 1))
         with Exit.doing(f'recording the end of this start in {run.starts}'):
             journal.end('preempted' if isinstance(e, Preempted) else 'failed', int(trainer.state.timestamp.batch),
@@ -276,6 +272,23 @@ def fit(
     if rank == 0:
         print(complete, flush=True)
     return 0
+
+
+def lost_rank(error: BaseException, lost: list[int], peers: PeerWatch, checkpointer: Checkpointer,
+              state: Any) -> PeerLostError:
+    """A collective failed because ``lost`` ranks are gone: rank 0, when it survives, saves the last step it completed
+    (``Checkpointer.rescue``); every survivor's one line names the lost ranks and the checkpoint a restart resumes."""
+    step = int(state.timestamp.batch)
+    saved = checkpointer.rescue(state) if dist.get_global_rank() == 0 and 0 not in lost else None
+    if saved is not None:
+        where = f'rank 0 saved step {saved}, the last it completed'
+    elif dist.get_global_rank() != 0 and 0 not in lost:
+        where = f'rank 0 saves step {step} if it can'
+    else:
+        newest = checkpointer.committed_step
+        where = f'the checkpoint of step {newest} is intact' if newest is not None else 'no checkpoint was written yet'
+    names = ', '.join(f'rank {r} ({peers.where(r)})' for r in lost)
+    return PeerLostError(f'lost {names} at step {step}: {describe(error)}; {where}; run the same command to resume')
 
 
 def ending_line(run_name: str, error: BaseException) -> str:

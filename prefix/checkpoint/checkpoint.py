@@ -24,6 +24,7 @@ the background. Composer's own saver is left idle.
 from __future__ import annotations
 
 import errno
+import hashlib
 import logging
 import mmap
 import pickle
@@ -109,6 +110,31 @@ def capture_rng() -> dict[str, Any]:
                   'has_gauss': int(has_gauss), 'cached_gaussian': float(cached)},
         'python': {'version': version, 'state': torch.tensor(py_state, dtype=torch.int64), 'gauss_next': gauss_next},
     }
+
+
+def step_seed(seed: int, rank: int, step: int) -> int:
+    """The seed of one rank's step: a function of what every rank knows, so that any rank can name another's state."""
+    return int.from_bytes(hashlib.blake2b(f'{seed}/{rank}/{step}'.encode(), digest_size=8).digest(), 'little') >> 1
+
+
+def seed_step(seed: int, rank: int, step: int) -> None:
+    """Seed torch (CPU and CUDA), NumPy and Python for the step that starts after ``step`` batches, on the training
+    thread: a rank's random numbers then depend on the seed, its rank and the step alone, never on earlier steps."""
+    value = step_seed(seed, rank, step)
+    torch.manual_seed(value)
+    np.random.seed(value % 2**32)
+    random.seed(value)
+
+
+def step_rng(seed: int, rank: int, step: int) -> dict[str, Any]:
+    """The RNG states ``seed_step`` gives (what a rank file holds for ``step``), computed without changing this
+    rank's own: a survivor writes a lost rank's file with them."""
+    own = capture_rng()
+    try:
+        seed_step(seed, rank, step)
+        return capture_rng()
+    finally:
+        restore_rng(own)
 
 
 def restore_rng(rng: dict[str, Any]) -> None:
@@ -386,18 +412,20 @@ def find_resume_point(folder: Path, write_timeout: Optional[str] = None) -> Opti
         written_by = saved.get('generations', {}).get(point.global_step)
         if point.generation is not None and written_by != point.generation:
             log.warning('%s was written by generation %s, not by generation %s which wrote %s: it belongs to another '
-                        'checkpoint (a stalled former holder renamed it late); rank %d continues with fresh RNG state',
+                        'checkpoint (a stalled former holder renamed it late); rank %d draws from the seed, its rank '
+                        'and the step all the same',
                         path, written_by, point.generation, point.filename, rank)
         else:
             point.rng = saved['rng'].get(point.global_step)
         if saved['world_size'] != dist.get_world_size():
-            log.warning('the run had %d ranks and now has %d: the model, optimizer and data position carry over, '
-                        'dropout randomness restarts from rank %d\'s saved state where there is one',
+            log.warning('the run had %d ranks and now has %d: the model, optimizer and data position carry over; '
+                        'rank %d draws its random numbers from the seed, its rank and the step',
                         saved['world_size'], dist.get_world_size(), rank)
         if point.rng is None and written_by == point.generation:
-            log.warning('%s has no RNG state for step %d; continuing with fresh RNG state', path, point.global_step)
+            log.warning('%s has no RNG state for step %d (the seed, the rank and the step give it)', path, point.global_step)
     except FileNotFoundError:
-        log.warning('%s is missing (the run had fewer ranks before?); rank %d continues with fresh RNG state', path, rank)
+        log.warning('%s is missing (the run had fewer ranks before?); rank %d draws from the seed, its rank and the step',
+                    path, rank)
     except CheckpointError:
         raise
     except Exception as e:  # a damaged rank file costs only bit-exactness, never the run
@@ -448,11 +476,13 @@ def global_state(state: State, config: dict[str, Any], generation: int,
     }
 
 
-def rank_state(rng_history: dict[int, tuple[Optional[int], dict[str, Any]]], step: int) -> dict[str, Any]:
-    """The contents of latest_rank{rank}.pt: this rank's RNG states by step, with the generation that wrote each
-    step's checkpoint (``rng_history``: step -> (generation, states))."""
+def rank_state(rng_history: dict[int, tuple[Optional[int], dict[str, Any]]], step: int,
+               rank: Optional[int] = None) -> dict[str, Any]:
+    """The contents of latest_rank{rank}.pt: a rank's RNG states by step (this rank's unless ``rank``), with the
+    generation that wrote each step's checkpoint (``rng_history``: step -> (generation, states))."""
     return {
-        'schema_version': SCHEMA_VERSION, 'rank': dist.get_global_rank(), 'world_size': dist.get_world_size(),
+        'schema_version': SCHEMA_VERSION, 'rank': dist.get_global_rank() if rank is None else rank,
+        'world_size': dist.get_world_size(),
         'global_step': step, 'rng': {s: rng for s, (_, rng) in rng_history.items()},
         'generations': {s: generation for s, (generation, _) in rng_history.items()},
     }

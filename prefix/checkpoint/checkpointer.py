@@ -62,14 +62,14 @@ from prefix.checkpoint.checkpoint import (
     RANK_FILE,
     CheckpointError,
     ResumePoint,
-    capture_rng,
     global_file,
     global_state,
     rank_file,
     rank_state,
     referenced_shards,
-    restore_rng,
     safe_load,
+    seed_step,
+    step_rng,
     write_timeout_s,
 )
 from prefix.checkpoint.snapshot import HostSnapshot, copy_into
@@ -140,7 +140,7 @@ class PendingSave:
 
     job: WriteJob
     record: SaveRecord
-    rng: dict[str, Any]  # this rank's RNG states at the step: kept in the next rank file once committed
+    rng: dict[str, Any]  # this rank's RNG states for the step (prefix.checkpoint.checkpoint.step_rng)
     deadline: Deadline  # by when this rank's part must be written (checkpoint.write_timeout)
     on_disk: Callable[[], int]  # bytes of this rank's files of the write so far
     shards_name: Optional[str] = None  # its shard folder (sharded format)
@@ -184,7 +184,7 @@ def settle_ddp_buckets(state: State) -> None:
     the one bucket where the uninterrupted run used the ordered buckets, and with 3 or more ranks some
     sums come out in another order (not bit-exact, measured with 4 ranks). So one throwaway forward and
     backward of the batch's first microbatch records the order, which the first step's forward then
-    builds the buckets from; its gradients are dropped, and the caller restores the RNG states after it. With 2
+    builds the buckets from; its gradients are dropped, and the step is seeded after it. With 2
     ranks every sum has two terms, equal in either order: nothing to settle.
     """
     model = state.model
@@ -240,7 +240,9 @@ class Checkpointer(Callback):
         self._kept = (HostSnapshot(), HostSnapshot())  # asynchronous mode's slabs: this rank's shards, latest.pt's payload
         self._pending: Optional[PendingSave] = None
         self._committed = Committed(resume.global_step, resume.generation, resume.rng) if resume else None
-        self._pending_rng = resume.rng if resume else None
+        self.seed = int(config.get('seed', 0))  # with the rank and the step, it makes each step's random numbers
+        self._optimizer_steps = 0  # steps the optimizer took in this fit: a state is whole when they match the batches
+        self._fit_start: Optional[int] = None
         self._exchange: Optional[Callable[[], list[bool]]] = None  # this step's flags, in flight (before_train_batch)
         self._unsettled = resume is not None  # DDP's buckets, before the first step of a resumed process
         self._saved_position: Optional[tuple[int, int]] = None  # of the last checkpoint this start took
@@ -286,19 +288,23 @@ class Checkpointer(Callback):
 
     def fit_start(self, state: State, logger: Logger) -> None:
         self._logger = logger
+        if self._fit_start is None:
+            self._fit_start = int(state.timestamp.batch)
+            state.optimizers[0].register_step_post_hook(self._count_optimizer_step)
         self.interval.reset()
         if self.periodic:
             self.periodic.reset()
 
+    def _count_optimizer_step(self, *args: Any) -> None:
+        self._optimizer_steps += 1
+
     def batch_start(self, state: State, logger: Logger) -> None:
         if self._unsettled:
             self._unsettled = False
-            settle_ddp_buckets(state)  # every rank (a collective), before the RNG states are restored
-        # The first batch after a resume draws exactly the random numbers the uninterrupted run drew.
-        if self._pending_rng is not None:
-            rng, self._pending_rng = self._pending_rng, None
-            with self.failures.guard('restoring its RNG states'):
-                restore_rng(rng)
+            settle_ddp_buckets(state)  # every rank (a collective), before the step is seeded
+        # Each step's random numbers depend on the seed, the rank and the step alone: a resumed run draws the
+        # uninterrupted run's, and a survivor can write a lost rank's states (rescue).
+        seed_step(self.seed, agreement.rank(), int(state.timestamp.batch))
 
     def before_train_batch(self, state: State, logger: Logger) -> None:
         # With no write in flight the ranks agree on this step's flags while it computes: no rank waits for the
@@ -497,6 +503,64 @@ class Checkpointer(Callback):
                     bounded(lambda: self._discard(pending.shards_name), BOUNDED_S,
                             f'removing the temporary files of the checkpoint of step {pending.record.step}')
 
+    # --- after a lost rank ---------------------------------------------------------------------
+
+    def rescue(self, state: State) -> Optional[int]:
+        """Rank 0 alone, after another rank was lost (its collectives fail): save the last step it completed.
+
+        Under data parallelism every rank holds the whole training state of the last completed step (a step's
+        gradients are all-reduced before its optimizer step), and each rank's random numbers are a function of the
+        seed, its rank and the step: rank 0 writes ``latest.pt`` and a ``latest_rank{r}.pt`` for every rank, the lost
+        ones included, through the documented files and under its lease, with no collective. Not when the optimizer
+        already applied the next step's update (a collective after it failed): the state is then half-way, and the
+        last committed checkpoint stays. Returns the step saved (or already committed), else None.
+        """
+        step = int(state.timestamp.batch)
+        if self.sharded or self.lock is None or agreement.rank() != 0 or self._fit_start is None:
+            return None
+        self._drop_pending()
+        if self._fit_start + self._optimizer_steps != step:
+            log.warning('not saving step %d after the loss: the optimizer had already applied the update of step %d',
+                        step, step + 1)
+            return None
+        if self.committed_step == step:
+            return step
+        world_size = agreement.world_size()
+        steps = [step] + ([self.committed_step] if self.committed_step is not None else [])
+        files = {r: rank_state({s: (self.generation, step_rng(self.seed, r, s)) for s in steps}, step, r)
+                 for r in range(world_size)}
+        payload = HostSnapshot(keep=False).copy(global_state(state, self.config, self.generation))  # on this thread
+        timeout_s = write_timeout_s(self.write_timeout, shards.nbytes(payload))
+        bounded(lambda: self._write_alone(step, payload, files), timeout_s, f'saving step {step} after the loss')
+        return step if self.committed_step == step else None
+
+    def _drop_pending(self) -> None:
+        """The write in flight, abandoned (the other ranks are gone): what it committed stays, its temporaries go."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        pending.job.abort()
+        while pending.job.running() and not pending.deadline.passed:
+            pending.job.join(POLL_S)
+        if pending.record.committed:
+            self._committed = Committed(pending.record.step, self.generation, pending.rng)
+        else:
+            bounded(lambda: self._discard(pending.shards_name), BOUNDED_S, 'removing the abandoned write\'s files')
+
+    def _write_alone(self, step: int, payload: dict[str, Any], files: dict[int, dict[str, Any]]) -> None:
+        tag, latest = str(self.generation), global_file(self.folder)
+        temps = {rank_file(self.folder, r): write_temp(rank_file(self.folder, r), lambda f, x=x: torch.save(x, f), tag)
+                 for r, x in files.items()}
+        temps[latest] = write_temp(latest, lambda f: torch.save(payload, f), tag)
+        for path, tmp in temps.items():  # latest.pt last: the commit
+            self._fence()
+            commit(tmp, path)
+        self._committed = Committed(step, self.generation, files[0]['rng'][step])
+        if self.summary is not None:
+            record_checkpoint(self.summary, step, payload['tokens_seen'], sum(p.stat().st_size for p in temps))
+        log.warning('saved step %d after the loss of a rank: latest.pt and the rank files of all %d ranks', step,
+                    len(files))
+
     # --- saving ---------------------------------------------------------------------------------
 
     def save(self, state: State, periodic: bool, wait: bool, abandon: bool = False) -> None:
@@ -536,7 +600,7 @@ class Checkpointer(Callback):
 
     def _submit(self, state: State, step: int, periodic: bool, asynchronous: bool) -> PendingSave:
         rank = agreement.rank()
-        rng = capture_rng()
+        rng = step_rng(self.seed, rank, step)
         history: dict[int, Any] = {step: (self.generation, rng)}
         committed = self._committed
         if committed is not None and committed.step != step and committed.rng is not None:
