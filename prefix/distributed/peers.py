@@ -31,7 +31,7 @@ import time
 from datetime import timedelta
 from typing import Optional
 
-from prefix.distributed.waits import minutes
+from prefix.distributed.waits import Deadline, minutes
 from prefix.errors import PrefixError
 
 log = logging.getLogger(__name__)
@@ -56,6 +56,7 @@ class PeerWatch:
         self._ended = threading.Event()
         self._failing = False  # the training thread handles a failed collective: it names the lost, not the watcher
         self._round = time.monotonic()  # when the watcher's last round with the store came back
+        self._rounds = 0  # rounds that came back
         self._store = None
 
     def start(self) -> PeerWatch:
@@ -111,6 +112,7 @@ class PeerWatch:
             self._round = time.monotonic()
             if counts is not None:
                 self._judge(counts)
+            self._rounds += 1
 
     def _store_answers(self) -> None:
         """A round of the watcher that has not come back in ``silent_s``: the store's host (rank 0) is hung."""
@@ -142,18 +144,18 @@ class PeerWatch:
             self._end(f'{names} stopped answering: no sign of {"it" if len(hung) == 1 else "them"} for '
                       f'{minutes(self.silent_s)} (a frozen process or node, or a network partition)')
 
-    def lost(self, within: Optional[float] = None) -> list[int]:
-        """After a collective failed: the ranks whose count has not moved for ``within`` seconds (waiting that long
-        for them to show life), or [0] when the store is gone. Empty: every peer is alive (not a peer's loss)."""
-        within = 3 * self.beat_s if within is None else within
+    def lost(self, rounds: int = 3) -> list[int]:
+        """After a collective failed: the ranks whose count did not move in the watcher's next ``rounds`` rounds (a
+        live rank counts up at each), or [0] when the store is gone. Empty: every peer is alive (not a peer's loss).
+        Counted in rounds, not seconds: a loaded machine makes rounds late, never a live rank lost."""
         self._failing = True
-        deadline = time.monotonic() + within
-        while time.monotonic() < deadline and self.store_gone is None:
+        before = {r: value for r, (value, _) in self._seen.items()}
+        start, waited = self._rounds, Deadline(self.silent_s + rounds * self.beat_s, 'looking for the lost ranks')
+        while self._rounds < start + rounds and self.store_gone is None and not waited.passed:
             time.sleep(self.beat_s / 4)
         if self.store_gone is not None:
             return [0]
-        now = time.monotonic()
-        return sorted(r for r, (value, since) in self._seen.items() if value >= 0 and now - since >= within)
+        return sorted(r for r, (value, _) in self._seen.items() if value >= 0 and before.get(r) == value)
 
     def _end(self, what: str) -> None:
         """A hung peer: say so once, and end this process (its training thread may wait in a collective for it)."""

@@ -33,9 +33,18 @@ def rank_process(launcher: subprocess.Popen, rank: int) -> psutil.Process:
     return next(p for p in psutil.Process(launcher.pid).children() if p.environ().get('RANK') == str(rank))
 
 
-def the_line(log: Path) -> str:
-    """The one ``prefix: error:`` line a rank printed (waited for: its console copy may lag its exit)."""
-    wait_for(lambda: 'prefix: error:' in log.read_text(), what=f'the line in {log.name}')
+def gone(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+def the_line(log: Path, launcher: subprocess.Popen) -> str:
+    """The one ``prefix: error:`` line a rank printed (waited for: its console copy may lag its exit, so until the
+    launcher's whole process group, the copies included, is gone)."""
+    wait_for(lambda: 'prefix: error:' in log.read_text() or gone(launcher.pid), what=f'the line in {log.name}')
     lines = [x for x in log.read_text().splitlines() if x.startswith('prefix: error:')]
     assert len(lines) == 1, lines
     return lines[0]
@@ -57,7 +66,7 @@ def test_a_killed_rank_0_is_named_by_the_survivor_and_the_run_resumes_bit_exact(
     victim = rank_process(launcher, lost)
     survivor = 1 - lost
     victim.send_signal(signal.SIGKILL)
-    line = the_line(run / 'logs' / f'rank{survivor}.log')
+    line = the_line(run / 'logs' / f'rank{survivor}.log', launcher)
     assert line.startswith('prefix: error: lost rank 0 (node 0, host ') and \
         line.endswith('; the checkpoint of step 8 is intact; run the same command to resume'), line
     assert committed_step(run) == 8, 'nobody writes in place of rank 0'
@@ -81,7 +90,7 @@ def test_a_hung_rank_is_named_within_seconds_not_after_dist_timeout(tmp_path: Pa
         victim, survivor = rank_process(launcher, hung), rank_process(launcher, 1 - hung)
         victim.send_signal(signal.SIGSTOP)
         survivor.wait(timeout=HANG)
-        line = the_line(run / 'logs' / f'rank{1 - hung}.log')
+        line = the_line(run / 'logs' / f'rank{1 - hung}.log', launcher)
         what = f'rank {hung} (node 0, host ' if hung else 'rank 0 ('
         assert line.startswith(f'prefix: error: {what}') and 'stopped answering' in line and \
             line.endswith('run the same command to resume'), line
@@ -115,7 +124,7 @@ def test_a_rank_lost_mid_step_costs_one_partial_step_and_the_run_ends_bit_exact(
                                       'marker': str(held)})
     wait_for(held.exists, launcher, f'rank 1 at {event} of step 11')
     rank_process(launcher, 1).send_signal(signal.SIGKILL)
-    line = the_line(run / 'logs' / 'rank0.log')
+    line = the_line(run / 'logs' / 'rank0.log', launcher)
     where = 'rank 0 saved step 10, the last it completed' if saved == 10 else 'the checkpoint of step 8 is intact'
     assert line.startswith('prefix: error: lost rank 1 (node 0, host ') and ' at step 10: ' in line and \
         line.endswith(f'; {where}; run the same command to resume'), line
