@@ -72,7 +72,7 @@ from prefix.checkpoint.checkpoint import (
     step_rng,
     write_timeout_s,
 )
-from prefix.checkpoint.snapshot import HostSnapshot, copy_into
+from prefix.checkpoint.snapshot import HostSnapshot, copy_into, host_only
 from prefix.checkpoint.writer import WriteJob, raise_if_abandoned
 from prefix.config import CheckpointConfig, Duration
 from prefix.distributed import (
@@ -531,6 +531,7 @@ class Checkpointer(Callback):
                  for r in range(world_size)}
         payload = HostSnapshot(keep=False).copy(global_state(state, self.config, self.generation))  # on this thread
         timeout_s = write_timeout_s(self.write_timeout, shards.nbytes(payload))
+        host_only((payload, files), f'the rescue of step {step}')  # the writing thread never touches CUDA
         bounded(lambda: self._write_alone(step, payload, files), timeout_s, f'saving step {step} after the loss')
         return step if self.committed_step == step else None
 
