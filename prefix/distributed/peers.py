@@ -147,15 +147,24 @@ class PeerWatch:
     def lost(self, rounds: int = 3) -> list[int]:
         """After a collective failed: the ranks whose count did not move in the watcher's next ``rounds`` rounds (a
         live rank counts up at each), or [0] when the store is gone. Empty: every peer is alive (not a peer's loss).
-        Counted in rounds, not seconds: a loaded machine makes rounds late, never a live rank lost."""
+
+        The counts compared are read after the failure: the round in flight when it came may have begun before the
+        lost rank's last beat, and would show that beat as a sign of life. Counted in rounds, not seconds: a loaded
+        machine makes rounds late, never a live rank lost."""
         self._failing = True
-        before = {r: value for r, (value, _) in self._seen.items()}
-        start, waited = self._rounds, Deadline(self.silent_s + rounds * self.beat_s, 'looking for the lost ranks')
-        while self._rounds < start + rounds and self.store_gone is None and not waited.passed:
-            time.sleep(self.beat_s / 4)
+        waited = Deadline(self.silent_s + (rounds + 2) * self.beat_s, 'looking for the lost ranks')
+
+        def after(n: int) -> dict[int, int]:
+            while self._rounds < n and self.store_gone is None and not waited.passed:
+                time.sleep(self.beat_s / 4)
+            return {r: value for r, (value, _) in self._seen.items()}
+
+        first = self._rounds + 2  # the first round that began after this call has ended
+        before = after(first)
+        now = after(first + rounds)
         if self.store_gone is not None:
             return [0]
-        return sorted(r for r, (value, _) in self._seen.items() if value >= 0 and before.get(r) == value)
+        return sorted(r for r, value in now.items() if value >= 0 and before.get(r) == value)
 
     def _end(self, what: str) -> None:
         """A hung peer: say so once, and end this process (its training thread may wait in a collective for it)."""

@@ -33,9 +33,12 @@ def rank_process(launcher: subprocess.Popen, rank: int) -> psutil.Process:
     return next(p for p in psutil.Process(launcher.pid).children() if p.environ().get('RANK') == str(rank))
 
 
-def gone(pgid: int) -> bool:
+def gone(launcher: subprocess.Popen) -> bool:
+    """The launcher has exited (and is reaped: a zombie would keep its group alive) and its whole group with it."""
+    if launcher.poll() is None:
+        return False
     try:
-        os.killpg(pgid, 0)
+        os.killpg(launcher.pid, 0)
     except ProcessLookupError:
         return True
     return False
@@ -44,7 +47,7 @@ def gone(pgid: int) -> bool:
 def the_line(log: Path, launcher: subprocess.Popen) -> str:
     """The one ``prefix: error:`` line a rank printed (waited for: its console copy may lag its exit, so until the
     launcher's whole process group, the copies included, is gone)."""
-    wait_for(lambda: 'prefix: error:' in log.read_text() or gone(launcher.pid), what=f'the line in {log.name}')
+    wait_for(lambda: 'prefix: error:' in log.read_text() or gone(launcher), what=f'the line in {log.name}')
     lines = [x for x in log.read_text().splitlines() if x.startswith('prefix: error:')]
     assert len(lines) == 1, lines
     return lines[0]
