@@ -12,9 +12,10 @@ data and checkpoint interval. Every number comes from outside the trainers: the 
   bandwidth (``--startup-model``: the 57 M model, whose checkpoint is 684 MB); the sides interleaved,
   ``--startup-reps`` times, the median of each part.
 - ``goodput``: a seeded preemption trace (graceful: SIGTERM to the ranks, as a pod's first process
-  forwards it, SIGKILL to every process after ``--grace`` seconds; hard: SIGKILL at once), each kill
-  at a seeded instant after the first new step and followed by an immediate restart of the same
-  command, replayed against each side, next to the same run uninterrupted.
+  forwards it, SIGKILL to every process after ``--grace`` seconds; hard: SIGKILL at once; lost: SIGKILL of
+  the last rank's process alone, a node lost without warning, the others left to notice and exit on their
+  own, SIGKILL after ``--grace`` seconds), each kill at a seeded instant after the first new step and followed
+  by an immediate restart of the same command, replayed against each side, next to the same run uninterrupted.
 """
 
 from __future__ import annotations
@@ -265,23 +266,27 @@ def startup(root: Path, nproc: int, model: list[str], reps: int) -> None:
 
 @dataclass
 class Event:
-    kind: str  # graceful | hard
+    kind: str  # graceful | hard | lost
     after_s: float  # after the end of the start's first new step
 
 
-def trace(seed: int, events: int, lo: float, hi: float) -> list[Event]:
-    """Half graceful, half hard (one more graceful when odd), in a seeded order, each at a seeded instant."""
+def trace(seed: int, events: int, lo: float, hi: float, kinds: list[str]) -> list[Event]:
+    """``events`` of ``kinds`` in turn, in a seeded order, each at a seeded instant."""
     rng = random.Random(seed)
-    kinds = ['graceful', 'hard'] * (events // 2) + ['graceful'] * (events % 2)
+    kinds = [kinds[i % len(kinds)] for i in range(events)]
     rng.shuffle(kinds)
     return [Event(kind, round(rng.uniform(lo, hi), 2)) for kind in kinds]
 
 
 def preempt(proc: subprocess.Popen, s: Start, kind: str, grace: float) -> None:
     s.signalled, s.kind = time.time(), kind
-    if kind == 'graceful':
-        for rank in psutil.Process(proc.pid).children():  # as runai/pod_train.sh forwards the pod's SIGTERM
-            rank.send_signal(signal.SIGTERM)
+    ranks = psutil.Process(proc.pid).children()
+    if kind in ('graceful', 'lost'):
+        if kind == 'graceful':
+            for rank in ranks:  # as runai/pod_train.sh forwards the pod's SIGTERM
+                rank.send_signal(signal.SIGTERM)
+        else:  # the last rank's node is gone: the others notice it, or not
+            max(ranks, key=lambda p: int(p.environ().get('RANK', '0'))).send_signal(signal.SIGKILL)
         try:
             proc.wait(grace)
         except subprocess.TimeoutExpired:
@@ -365,7 +370,7 @@ def goodput(root: Path, nproc: int, steps: int, every: int, events: list[Event],
                                                       weights(r.side, root / f'trace-{r.side}').values(), strict=True))
         rows.append((r, plain[r.side], step_s, equal))
         print(f'  {r.side}: {len(r.starts)} starts, exits {[s.code for s in r.starts]}', flush=True)
-    print('\n| side | preemption | at step | stop: signal to exit | start-up: start to its first new step '
+    print('\n| side | preemption | at step | stop: signal (or loss) to exit | start-up: start to its first new step '
           '| steps redone | their time |')
     print('| --- ' * 7 + '|')
     summary = []
@@ -408,7 +413,8 @@ def main() -> None:
     parser.add_argument('--steps', type=int, default=500, help='goodput: max_duration in batches')
     parser.add_argument('--every', type=int, default=50, help='goodput: the checkpoint interval in batches')
     parser.add_argument('--seed', type=int, default=0, help='goodput: the trace')
-    parser.add_argument('--events', type=int, default=4)
+    parser.add_argument('--events', type=int, default=6)
+    parser.add_argument('--kinds', default='graceful,hard,lost', help='goodput: the kinds of events, in turn')
     parser.add_argument('--after', default='4,14', help='goodput: each kill this many seconds (uniform) after the '
                                                         'first new step')
     parser.add_argument('--grace', type=float, default=30.0, help='seconds from SIGTERM to SIGKILL')
@@ -422,7 +428,8 @@ def main() -> None:
         startup(root, opts.nproc, MODEL_57M if opts.startup_model == '57m' else [], opts.startup_reps)
     if 'goodput' in opts.parts:
         lo, hi = (float(x) for x in opts.after.split(','))
-        goodput(root, opts.nproc, opts.steps, opts.every, trace(opts.seed, opts.events, lo, hi), opts.grace)
+        events = trace(opts.seed, opts.events, lo, hi, opts.kinds.split(','))
+        goodput(root, opts.nproc, opts.steps, opts.every, events, opts.grace)
 
 
 if __name__ == '__main__':

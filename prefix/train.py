@@ -61,8 +61,10 @@ from prefix.checkpoint import (
     MIN_WRITE_TIMEOUT_S,
     Checkpointer,
     ResumePoint,
+    adopt_rescue,
     checkpoint_group,
     find_resume_point,
+    global_file,
     is_complete,
     never,
     remove_leftovers,
@@ -80,6 +82,7 @@ from prefix.distributed import (
     describe,
     from_rank_zero,
     is_collective_failure,
+    nccl_error_handling,
 )
 from prefix.errors import ConfigError
 from prefix.models import average_gradients_on_gloo, parallelism_config
@@ -91,6 +94,7 @@ from prefix.run import (
     RunLock,
     gpu_names,
     previous_start,
+    record_checkpoint,
     record_failed_setup,
     start_count,
     tee_output,
@@ -107,6 +111,7 @@ def train(cfg: TrainConfig) -> int:
     if cfg.precision == 'amp_fp16' and isinstance(device, DeviceCPU):
         raise ConfigError('config key precision: amp_fp16 needs a GPU and this machine has none: use fp32 or amp_bf16')
     timeout_s = Duration.parse(cfg.dist_timeout).seconds
+    nccl_error_handling()  # a failed NCCL collective raises, so that a rank can still save and say why
     dist.initialize_dist(device, timeout=timeout_s)
     agreement.connect(timeout_s)  # before any collective of prefix's own
     rank, world_size = dist.get_global_rank(), dist.get_world_size()
@@ -140,7 +145,7 @@ def train(cfg: TrainConfig) -> int:
     try:
         tee_output(run.console(rank))
         small = MIN_WRITE_TIMEOUT_S  # the deadline of rank 0's work on small files
-        from_rank_zero(lambda: remove_leftovers(run.checkpoints, generation), small, f'removing leftovers in {run.checkpoints}')
+        from_rank_zero(lambda: tidy(run, generation), small, f'removing leftovers in {run.checkpoints}')
         resume = find_resume_point(run.checkpoints, cfg.checkpoint.write_timeout)
         config_dict = config_lib.to_dict(cfg)
         if resume is not None:
@@ -182,6 +187,16 @@ def acquire_on_rank_zero(path: Path, wait: float, preemption: PreemptionSignal) 
                    stopping=lambda: preemption.requested)
     generation = from_rank_zero(lambda: lock.acquire().generation)
     return (lock if dist.get_global_rank() == 0 else None), generation
+
+
+def tidy(run: RunDir, generation: int) -> None:
+    """Rank 0, holding the lock: what earlier starts left in checkpoints/ goes, and a checkpoint saved by rank 1
+    after their rank 0 was lost is adopted as latest.pt when it continues it."""
+    remove_leftovers(run.checkpoints, generation)
+    adopted = adopt_rescue(run.checkpoints)
+    if adopted is not None:
+        record_checkpoint(run.checkpoint_summary, adopted['global_step'], adopted['timestamp'].get('token', 0),
+                          global_file(run.checkpoints).stat().st_size)
 
 
 def stopped_before_first_step(run_name: str, signal_name: str, lock: RunLock) -> None:
@@ -276,17 +291,19 @@ def fit(
 
 def lost_rank(error: BaseException, lost: list[int], peers: PeerWatch, checkpointer: Checkpointer,
               state: Any) -> PeerLostError:
-    """A collective failed because ``lost`` ranks are gone: rank 0, when it survives, saves the last step it completed
-    (``Checkpointer.rescue``); every survivor's one line names the lost ranks and the checkpoint a restart resumes."""
-    step = int(state.timestamp.batch)
-    saved = checkpointer.rescue(state) if dist.get_global_rank() == 0 and 0 not in lost else None
-    if saved is not None:
-        where = f'rank 0 saved step {saved}, the last it completed'
-    elif dist.get_global_rank() != 0 and 0 not in lost:
-        where = f'rank 0 saves step {step} if it can'
+    """A collective failed because ``lost`` ranks are gone: one survivor saves the last step it completed
+    (``Checkpointer.rescue``): rank 0, which tells the others, or rank 1 when rank 0 is lost. Every survivor's one
+    line names the lost ranks and the checkpoint a restart resumes from."""
+    step, rank = int(state.timestamp.batch), dist.get_global_rank()
+    writer = next((r for r in (0, 1) if r not in lost), None)
+    if rank == writer:
+        where = checkpointer.rescue(state, lost, peers.tell)
+    elif writer == 0:
+        where = peers.heard() or f'rank 0 saves step {step} if it can'
+    elif writer == 1 and not checkpointer.sharded:
+        where = f'rank 1 saves step {step} for the next start to adopt if it can, else {checkpointer.intact(lost)}'
     else:
-        newest = checkpointer.committed_step
-        where = f'the checkpoint of step {newest} is intact' if newest is not None else 'no checkpoint was written yet'
+        where = checkpointer.intact(lost)
     names = ', '.join(f'rank {r} ({peers.where(r)})' for r in lost)
     return PeerLostError(f'lost {names} at step {step}: {describe(error)}; {where}; run the same command to resume')
 

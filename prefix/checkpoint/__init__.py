@@ -5,8 +5,8 @@ from prefix import exports
 
 __getattr__, __dir__ = exports(
     __name__,
-    checkpoint=['CheckpointError', 'LATEST', 'MIN_WRITE_TIMEOUT_S', 'ResumePoint', 'find_resume_point', 'global_file',
-                'is_complete', 'referenced_shards', 'remove_leftovers', 'safe_load'],
+    checkpoint=['CheckpointError', 'LATEST', 'MIN_WRITE_TIMEOUT_S', 'ResumePoint', 'adopt_rescue', 'find_resume_point',
+                'global_file', 'is_complete', 'referenced_shards', 'remove_leftovers', 'safe_load'],
     checkpointer=['Checkpointer', 'never'],
     shards=['checkpoint_group', 'read_whole'],
 )

@@ -51,7 +51,7 @@ from prefix.checkpoint import shards
 from prefix.config import Duration
 from prefix.distributed import together
 from prefix.errors import PrefixError
-from prefix.files import TMP_SUFFIX, tag_of
+from prefix.files import TMP_SUFFIX, commit, tag_of
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +65,7 @@ MADV_POPULATE_READ = getattr(mmap, 'MADV_POPULATE_READ', 22)  # Linux 5.14; Pyth
 T = TypeVar('T')
 LATEST = 'latest'
 PERIODIC = 'periodic'
+RESCUE = 'rescue'  # what rank 1 saved after rank 0 was lost, for the next start to adopt (adopt_rescue)
 
 
 class CheckpointError(PrefixError):
@@ -83,8 +84,8 @@ def rank_file(folder: Path, rank: int, kind: str = LATEST) -> Path:
     return folder / f'{kind}_rank{rank}.pt'
 
 
-RANK_FILE = re.compile(rf'^({LATEST}|{PERIODIC})_rank(\d+)\.pt$')
-OWN_NAME = re.compile(rf'^(({LATEST}|{PERIODIC})(_rank\d+)?\.pt|{shards.NAME.pattern[1:]}.*)$')
+RANK_FILE = re.compile(rf'^({LATEST}|{PERIODIC}|{RESCUE})_rank(\d+)\.pt$')
+OWN_NAME = re.compile(rf'^(({LATEST}|{PERIODIC}|{RESCUE})(_rank\d+)?\.pt|{shards.NAME.pattern[1:]}.*)$')
 
 
 def written_by_prefix(name: str) -> bool:
@@ -382,6 +383,43 @@ def remove_leftovers(folder: Path, generation: int) -> list[Path]:
         for path in shards.remove_unreferenced(folder, keep, generation):
             log.warning('removed %s, which no checkpoint names', path)
     return leftovers
+
+
+def adopt_rescue(folder: Path) -> Optional[dict[str, Any]]:
+    """Rank 0 of a start that holds the run lock, after ``remove_leftovers`` (a former holder's temporary files are
+    gone, so what is left is final): the checkpoint rank 1 saved after rank 0 was lost becomes ``latest.pt``.
+
+    Only if it continues ``latest.pt``: written under the same generation (no start has committed since the one
+    that lost rank 0) at a later step, with every rank's file. Its rank files go first, ``latest.pt`` last (each
+    rank file holds the states of both steps, so a stop in between leaves a valid pair). Anything else of it is
+    removed. Returns the adopted checkpoint's header."""
+    rescue, latest = global_file(folder, RESCUE), global_file(folder, LATEST)
+    files = {int(m.group(2)): p for p in folder.glob(f'{RESCUE}_rank*.pt') if (m := RANK_FILE.match(p.name))}
+    header = None
+    if rescue.exists():
+        try:
+            header = _read_header(rescue)
+            current = _read_header(latest) if latest.exists() else None
+            world = safe_load(files[0], mmap=True)['world_size'] if 0 in files else None
+        except Exception as e:  # unreadable: it is not adopted
+            log.warning('not adopting %s: %s', rescue, e)
+            header = None
+        else:
+            why = ('a start committed since' if current is not None and current['generation'] != header['generation']
+                   else 'it is not newer' if current is not None and current['global_step'] >= header['global_step']
+                   else 'rank files are missing' if world is None or set(range(world)) - set(files) else None)
+            if why is not None:
+                log.warning('not adopting %s (step %d): %s', rescue.name, header['global_step'], why)
+                header = None
+    if header is not None:
+        for rank, path in sorted(files.items()):
+            commit(path, rank_file(folder, rank))
+        commit(rescue, latest)
+        log.warning('adopted the checkpoint of step %d that rank 1 saved after rank 0 was lost', header['global_step'])
+        return header
+    for path in [rescue, *files.values()]:
+        path.unlink(missing_ok=True)
+    return None
 
 
 def referenced_shards(folder: Path) -> Optional[set[str]]:

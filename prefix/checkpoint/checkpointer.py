@@ -60,6 +60,7 @@ from prefix.checkpoint.checkpoint import (
     LATEST,
     PERIODIC,
     RANK_FILE,
+    RESCUE,
     CheckpointError,
     ResumePoint,
     global_file,
@@ -505,26 +506,62 @@ class Checkpointer(Callback):
 
     # --- after a lost rank ---------------------------------------------------------------------
 
-    def rescue(self, state: State) -> Optional[int]:
-        """Rank 0 alone, after another rank was lost (its collectives fail): save the last step it completed.
+    def rescue(self, state: State, lost: list[int], announce: Callable[[str], None]) -> str:
+        """The one writer among the survivors after ``lost`` ranks were lost (their collectives fail): save the last
+        step it completed, if it can. Rank 0 when it survives, else rank 1 (the caller decides).
 
         Under data parallelism every rank holds the whole training state of the last completed step (a step's
         gradients are all-reduced before its optimizer step), and each rank's random numbers are a function of the
         seed, its rank and the step: rank 0 writes ``latest.pt`` and a ``latest_rank{r}.pt`` for every rank, the lost
-        ones included, through the documented files and under its lease, with no collective. Not when the optimizer
-        already applied the next step's update (a collective after it failed): the state is then half-way, and the
-        last committed checkpoint stays. Returns the step saved (or already committed), else None.
+        ones included, through the documented files and under its lease, with no collective. Rank 1, rank 0 lost,
+        holds no lease and never writes ``latest.pt``: it writes the same files as ``rescue.pt`` and
+        ``rescue_rank{r}.pt``, under the lost holder's generation, for the next start to adopt (``adopt_rescue``).
+        Not under FSDP (the lost ranks' shards are gone with them), nor when the optimizer already applied the next
+        step's update (a collective after it failed: the state is half-way): the last committed checkpoint stays.
+
+        ``announce`` tells the other survivors what is done before it is written (their lines say it); the return
+        is what this rank's own line says: where a restart resumes.
         """
-        step = int(state.timestamp.batch)
-        if self.sharded or self.lock is None or agreement.rank() != 0 or self._fit_start is None:
-            return None
+        step, deputy = int(state.timestamp.batch), 0 in lost
+        who = 'rank 1' if deputy else 'rank 0'
+        intact = self.intact(lost)  # before the write in flight is dropped: rank 1 does not know if it committed
         self._drop_pending()
-        if self._fit_start + self._optimizer_steps != step:
+        committed = self.committed_step
+        intact = intact if deputy else self.intact(lost)
+        if self.sharded:
+            pass
+        elif self._fit_start is None:
+            pass  # lost before training started
+        elif self._fit_start + self._optimizer_steps != step:
             log.warning('not saving step %d after the loss: the optimizer had already applied the update of step %d',
                         step, step + 1)
-            return None
-        if self.committed_step == step:
-            return step
+        elif committed == step:
+            intact = f'the checkpoint of step {step}, the last completed, is intact'
+        else:
+            announce(f'{who} saves step {step}, the last it completed')
+            if self._write_alone_bounded(state, step, RESCUE if deputy else LATEST):
+                return f'{who} saved step {step}, the last it completed' + (', for the next start to adopt'
+                                                                                  if deputy else '')
+            return f'{who} failed saving step {step}: {intact}'
+        announce(intact)
+        return intact
+
+    def intact(self, lost: list[int]) -> str:
+        """The checkpoint a restart resumes from, as this rank knows it after ``lost`` ranks were lost: a write in
+        flight may have been committed by rank 0 (a rank other than 0 does not know it yet); under FSDP, why."""
+        committed = self.committed_step
+        newest = f'the checkpoint of step {committed}' if committed is not None else None
+        if self._pending is not None:
+            step = self._pending.record.step
+            text = f'{newest or "no checkpoint"}, or that of step {step} if rank 0 committed it, is intact'
+        else:
+            text = f'{newest} is intact' if newest else 'no checkpoint was written yet'
+        if self.sharded:
+            return f'the survivors do not hold the shards of rank {", ".join(map(str, lost))} (FSDP): {text}'
+        return text
+
+    def _write_alone_bounded(self, state: State, step: int, kind: str) -> bool:
+        """This rank's copy of step ``step`` on this thread, written by another within the write's deadline: saved?"""
         world_size = agreement.world_size()
         steps = [step] + ([self.committed_step] if self.committed_step is not None else [])
         files = {r: rank_state({s: (self.generation, step_rng(self.seed, r, s)) for s in steps}, step, r)
@@ -532,8 +569,10 @@ class Checkpointer(Callback):
         payload = HostSnapshot(keep=False).copy(global_state(state, self.config, self.generation))  # on this thread
         timeout_s = write_timeout_s(self.write_timeout, shards.nbytes(payload))
         host_only((payload, files), f'the rescue of step {step}')  # the writing thread never touches CUDA
-        bounded(lambda: self._write_alone(step, payload, files), timeout_s, f'saving step {step} after the loss')
-        return step if self.committed_step == step else None
+        saved: list[int] = []
+        bounded(lambda: saved.append(self._write_alone(step, payload, files, kind)), timeout_s,
+                f'saving step {step} after the loss')
+        return bool(saved)
 
     def _drop_pending(self) -> None:
         """The write in flight, abandoned (the other ranks are gone): what it committed stays, its temporaries go."""
@@ -548,19 +587,22 @@ class Checkpointer(Callback):
         else:
             bounded(lambda: self._discard(pending.shards_name), BOUNDED_S, 'removing the abandoned write\'s files')
 
-    def _write_alone(self, step: int, payload: dict[str, Any], files: dict[int, dict[str, Any]]) -> None:
-        tag, latest = str(self.generation), global_file(self.folder)
-        temps = {rank_file(self.folder, r): write_temp(rank_file(self.folder, r), lambda f, x=x: torch.save(x, f), tag)
+    def _write_alone(self, step: int, payload: dict[str, Any], files: dict[int, dict[str, Any]], kind: str) -> int:
+        tag, top = str(self.generation), global_file(self.folder, kind)
+        temps = {rank_file(self.folder, r, kind): write_temp(rank_file(self.folder, r, kind),
+                                                             lambda f, x=x: torch.save(x, f), tag)
                  for r, x in files.items()}
-        temps[latest] = write_temp(latest, lambda f: torch.save(payload, f), tag)
-        for path, tmp in temps.items():  # latest.pt last: the commit
+        temps[top] = write_temp(top, lambda f: torch.save(payload, f), tag)
+        for path, tmp in temps.items():  # the global file last: the commit
             self._fence()
             commit(tmp, path)
-        self._committed = Committed(step, self.generation, files[0]['rng'][step])
-        if self.summary is not None:
-            record_checkpoint(self.summary, step, payload['tokens_seen'], sum(p.stat().st_size for p in temps))
-        log.warning('saved step %d after the loss of a rank: latest.pt and the rank files of all %d ranks', step,
+        log.warning('saved step %d after the loss of a rank: %s and the rank files of all %d ranks', step, top.name,
                     len(files))
+        if kind == LATEST:
+            self._committed = Committed(step, self.generation, files[0]['rng'][step])
+            if self.summary is not None:
+                record_checkpoint(self.summary, step, payload['tokens_seen'], sum(p.stat().st_size for p in temps))
+        return step
 
     # --- saving ---------------------------------------------------------------------------------
 

@@ -31,7 +31,7 @@ import time
 from datetime import timedelta
 from typing import Optional
 
-from prefix.distributed.waits import Deadline, minutes
+from prefix.distributed.waits import Deadline, bounded, minutes
 from prefix.errors import PrefixError
 
 log = logging.getLogger(__name__)
@@ -55,6 +55,7 @@ class PeerWatch:
         self._where: dict[int, str] = {}
         self._ended = threading.Event()
         self._failing = False  # the training thread handles a failed collective: it names the lost, not the watcher
+        self._released: Optional[float] = None  # when this watcher aborted NCCL's collectives for a lost rank
         self._round = time.monotonic()  # when the watcher's last round with the store came back
         self._rounds = 0  # rounds that came back
         self._store = None
@@ -108,6 +109,7 @@ class PeerWatch:
                 if 'time' in text.lower():  # no answer, where a dead process refuses or resets at once
                     self._end(self._store_hung())
                 self.store_gone = text
+                release_collectives()  # NCCL may not notice rank 0's death: its collectives are aborted
                 return
             self._round = time.monotonic()
             if counts is not None:
@@ -141,8 +143,8 @@ class PeerWatch:
         hung = [r for r, (_, since) in self._seen.items() if counts[r] >= 0 and now - since > self.silent_s]
         if hung:
             names = ', '.join(f'rank {r} ({self.where(r)})' for r in hung)
-            self._end(f'{names} stopped answering: no sign of {"it" if len(hung) == 1 else "them"} for '
-                      f'{minutes(self.silent_s)} (a frozen process or node, or a network partition)')
+            self._lost(f'{names} stopped answering: no sign of {"it" if len(hung) == 1 else "them"} for '
+                       f'{minutes(self.silent_s)} (a frozen process or node, or a network partition)')
 
     def lost(self, rounds: int = 3) -> list[int]:
         """After a collective failed: the ranks whose count did not move in the watcher's next ``rounds`` rounds (a
@@ -166,6 +168,36 @@ class PeerWatch:
             return [0]
         return sorted(r for r, value in now.items() if value >= 0 and before.get(r) == value)
 
+    def tell(self, text: str) -> None:
+        """Rank 0, after a loss: what it does about it (saves a step, or keeps the last checkpoint), for the other
+        survivors' lines. A store that does not take it costs them only the detail."""
+        if self._store is not None and self.store_gone is None:
+            bounded(lambda: self._store.set(f'{KEY}/rescue', text), self.silent_s, 'telling the survivors')
+
+    def heard(self) -> Optional[str]:
+        """What rank 0 said it does after the loss, waited for ``silent_s`` at most (it looks for the lost ranks as
+        this rank did, then says it before writing anything); None without an answer."""
+        waited = Deadline(self.silent_s, "waiting for rank 0's word")
+        while self._store is not None and self.store_gone is None and not waited.passed:
+            try:
+                if self._store.check([f'{KEY}/rescue']):
+                    return self._store.get(f'{KEY}/rescue').decode()
+            except Exception as e:  # the store went with rank 0
+                log.debug('no word from rank 0: %s', e)
+                return None
+            time.sleep(self.beat_s / 10)
+        return None
+
+    def _lost(self, what: str) -> None:
+        """Silent ranks: on NCCL, abort its collectives first, so that the training thread waiting in one gets an
+        error and saves what it can (``lost``, then rank 0's rescue); it has ``silent_s`` more to take over before
+        this watcher ends the process. On gloo, whose collectives cannot be aborted, end it now."""
+        if self._released is None and release_collectives():
+            self._released = time.monotonic()
+            log.warning('%s: NCCL collectives aborted, so that the survivors save what they can', what)
+        if self._released is None or time.monotonic() - self._released > self.silent_s:
+            self._end(what)
+
     def _end(self, what: str) -> None:
         """A hung peer: say so once, and end this process (its training thread may wait in a collective for it)."""
         if self._ended.is_set() or self._failing:
@@ -174,6 +206,29 @@ class PeerWatch:
         os.write(2, f'prefix: error: {what}; this rank stops now without saving (the last committed checkpoint is '
                     'intact); run the same command to resume\n'.encode())
         os._exit(LOST_CODE)
+
+
+def nccl_error_handling() -> None:
+    """Before the process group is made: NCCL's own watchdog, on an error or a timeout, aborts the communicators and
+    hands the error to Python (``CleanUpOnly``) instead of killing the process, so a rank can still save and say
+    why in one line. A value the user set is kept."""
+    os.environ.setdefault('TORCH_NCCL_ASYNC_ERROR_HANDLING', '2')
+
+
+def release_collectives() -> bool:
+    """Abort the NCCL communicators: a training thread waiting in a collective on a lost rank gets an error instead
+    of waiting for ``dist_timeout`` (PyTorch's own watchdog aborts them from its thread too; nothing is copied or
+    allocated on the GPU). False on gloo: it has no abort; its collectives fail when a dead peer's connections
+    close, and wait for a hung one."""
+    import torch.distributed as tdist
+
+    if not tdist.is_initialized() or tdist.get_backend() != 'nccl':
+        return False
+    try:
+        tdist.distributed_c10d._abort_process_group()
+    except Exception as e:  # already aborted by NCCL's watchdog, or destroyed: nothing is waiting then
+        log.warning('could not abort the NCCL collectives: %s', e)
+    return True
 
 
 class PeerLostError(PrefixError):

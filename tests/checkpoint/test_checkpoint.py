@@ -14,6 +14,7 @@ from conftest import REPO, copy_run
 
 from prefix.checkpoint.checkpoint import (
     CheckpointError,
+    adopt_rescue,
     capture_rng,
     find_resume_point,
     is_complete,
@@ -231,6 +232,32 @@ def test_leftovers_of_earlier_generations_are_removed_and_a_newer_ones_kept(fini
     assert {p.name for p in remove_leftovers(ckpts, 3)} == set(older) - {'shards-000000010-g1-00c0ffee'}
     assert sorted(p.name for p in ckpts.iterdir()) == sorted(
         ['latest.pt', 'latest_rank0.pt', 'periodic.pt', 'periodic_rank0.pt', *newer, *users])
+
+
+RESCUES = {  # what rank 1 left after rank 0 was lost: (generation, steps after latest.pt's, rank file) -> adopted?
+    'continues latest.pt': (1, 2, True, True),
+    'a start committed since': (7, 2, True, False),
+    'not newer': (1, 0, True, False),
+    'a rank file missing': (1, 2, False, False),
+}
+
+
+@pytest.mark.parametrize('case', list(RESCUES))
+def test_a_rescue_is_adopted_only_when_it_continues_latest(finished_run: Path, tmp_path: Path, case: str) -> None:
+    """rescue.pt (and rescue_rank{r}.pt) becomes latest.pt when written under latest.pt's generation at a later
+    step with every rank's file; otherwise it is removed and latest.pt stays. Either way no rescue file is left."""
+    generation, ahead, with_rank_file, adopted = RESCUES[case]
+    ckpts = copy_run(finished_run, tmp_path) / 'checkpoints'
+    latest = safe_load(ckpts / 'latest.pt')
+    step = latest['global_step'] + ahead
+    torch.save({**latest, 'global_step': step, 'generation': generation}, ckpts / 'rescue.pt')
+    if with_rank_file:
+        torch.save({**safe_load(ckpts / 'latest_rank0.pt'), 'global_step': step}, ckpts / 'rescue_rank0.pt')
+    header = adopt_rescue(ckpts)
+    assert (header is not None) == adopted
+    assert safe_load(ckpts / 'latest.pt')['global_step'] == (step if adopted else latest['global_step'])
+    assert safe_load(ckpts / 'latest_rank0.pt')['global_step'] == (step if adopted else latest['global_step'])
+    assert not list(ckpts.glob('rescue*'))
 
 
 def test_a_rank_file_of_another_generation_is_not_used(finished_run: Path, tmp_path: Path,
