@@ -66,13 +66,15 @@ def no_process_outlives_its_test(request: pytest.FixtureRequest):
     assert not left, f'{request.node.nodeid} left processes running: {left} (killed now)'
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook, which reads the groups
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Under ``pytest -n 2 --dist loadgroup``, tests sharing an expensive fixture run on one worker, so each
-    uninterrupted reference run, the finished run (and the runs listed from it) and the tracked run are trained
-    once, not once per worker. Such fixtures are session-scoped: a worker runs a group's tests between others',
-    and a module-scoped fixture would be made again each time its module comes back."""
+    """Under ``pytest -n 2 --dist loadgroup``, tests sharing an expensive fixture whose tests are quick run on one
+    worker, so the finished run (and the runs listed from it) and the tracked run are trained once, not once per
+    worker. Such fixtures are session-scoped: a worker runs a group's tests between others', and a module-scoped
+    fixture would be made again each time its module comes back. Not the reference runs: the tests comparing
+    against them are half of the suite's time, which one worker alone would take."""
     for item in items:
-        for shared in ('reference', 'finished_run', 'tracked_run'):
+        for shared in ('finished_run', 'tracked_run'):
             if shared in getattr(item, 'fixturenames', ()):
                 item.add_marker(pytest.mark.xdist_group(shared))
                 break
