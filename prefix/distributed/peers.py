@@ -12,9 +12,11 @@ touched by the watcher alone, over a connection of its own, and no CUDA is invol
 - A rank that **hangs** (SIGSTOP, a frozen node, a partition) closes nothing, and a collective would
   wait for it ``dist_timeout``. Its count stops: after ``SILENT_S`` of silence the watcher prints
   one line naming it and ends the process (``os._exit``), whatever the training thread is waiting
-  in. So does a store that stops answering (rank 0 hung): a store call can block past its own
-  timeout, so a second thread ends the process when a round of the watcher has not come back in
-  ``SILENT_S``.
+  in. On NCCL it first aborts the communicators (``release_collectives``), so that the training
+  thread's collective fails and the dead case follows, a save included. A store that stops answering
+  (rank 0 hung) ends the process too: a store call can block past its own timeout, so a second
+  thread ends it when a round of the watcher has not come back in ``SILENT_S``.
+- After a loss, rank 0 ``tell``s the other survivors what it saves, and they say it (``heard``).
 
 A rank that ends (its training done, failed or stopped) says so first (``done``): it is then never
 taken for a lost one. Ranks that never beat (not yet started) are not judged.
@@ -146,27 +148,51 @@ class PeerWatch:
             self._lost(f'{names} stopped answering: no sign of {"it" if len(hung) == 1 else "them"} for '
                        f'{minutes(self.silent_s)} (a frozen process or node, or a network partition)')
 
-    def lost(self, rounds: int = 3) -> list[int]:
-        """After a collective failed: the ranks whose count did not move in the watcher's next ``rounds`` rounds (a
-        live rank counts up at each), or [0] when the store is gone. Empty: every peer is alive (not a peer's loss).
+    def lost(self, rounds: int = 2) -> list[int]:
+        """After a collective failed: the ranks that show no sign of life since, or [0] when the store is gone.
+        Empty: every peer is alive (not a peer's loss).
 
-        The counts compared are read after the failure: the round in flight when it came may have begun before the
-        lost rank's last beat, and would show that beat as a sign of life. Counted in rounds, not seconds: a loaded
-        machine makes rounds late, never a live rank lost."""
+        This rank first marks itself alive in the store, as every survivor whose collective failed does, so the
+        survivors know each other at once; a rank that does not mark itself must count up (its watcher does once
+        a ``beat_s``) over ``rounds`` beats and ``rounds`` rounds of this rank's watcher from counts read after
+        the failure (a count read before it may hold a dead rank's last beat). Rounds as well as seconds: a
+        loaded machine makes them late, never a live rank lost."""
         self._failing = True
-        waited = Deadline(self.silent_s + (rounds + 2) * self.beat_s, 'looking for the lost ranks')
-
-        def after(n: int) -> dict[int, int]:
-            while self._rounds < n and self.store_gone is None and not waited.passed:
-                time.sleep(self.beat_s / 4)
-            return {r: value for r, (value, _) in self._seen.items()}
-
-        first = self._rounds + 2  # the first round that began after this call has ended
-        before = after(first)
-        now = after(first + rounds)
-        if self.store_gone is not None:
+        if self._store is None:  # not watching: no rank can be named
+            return []
+        waited = Deadline(self.silent_s + rounds * self.beat_s, 'looking for the lost ranks')
+        try:
+            self._store.append(f'{KEY}/failed', f'{self.rank},')
+            before = self._counts()
+        except Exception as e:  # the store went with rank 0's process
+            self.store_gone = self.store_gone or (str(e).splitlines()[0] if str(e) else type(e).__name__)
             return [0]
-        return sorted(r for r, value in now.items() if value >= 0 and before.get(r) == value)
+        judged = set(before)
+        start, since = self._rounds, time.monotonic()
+        while True:
+            try:
+                now, marked = self._counts(), self._marked()
+            except Exception as e:
+                self.store_gone = self.store_gone or (str(e).splitlines()[0] if str(e) else type(e).__name__)
+                return [0]
+            silent = {r for r in judged if now[r] == before[r] and now[r] >= 0 and r not in marked}
+            if not silent:
+                return []
+            enough = time.monotonic() - since > (rounds + 0.5) * self.beat_s and self._rounds >= start + rounds
+            if enough or waited.passed:
+                return sorted(silent)
+            time.sleep(self.beat_s / 20)
+
+    def _counts(self) -> dict[int, int]:
+        """The other ranks' counts now, of those this watcher has seen count (read by the caller's thread)."""
+        ranks = sorted(self._seen)
+        values = self._store.multi_get([f'{KEY}/count/{r}' for r in ranks]) if ranks else []
+        return {r: int(v) for r, v in zip(ranks, values, strict=True)}
+
+    def _marked(self) -> set[int]:
+        """The ranks that marked themselves alive after a failed collective."""
+        text = self._store.get(f'{KEY}/failed').decode() if self._store.check([f'{KEY}/failed']) else ''
+        return {int(r) for r in text.split(',') if r}
 
     def tell(self, text: str) -> None:
         """Rank 0, after a loss: what it does about it (saves a step, or keeps the last checkpoint), for the other
