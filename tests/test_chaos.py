@@ -12,7 +12,7 @@ pytestmark = pytest.mark.slow
 
 def test_chaos_one_rank(tmp_path: Path, dataset: Path, reference, capsys: pytest.CaptureFixture) -> None:
     config = str(REPO / 'yamls' / 'smoke.yaml')
-    code = chaos([config, two_epochs(dataset), '--data', str(dataset), '--kills', '4', '--startup', '8', '--max-steps', '12',
+    code = chaos([config, two_epochs(dataset), '--data', str(dataset), '--kills', '3', '--startup', '8', '--max-steps', '12',
                   '--work', str(tmp_path), '--reference', str(reference(0, two_epochs(dataset)))])
     out = capsys.readouterr()
     print(out.out, out.err)
