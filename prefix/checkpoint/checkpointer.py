@@ -524,14 +524,11 @@ class Checkpointer(Callback):
         """
         step, deputy = int(state.timestamp.batch), 0 in lost
         who = 'rank 1' if deputy else 'rank 0'
-        intact = self.intact(lost)  # before the write in flight is dropped: rank 1 does not know if it committed
+        known = self.intact(lost)  # before the write in flight is dropped: rank 1 does not know if it committed
         self._drop_pending()
-        committed = self.committed_step
-        intact = intact if deputy else self.intact(lost)
-        if self.sharded:
-            pass
-        elif self._fit_start is None:
-            pass  # lost before training started
+        committed, intact = self.committed_step, known if deputy else self.intact(lost)
+        if self.sharded or self._fit_start is None:
+            pass  # the lost shards are gone with their ranks; or lost before training started
         elif self._fit_start + self._optimizer_steps != step:
             log.warning('not saving step %d after the loss: the optimizer had already applied the update of step %d',
                         step, step + 1)

@@ -107,7 +107,7 @@ class PeerWatch:
                 if len(self._where) < self.world_size:
                     self._learn_where()
             except Exception as e:  # the store is gone: it lived in rank 0's process
-                text = str(e).splitlines()[0] if str(e) else type(e).__name__
+                text = first_line(e)
                 if 'time' in text.lower():  # no answer, where a dead process refuses or resets at once
                     self._end(self._store_hung())
                 self.store_gone = text
@@ -164,24 +164,17 @@ class PeerWatch:
         try:
             self._store.append(f'{KEY}/failed', f'{self.rank},')
             before = self._counts()
-        except Exception as e:  # the store went with rank 0's process
-            self.store_gone = self.store_gone or (str(e).splitlines()[0] if str(e) else type(e).__name__)
-            return [0]
-        judged = set(before)
-        start, since = self._rounds, time.monotonic()
-        while True:
-            try:
+            start, since = self._rounds, time.monotonic()
+            while True:
                 now, marked = self._counts(), self._marked()
-            except Exception as e:
-                self.store_gone = self.store_gone or (str(e).splitlines()[0] if str(e) else type(e).__name__)
-                return [0]
-            silent = {r for r in judged if now[r] == before[r] and now[r] >= 0 and r not in marked}
-            if not silent:
-                return []
-            enough = time.monotonic() - since > (rounds + 0.5) * self.beat_s and self._rounds >= start + rounds
-            if enough or waited.passed:
-                return sorted(silent)
-            time.sleep(self.beat_s / 20)
+                silent = {r for r in before if now[r] == before[r] and now[r] >= 0 and r not in marked}
+                enough = time.monotonic() - since > (rounds + 0.5) * self.beat_s and self._rounds >= start + rounds
+                if not silent or enough or waited.passed:
+                    return sorted(silent)
+                time.sleep(self.beat_s / 20)
+        except Exception as e:  # the store went with rank 0's process
+            self.store_gone = self.store_gone or first_line(e)
+            return [0]
 
     def _counts(self) -> dict[int, int]:
         """The other ranks' counts now, of those this watcher has seen count (read by the caller's thread)."""
@@ -232,6 +225,11 @@ class PeerWatch:
         os.write(2, f'prefix: error: {what}; this rank stops now without saving (the last committed checkpoint is '
                     'intact); run the same command to resume\n'.encode())
         os._exit(LOST_CODE)
+
+
+def first_line(error: BaseException) -> str:
+    """A store error's first line (or its type): what a rank says of a store that is gone."""
+    return str(error).splitlines()[0] if str(error) else type(error).__name__
 
 
 def nccl_error_handling() -> None:
