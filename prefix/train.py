@@ -263,8 +263,10 @@ def fit(
     try:
         trainer.fit()
     except BaseException as e:
-        if peers is not None and is_collective_failure(e) and (lost := peers.lost()):
-            e = lost_rank(e, lost, peers, checkpointer, trainer.state)
+        if peers is not None and is_collective_failure(e):
+            savable = checkpointer.savable_step(trainer.state)
+            if lost := peers.lost(savable):
+                e = lost_rank(e, lost, savable, peers, checkpointer, trainer.state)
         Exit.arm(ending_line(cfg.run_name, e), getattr(e, 'exit_code', 1))
         with Exit.doing(f'recording the end of this start in {run.starts}'):
             journal.end('preempted' if isinstance(e, Preempted) else 'failed', int(trainer.state.timestamp.batch),
@@ -289,21 +291,28 @@ def fit(
     return 0
 
 
-def lost_rank(error: BaseException, lost: list[int], peers: PeerWatch, checkpointer: Checkpointer,
-              state: Any) -> PeerLostError:
-    """A collective failed because ``lost`` ranks are gone: one survivor saves the last step it completed
-    (``Checkpointer.rescue``): rank 0, which tells the others, or rank 1 when rank 0 is lost. Every survivor's one
-    line names the lost ranks and the checkpoint a restart resumes from."""
+def lost_rank(error: BaseException, lost: list[int], savable: Optional[int], peers: PeerWatch,
+              checkpointer: Checkpointer, state: Any) -> PeerLostError:
+    """A collective failed because ``lost`` ranks are gone: the survivors agree on one writer, the lowest rank at the
+    highest step any of them can save (``PeerWatch.writer``), which saves it (``Checkpointer.rescue``) and tells the
+    others. Rank 0 writes latest.pt; another writer writes rescue files for the next start to adopt. Every
+    survivor's one line names the lost ranks and the checkpoint a restart resumes from."""
     step, rank = int(state.timestamp.batch), dist.get_global_rank()
-    writer = next((r for r in (0, 1) if r not in lost), None)
-    if rank == writer:
-        where = checkpointer.rescue(state, lost, peers.tell)
-    elif writer == 0:
-        where = peers.heard() or f'rank 0 saves step {step} if it can'
-    elif writer == 1 and not checkpointer.sharded:
+    writer, best = peers.writer(lost)
+    if rank == writer and savable is not None:
+        where = checkpointer.rescue(state, lost, peers.tell, deputy=rank != 0)
+    elif rank in (0, writer):  # rank 0 behind another survivor, or no survivor can save: the last commit stays
+        where = checkpointer.stand_by(lost)
+        if rank == 0 and writer is None:
+            peers.tell(where)
+        elif rank == 0:
+            where = peers.heard() or f'rank {writer} saves step {best} for the next start to adopt if it can, else {where}'
+    elif writer is None or checkpointer.sharded:
+        where = peers.heard() or checkpointer.intact(lost)
+    elif best is None:  # the store went with rank 0: rank 1 saves the step it holds, if it can
         where = f'rank 1 saves step {step} for the next start to adopt if it can, else {checkpointer.intact(lost)}'
     else:
-        where = checkpointer.intact(lost)
+        where = peers.heard() or f'rank {writer} saves step {best} if it can'
     names = ', '.join(f'rank {r} ({peers.where(r)})' for r in lost)
     return PeerLostError(f'lost {names} at step {step}: {describe(error)}; {where}; run the same command to resume')
 

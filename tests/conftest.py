@@ -238,21 +238,30 @@ def copy_run(run: Path, dest: Path) -> Path:
 
 @pytest.fixture(scope='session')
 def reference(tmp_path_factory: pytest.TempPathFactory, dataset: Path):
-    """``reference(nproc, *overrides)``: an uninterrupted smoke run, made once per configuration.
+    """``reference(nproc, *overrides)``: an uninterrupted smoke run, made once per configuration for the whole
+    session: the xdist workers share them (the first to need one trains it, holding its lock; the other waits).
 
     Checkpoint intervals and dataloader workers do not change the training math, so the tests
     that kill runs compare against these whatever their checkpoint settings.
     """
-    cache: dict[tuple, Path] = {}
+    import fcntl
+    import hashlib
+    import shutil
+
+    # Every worker's base folder lies in the session's one (pytest-N/popen-gwK); without xdist, this session's.
+    shared = tmp_path_factory.getbasetemp()
+    shared = shared.parent if os.environ.get('PYTEST_XDIST_WORKER') else shared
 
     def get(nproc: int, *overrides: str) -> Path:
-        key = (nproc, *overrides)
-        if key not in cache:
-            root = tmp_path_factory.mktemp('reference')
-            result = run_train(*smoke_args(root, dataset, *overrides), nproc=nproc)
-            assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
-            cache[key] = root / 'smoke'
-        return cache[key]
+        root = shared / f'reference-{hashlib.sha1(repr((nproc, *overrides)).encode()).hexdigest()[:12]}'
+        with open(f'{root}.lock', 'a') as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, by the end of the process at worst
+            if not (root / 'trained').exists():
+                shutil.rmtree(root, ignore_errors=True)  # a failed attempt's: a reference is never a resumed run
+                result = run_train(*smoke_args(root, dataset, *overrides), nproc=nproc)
+                assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+                (root / 'trained').touch()
+        return root / 'smoke'
 
     return get
 
@@ -299,3 +308,45 @@ def killed_run(root: Path, args: list[str], moments: list[Moment], nproc: int = 
     if finish:
         result = run_train(*args, nproc=nproc, **(faults(*rules) if rules else {}))
         assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+
+
+# --- a rank or node lost without warning (tests/distributed/test_peers.py, tests/test_multinode.py) --------------
+
+
+def gone(launcher: subprocess.Popen) -> bool:
+    """The launcher has exited (and is reaped: a zombie would keep its group alive) and its whole group with it."""
+    if launcher.poll() is None:
+        return False
+    try:
+        os.killpg(launcher.pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+def the_line(log: Path, launcher: subprocess.Popen) -> str:
+    """The one ``prefix: error:`` line a rank printed (waited for: its console copy may lag its exit, so until the
+    launcher's whole process group, the copies included, is gone)."""
+    wait_for(lambda: 'prefix: error:' in log.read_text() or gone(launcher), what=f'the line in {log.name}')
+    lines = [x for x in log.read_text().splitlines() if x.startswith('prefix: error:')]
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+def named_lost(line: str) -> set[int]:
+    """The ranks a survivor's line names as lost (dead: ``lost rank 2 (node 1, host h), rank 3 (...) at step 10``;
+    hung: ``rank 2 (...) stopped answering``)."""
+    import re
+
+    head = re.split(r' at step \d+: | stopped answering: ', line, maxsplit=1)[0]
+    return {int(r) for r in re.findall(r'rank (\d+) \(', head)}
+
+
+def saved_after_loss(lines: list[str]) -> int | None:
+    """The step the survivors' lines say one of them saved after the loss (``rank 0 saved step 10, the last it
+    completed``), or None: the last committed checkpoint stays, as the lines say."""
+    import re
+
+    steps = {int(m.group(1)) for line in lines for m in [re.search(r'rank \d+ saved step (\d+), the last', line)] if m}
+    assert len(steps) <= 1, lines
+    return steps.pop() if steps else None

@@ -65,7 +65,7 @@ MADV_POPULATE_READ = getattr(mmap, 'MADV_POPULATE_READ', 22)  # Linux 5.14; Pyth
 T = TypeVar('T')
 LATEST = 'latest'
 PERIODIC = 'periodic'
-RESCUE = 'rescue'  # what rank 1 saved after rank 0 was lost, for the next start to adopt (adopt_rescue)
+RESCUE = 'rescue'  # what a survivor other than rank 0 saved after a loss, for the next start to adopt (adopt_rescue)
 
 
 class CheckpointError(PrefixError):
@@ -387,10 +387,11 @@ def remove_leftovers(folder: Path, generation: int) -> list[Path]:
 
 def adopt_rescue(folder: Path) -> Optional[dict[str, Any]]:
     """Rank 0 of a start that holds the run lock, after ``remove_leftovers`` (a former holder's temporary files are
-    gone, so what is left is final): the checkpoint rank 1 saved after rank 0 was lost becomes ``latest.pt``.
+    gone, so what is left is final): the checkpoint a survivor other than rank 0 saved after a loss (rank 0 lost,
+    or a step behind it) becomes ``latest.pt``.
 
     Only if it continues ``latest.pt``: written under the same generation (no start has committed since the one
-    that lost rank 0) at a later step, with every rank's file. Its rank files go first, ``latest.pt`` last (each
+    that lost the rank) at a later step, with every rank's file. Its rank files go first, ``latest.pt`` last (each
     rank file holds the states of both steps, so a stop in between leaves a valid pair). Anything else of it is
     removed. Returns the adopted checkpoint's header."""
     rescue, latest = global_file(folder, RESCUE), global_file(folder, LATEST)
@@ -415,7 +416,7 @@ def adopt_rescue(folder: Path) -> Optional[dict[str, Any]]:
         for rank, path in sorted(files.items()):
             commit(path, rank_file(folder, rank))
         commit(rescue, latest)
-        log.warning('adopted the checkpoint of step %d that rank 1 saved after rank 0 was lost', header['global_step'])
+        log.warning('adopted the checkpoint of step %d that a survivor saved after a rank was lost', header['global_step'])
         return header
     for path in [rescue, *files.values()]:
         path.unlink(missing_ok=True)

@@ -506,42 +506,55 @@ class Checkpointer(Callback):
 
     # --- after a lost rank ---------------------------------------------------------------------
 
-    def rescue(self, state: State, lost: list[int], announce: Callable[[str], None]) -> str:
-        """The one writer among the survivors after ``lost`` ranks were lost (their collectives fail): save the last
-        step it completed, if it can. Rank 0 when it survives, else rank 1 (the caller decides).
+    def savable_step(self, state: State) -> Optional[int]:
+        """The step this rank could save alone after a loss (what it tells the other survivors), or None: under
+        FSDP (the lost ranks' shards are gone with them), before training started, or when its optimizer already
+        applied the next step's update (a collective after it failed: the state is half-way)."""
+        step = int(state.timestamp.batch)
+        if self.sharded or self._fit_start is None:
+            return None
+        if self._fit_start + self._optimizer_steps != step:
+            log.warning('step %d cannot be saved after the loss: the optimizer had already applied the update of '
+                        'step %d', step, step + 1)
+            return None
+        return step
+
+    def rescue(self, state: State, lost: list[int], announce: Callable[[str], None], deputy: bool) -> str:
+        """The one writer among the survivors after ``lost`` ranks were lost (their collectives fail): save the
+        step it completed (``savable_step``; the survivors agreed it is the highest any of them holds).
 
         Under data parallelism every rank holds the whole training state of the last completed step (a step's
         gradients are all-reduced before its optimizer step), and each rank's random numbers are a function of the
-        seed, its rank and the step: rank 0 writes ``latest.pt`` and a ``latest_rank{r}.pt`` for every rank, the lost
-        ones included, through the documented files and under its lease, with no collective. Rank 1, rank 0 lost,
-        holds no lease and never writes ``latest.pt``: it writes the same files as ``rescue.pt`` and
-        ``rescue_rank{r}.pt``, under the lost holder's generation, for the next start to adopt (``adopt_rescue``).
-        Not under FSDP (the lost ranks' shards are gone with them), nor when the optimizer already applied the next
-        step's update (a collective after it failed: the state is half-way): the last committed checkpoint stays.
+        seed, its rank and the step: the writer writes the global file and a rank file for every rank, the lost
+        ones included, with no collective. Rank 0 writes ``latest.pt`` and ``latest_rank{r}.pt`` under its lease.
+        Any other writer (a ``deputy``: rank 0 lost, or behind it) holds no lease and never writes ``latest.pt``:
+        it writes the same files as ``rescue.pt`` and ``rescue_rank{r}.pt``, under the holder's generation, for the
+        next start to adopt (``adopt_rescue``).
 
         ``announce`` tells the other survivors what is done before it is written (their lines say it); the return
         is what this rank's own line says: where a restart resumes.
         """
-        step, deputy = int(state.timestamp.batch), 0 in lost
-        who = 'rank 1' if deputy else 'rank 0'
-        known = self.intact(lost)  # before the write in flight is dropped: rank 1 does not know if it committed
+        step, who = int(state.timestamp.batch), f'rank {agreement.rank()}'
+        known = self.intact(lost)  # before the write in flight is dropped: a deputy does not know if it committed
         self._drop_pending()
         committed, intact = self.committed_step, known if deputy else self.intact(lost)
-        if self.sharded or self._fit_start is None:
-            pass  # the lost shards are gone with their ranks; or lost before training started
-        elif self._fit_start + self._optimizer_steps != step:
-            log.warning('not saving step %d after the loss: the optimizer had already applied the update of step %d',
-                        step, step + 1)
-        elif committed == step:
+        if committed == step:
             intact = f'the checkpoint of step {step}, the last completed, is intact'
         else:
-            announce(f'{who} saves step {step}, the last it completed')
+            announce(f'{who} saves step {step}, the last it completed' + (', for the next start to adopt'
+                                                                          if deputy else ''))
             if self._write_alone_bounded(state, step, RESCUE if deputy else LATEST):
                 return f'{who} saved step {step}, the last it completed' + (', for the next start to adopt'
-                                                                                  if deputy else '')
+                                                                              if deputy else '')
             return f'{who} failed saving step {step}: {intact}'
         announce(intact)
         return intact
+
+    def stand_by(self, lost: list[int]) -> str:
+        """Rank 0 when another survivor saves a later step: its own write in flight is abandoned (what it
+        committed stays), so that the rescue continues the newest ``latest.pt``. The checkpoint it leaves."""
+        self._drop_pending()
+        return self.intact(lost)
 
     def intact(self, lost: list[int]) -> str:
         """The checkpoint a restart resumes from, as this rank knows it after ``lost`` ranks were lost: a write in
@@ -586,13 +599,19 @@ class Checkpointer(Callback):
 
     def _write_alone(self, step: int, payload: dict[str, Any], files: dict[int, dict[str, Any]], kind: str) -> int:
         tag, top = str(self.generation), global_file(self.folder, kind)
-        temps = {rank_file(self.folder, r, kind): write_temp(rank_file(self.folder, r, kind),
-                                                             lambda f, x=x: torch.save(x, f), tag)
-                 for r, x in files.items()}
-        temps[top] = write_temp(top, lambda f: torch.save(payload, f), tag)
-        for path, tmp in temps.items():  # the global file last: the commit
-            self._fence()
-            commit(tmp, path)
+        temps: dict[Path, Path] = {}
+        try:
+            for r, x in files.items():
+                temps[rank_file(self.folder, r, kind)] = write_temp(rank_file(self.folder, r, kind),
+                                                                    lambda f, x=x: torch.save(x, f), tag)
+            temps[top] = write_temp(top, lambda f: torch.save(payload, f), tag)
+            for path, tmp in temps.items():  # the global file last: the commit
+                self._fence()
+                commit(tmp, path)
+        except BaseException:
+            for tmp in temps.values():  # a failed save leaves none of its temporaries (the committed ones are gone)
+                tmp.unlink(missing_ok=True)
+            raise
         log.warning('saved step %d after the loss of a rank: %s and the rank files of all %d ranks', step, top.name,
                     len(files))
         if kind == LATEST:

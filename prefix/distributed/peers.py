@@ -8,7 +8,9 @@ touched by the watcher alone, over a connection of its own, and no CUDA is invol
 
 - A rank that **dies** (SIGKILL, OOM kill, a node gone) closes its connections: the survivors'
   next collective fails at once, and ``lost`` then names the ranks whose count stopped (or rank 0,
-  when the store itself is gone: it lived in rank 0's process).
+  when the store itself is gone: it lived in rank 0's process). A survivor that waits in no collective
+  (Streaming's barrier among a node's ranks) is ended by its watcher: a dead rank's count stops (as a
+  hung one's), and a store that is gone ends it ``SILENT_S`` later.
 - A rank that **hangs** (SIGSTOP, a frozen node, a partition) closes nothing, and a collective would
   wait for it ``dist_timeout``. Its count stops: after ``SILENT_S`` of silence the watcher prints
   one line naming it and ends the process (``os._exit``), whatever the training thread is waiting
@@ -16,7 +18,8 @@ touched by the watcher alone, over a connection of its own, and no CUDA is invol
   thread's collective fails and the dead case follows, a save included. A store that stops answering
   (rank 0 hung) ends the process too: a store call can block past its own timeout, so a second
   thread ends it when a round of the watcher has not come back in ``SILENT_S``.
-- After a loss, rank 0 ``tell``s the other survivors what it saves, and they say it (``heard``).
+- After a loss, the survivors agree on who saves which step (``writer``: the highest step any of them
+  holds), and the writer ``tell``s the others what it saves, and they say it (``heard``).
 
 A rank that ends (its training done, failed or stopped) says so first (``done``): it is then never
 taken for a lost one. Ranks that never beat (not yet started) are not judged.
@@ -112,6 +115,11 @@ class PeerWatch:
                     self._end(self._store_hung())
                 self.store_gone = text
                 release_collectives()  # NCCL may not notice rank 0's death: its collectives are aborted
+                # The training thread names the loss when its next collective fails; one that waits elsewhere (the
+                # data loader's barrier among a node's ranks, at an epoch's start) would wait forever.
+                if not self._ended.wait(self.silent_s):
+                    self._end(f'rank 0 ({self.where(0)}; it hosts the rendezvous) is gone: its store refused this '
+                              f'rank ({text}) and nothing else failed in {minutes(self.silent_s)}')
                 return
             self._round = time.monotonic()
             if counts is not None:
@@ -142,18 +150,22 @@ class PeerWatch:
                 continue  # ended, or this rank
             if last is None or last[0] != value:
                 self._seen[r] = (value, now)
-        hung = [r for r, (_, since) in self._seen.items() if counts[r] >= 0 and now - since > self.silent_s]
-        if hung:
+        silent = {r: now - since for r, (_, since) in self._seen.items() if counts[r] >= 0}
+        if any(s > self.silent_s for s in silent.values()):
+            # Ranks frozen together (a node) stopped within a beat of each other, as this watcher saw them: named
+            # together, not the first alone.
+            hung = sorted(r for r, s in silent.items() if s > self.silent_s - 1.5 * self.beat_s)
             names = ', '.join(f'rank {r} ({self.where(r)})' for r in hung)
             self._lost(f'{names} stopped answering: no sign of {"it" if len(hung) == 1 else "them"} for '
                        f'{minutes(self.silent_s)} (a frozen process or node, or a network partition)')
 
-    def lost(self, rounds: int = 2) -> list[int]:
+    def lost(self, savable: Optional[int] = None, rounds: int = 2) -> list[int]:
         """After a collective failed: the ranks that show no sign of life since, or [0] when the store is gone.
         Empty: every peer is alive (not a peer's loss).
 
-        This rank first marks itself alive in the store, as every survivor whose collective failed does, so the
-        survivors know each other at once; a rank that does not mark itself must count up (its watcher does once
+        This rank first marks itself alive in the store with the step it could save (``savable``; None: none), as
+        every survivor whose collective failed does, so the survivors know each other at once and can agree on who
+        saves (``writer``); a rank that does not mark itself must count up (its watcher does once
         a ``beat_s``) over ``rounds`` beats and ``rounds`` rounds of this rank's watcher from counts read after
         the failure (a count read before it may hold a dead rank's last beat). Rounds as well as seconds: a
         loaded machine makes them late, never a live rank lost."""
@@ -162,7 +174,7 @@ class PeerWatch:
             return []
         waited = Deadline(self.silent_s + rounds * self.beat_s, 'looking for the lost ranks')
         try:
-            self._store.append(f'{KEY}/failed', f'{self.rank},')
+            self._store.append(f'{KEY}/failed', f'{self.rank}:{-1 if savable is None else savable},')
             before = self._counts()
             start, since = self._rounds, time.monotonic()
             while True:
@@ -182,20 +194,41 @@ class PeerWatch:
         values = self._store.multi_get([f'{KEY}/count/{r}' for r in ranks]) if ranks else []
         return {r: int(v) for r, v in zip(ranks, values, strict=True)}
 
-    def _marked(self) -> set[int]:
-        """The ranks that marked themselves alive after a failed collective."""
+    def _marked(self) -> dict[int, int]:
+        """The ranks that marked themselves alive after a failed collective, with the step each could save (-1:
+        none)."""
         text = self._store.get(f'{KEY}/failed').decode() if self._store.check([f'{KEY}/failed']) else ''
-        return {int(r) for r in text.split(',') if r}
+        return {int(r): int(s) for r, s in (mark.split(':') for mark in text.split(',') if mark)}
+
+    def writer(self, lost: list[int]) -> tuple[Optional[int], Optional[int]]:
+        """The one survivor that saves after ``lost`` ranks were lost, and the step it saves: the highest step any
+        survivor can save (a ring all-reduce may finish on some ranks and not on others), by the lowest rank at it.
+        Every survivor marks itself (``lost``); this waits ``silent_s`` at most for them all. With the store gone
+        (rank 0 lost) they cannot compare: rank 1 saves the step it holds (step None). (None, None): nobody can."""
+        if self._store is None or self.store_gone is not None:
+            return (1, None) if self.world_size > 1 and 1 not in lost else (None, None)
+        waited = Deadline(self.silent_s, 'waiting for the survivors to say which step they hold')
+        try:
+            marked = self._marked()
+            while len(marked.keys() - set(lost)) < self.world_size - len(lost) and not waited.passed:
+                time.sleep(self.beat_s / 20)
+                marked = self._marked()
+            marked = {r: step for r, step in marked.items() if r not in lost}
+        except Exception as e:  # the store went with rank 0 meanwhile: as when it was gone before
+            self.store_gone = first_line(e)
+            return self.writer(lost)
+        best = max(marked.values(), default=-1)
+        return (min(r for r, step in marked.items() if step == best), best) if best >= 0 else (None, None)
 
     def tell(self, text: str) -> None:
-        """Rank 0, after a loss: what it does about it (saves a step, or keeps the last checkpoint), for the other
+        """The writer, after a loss: what it does about it (saves a step, or keeps the last checkpoint), for the other
         survivors' lines. A store that does not take it costs them only the detail."""
         if self._store is not None and self.store_gone is None:
             bounded(lambda: self._store.set(f'{KEY}/rescue', text), self.silent_s, 'telling the survivors')
 
     def heard(self) -> Optional[str]:
-        """What rank 0 said it does after the loss, waited for ``silent_s`` at most (it looks for the lost ranks as
-        this rank did, then says it before writing anything); None without an answer."""
+        """What the writer said it does after the loss, waited for ``silent_s`` at most (it looks for the lost ranks
+        as this rank did, then says it before writing anything); None without an answer."""
         waited = Deadline(self.silent_s, "waiting for rank 0's word")
         while self._store is not None and self.store_gone is None and not waited.passed:
             try:

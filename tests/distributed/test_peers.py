@@ -1,6 +1,8 @@
 """A rank lost without warning is named once by the survivors, within seconds, whatever ``dist_timeout`` is."""
 
+import contextlib
 import os
+import random
 import signal
 import subprocess
 from pathlib import Path
@@ -14,9 +16,13 @@ from conftest import (
     committed_step,
     faults,
     group_gone,
+    named_lost,
     run_env,
     run_train,
+    saved_after_loss,
     smoke_args,
+    starts,
+    the_line,
     train_cmd,
     wait_for,
 )
@@ -33,30 +39,11 @@ def rank_process(launcher: subprocess.Popen, rank: int) -> psutil.Process:
     return next(p for p in psutil.Process(launcher.pid).children() if p.environ().get('RANK') == str(rank))
 
 
-def gone(launcher: subprocess.Popen) -> bool:
-    """The launcher has exited (and is reaped: a zombie would keep its group alive) and its whole group with it."""
-    if launcher.poll() is None:
-        return False
-    try:
-        os.killpg(launcher.pid, 0)
-    except ProcessLookupError:
-        return True
-    return False
-
-
-def the_line(log: Path, launcher: subprocess.Popen) -> str:
-    """The one ``prefix: error:`` line a rank printed (waited for: its console copy may lag its exit, so until the
-    launcher's whole process group, the copies included, is gone)."""
-    wait_for(lambda: 'prefix: error:' in log.read_text() or gone(launcher), what=f'the line in {log.name}')
-    lines = [x for x in log.read_text().splitlines() if x.startswith('prefix: error:')]
-    assert len(lines) == 1, lines
-    return lines[0]
-
-
-def test_the_lost_are_the_ranks_whose_count_stopped_and_rank_0_says_what_it_saves(
+def test_the_lost_are_the_ranks_whose_count_stopped_and_the_survivor_a_step_further_saves(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """Three watchers on a real rendezvous store, in this process: one stops counting (its process died); the
-    others, after their collectives failed, name it and only it; what rank 0 tells, rank 1 hears."""
+    others, after their collectives failed, name it and only it, and agree that the one a step further saves; what
+    it tells, rank 0 hears."""
     from datetime import timedelta
 
     import torch.distributed as tdist
@@ -73,73 +60,30 @@ def test_the_lost_are_the_ranks_whose_count_stopped_and_rank_0_says_what_it_save
     try:
         wait_for(lambda: all(w._rounds > 3 and len(w._seen) == 2 for w in watches), what='a few rounds')
         watches[2]._ended.set()  # its count stops where it is, unmarked: as a SIGKILL leaves it
-        assert watches[0].lost() == [2] and watches[1].lost() == [2]
-        watches[0].tell('rank 0 saves step 10, the last it completed')
-        assert watches[1].heard() == 'rank 0 saves step 10, the last it completed'
+        # rank 1's all-reduce of step 11 finished before rank 2 died, rank 0's did not
+        assert watches[0].lost(10) == [2] and watches[1].lost(11) == [2]
+        assert watches[0].writer([2]) == watches[1].writer([2]) == (1, 11), 'the highest step, by the lowest rank'
+        watches[1].tell('rank 1 saves step 11, the last it completed, for the next start to adopt')
+        assert watches[0].heard() == 'rank 1 saves step 11, the last it completed, for the next start to adopt'
     finally:
         for w in watches[:2]:
             w.done()
 
 
-@pytest.mark.slow
-def test_a_killed_rank_0_is_named_and_rank_1_saves_for_the_next_start_to_adopt(
-        tmp_path: Path, dataset: Path, reference) -> None:
-    """SIGKILL of rank 0's process after step 10 (it hosts the rendezvous store, holds the run lock and alone writes
-    latest.pt): rank 1 prints one line naming it, no traceback, and exits 1, having saved step 10 as rescue.pt and
-    rescue_rank{r}.pt, never latest.pt; the restart adopts it and finishes bit-exact."""
-    args = smoke_args(tmp_path, dataset, 'max_duration=24ba', 'checkpoint.interval=4ba', 'dist_timeout=1h',
-                      'checkpoint.async_write=false')  # step 8 is committed on every rank before step 10
-    run = tmp_path / 'smoke'
-    held = tmp_path / 'held'  # the victim after step 10, its peer waiting for it in a collective of step 11
-    launcher = start(args, tmp_path, {'op': 'step', 'step': 10, 'rank': 0, 'block': True, 'marker': str(held)})
-    wait_for(held.exists, launcher, 'rank 0 after step 10')
-    rank_process(launcher, 0).send_signal(signal.SIGKILL)
-    line = the_line(run / 'logs' / 'rank1.log', launcher)
-    assert line.startswith('prefix: error: lost rank 0 (node 0, host ') and line.endswith(
-        '; rank 1 saved step 10, the last it completed, for the next start to adopt; run the same command to '
-        'resume'), line
-    assert launcher.wait(timeout=HANG) != 0 and group_gone(launcher.pid, timeout=HANG)
-    assert 'Traceback' not in (run / 'logs' / 'rank1.log').read_text()
-    assert committed_step(run) == 8, 'nobody writes latest.pt in place of rank 0'
-    assert {p.name for p in (run / 'checkpoints').glob('rescue*')} == {'rescue.pt', 'rescue_rank0.pt',
-                                                                       'rescue_rank1.pt'}
-    result = run_train(*args, nproc=2)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert 'adopted the checkpoint of step 10 that rank 1 saved' in (run / 'logs' / 'rank0.log').read_text()
-    assert not list((run / 'checkpoints').glob('rescue*'))
-    assert_same_training(reference(2, 'max_duration=24ba'), run)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize('hung', [1, 0])
-def test_a_hung_rank_is_named_within_seconds_not_after_dist_timeout(tmp_path: Path, dataset: Path, hung: int) -> None:
-    """SIGSTOP of one rank's process (a frozen node), with ``dist_timeout=1h``: the other rank, waiting for it in a
-    collective, prints one line naming it after ``SILENT_S`` (3 s here) and exits 1."""
-    args = smoke_args(tmp_path, dataset, 'max_duration=100000ba', 'checkpoint.interval=4ba', 'dist_timeout=1h')
-    run = tmp_path / 'smoke'
-    launcher = start(args, tmp_path)
-    try:
-        wait_for(lambda: (committed_step(run) or 0) >= 8, launcher, 'a checkpoint at step 8')
-        victim, survivor = rank_process(launcher, hung), rank_process(launcher, 1 - hung)
-        victim.send_signal(signal.SIGSTOP)
-        survivor.wait(timeout=HANG)
-        line = the_line(run / 'logs' / f'rank{1 - hung}.log', launcher)
-        what = f'rank {hung} (node 0, host ' if hung else 'rank 0 ('
-        assert line.startswith(f'prefix: error: {what}') and 'stopped answering' in line and \
-            line.endswith('run the same command to resume'), line
-    finally:
-        os.killpg(launcher.pid, signal.SIGKILL)
-    launcher.wait()
-
-
-# Where the lost rank (the last) is held when it is SIGKILLed, the others waiting for it in a collective, what rank 0
-# then saves, and the world: the write of step 8 is still in flight then, so the newest committed checkpoint is 4.
+# Where the lost rank (the last) is held when it is SIGKILLed, the others waiting for it in a collective; the world;
+# a fault on rank 0's own save after the loss; and what each survivor's line says: the write of step 8 is still in
+# flight then, so the newest committed checkpoint is 4.
+SAVED_10 = 'rank 0 saved step 10, the last it completed'
+TOLD_10 = 'rank 0 saves step 10, the last it completed'  # rank 0's word before it writes
 MID_STEP = {
     # before its backward of step 11: the others wait in DDP's gradient all-reduce, their optimizers untouched
-    'before the gradients are reduced': ('before_backward', 10, 3),
+    'before the gradients are reduced': ('before_backward', 3, None, [SAVED_10, TOLD_10]),
     # after its backward: rank 0 has applied step 11's update and waits in the loss's all-reduce; half-way. (With 3
     # ranks, ranks 0 and 1 then wait in a collective on each other, which fails only when the watcher ends them.)
-    'after the optimizer step': ('after_train_batch', 4, 2),
+    'after the optimizer step': ('after_train_batch', 2, None, ['the checkpoint of step 4 is intact']),
+    # rank 0's save of step 10 cannot be written: it says so, and the checkpoint of step 4 stays
+    'before the gradients are reduced, the save failing': (
+        'before_backward', 2, 'ENOSPC', ['rank 0 failed saving step 10: the checkpoint of step 4 is intact']),
 }
 WORLD = {2: ('max_duration=24ba',), 3: ('max_duration=24ba', 'global_batch_size=12')}  # 3 ranks of 4 samples
 
@@ -151,24 +95,24 @@ def test_a_rank_lost_mid_step_and_mid_write_costs_one_partial_step_and_the_run_e
     """The last rank dies in the middle of step 11 while rank 0's write of step 8 is held in flight (checkpoints
     every 4 steps): rank 0 abandons that write and saves step 10, the last it completed, with a rank file for the
     lost rank too (then rank 1's line says so, as rank 0 told it, and a restart with the full world finishes
-    bit-exact), or keeps step 4 when its state was half-way."""
+    bit-exact), or keeps step 4 when its state was half-way, or when that save fails (and says so)."""
     import torch
 
-    event, saved, nproc = MID_STEP[moment]
-    lost = nproc - 1
+    event, nproc, error, told = MID_STEP[moment]
+    lost, saved = nproc - 1, 10 if told[0] == SAVED_10 else 4
     args = smoke_args(tmp_path, dataset, *WORLD[nproc], 'checkpoint.interval=4ba', 'dist_timeout=1h',
                       'checkpoint.async_write=true')
     run, held, writing, release = (tmp_path / x for x in ('smoke', 'held', 'writing', 'release'))
+    failing = [{'op': 'open', 'path': 'latest.pt.*.tmp', 'rank': 0, 'after': str(release), 'error': error}] \
+        if error else []
     launcher = start(args, tmp_path, {'op': 'step', 'step': 10, 'event': event, 'rank': lost, 'block': True,
                                       'marker': str(held)},
                      {'op': 'fsync', 'path': 'latest.pt.*.tmp', 'rank': 0, 'skip': 1, 'times': 1, 'block': True,
-                      'release': str(release), 'marker': str(writing)}, nproc=nproc)
+                      'release': str(release), 'marker': str(writing)}, *failing, nproc=nproc)
     wait_for(lambda: held.exists() and writing.exists(), launcher, f'rank {lost} at {event} of step 11, step 8 '
                                                                     'in flight')
     rank_process(launcher, lost).send_signal(signal.SIGKILL)
     release.touch()
-    told = [f'rank 0 saved step {saved}, the last it completed', f'rank 0 saves step {saved}, the last it completed'] \
-        if saved == 10 else [f'the checkpoint of step {saved} is intact']
     for survivor, where in zip(range(lost), told, strict=True):
         line = the_line(run / 'logs' / f'rank{survivor}.log', launcher)
         assert line.startswith(f'prefix: error: lost rank {lost} (node 0, host ') and ' at step 10: ' in line and \
@@ -177,10 +121,72 @@ def test_a_rank_lost_mid_step_and_mid_write_costs_one_partial_step_and_the_run_e
     assert committed_step(run) == saved
     rank_file = torch.load(run / 'checkpoints' / f'latest_rank{lost}.pt', weights_only=True)
     assert (rank_file['rank'], rank_file['global_step']) == (lost, saved)
+    if error:
+        assert not [p.name for p in (run / 'checkpoints').iterdir() if p.name.endswith('.tmp')], 'it leaves nothing'
     if saved == 10:
         result = run_train(*args, nproc=nproc)
         assert result.returncode == 0, result.stderr[-3000:]
         assert_same_training(reference(nproc, *WORLD[nproc]), run)
+
+
+def draw(seed: int) -> tuple[str, list[int], int, float]:
+    """A seeded trial of 3 ranks: the signal, its victims (one rank or two, rank 0 among the candidates), the step the
+    first victim completes before it, and the instant within the next step (seconds after that)."""
+    rng = random.Random(seed)
+    how = rng.choice(['SIGKILL', 'SIGSTOP'])
+    victims = sorted(rng.sample(range(3), rng.choice([1, 2])))
+    return how, victims, rng.randint(5, 18), rng.uniform(0, 0.25)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('seed', [2, 20, 5, 16], ids=lambda seed: '{} {} at step {} + {:.2f} s'.format(*draw(seed)))
+def test_ranks_lost_at_a_random_instant_cost_at_most_a_step_and_the_run_ends_bit_exact(
+        tmp_path: Path, dataset: Path, reference, seed: int) -> None:
+    """Seeded trials with ``dist_timeout=1h``: one or two of 3 ranks SIGKILLed (dead) or SIGSTOPped (hung) at a
+    random instant of a random step, rank 0 among the candidates. Every survivor prints one line naming the lost
+    ranks (all of them, unless rank 0 is among them: its store went with it) and exits non-zero within seconds; after
+    a death a survivor saves the last step it completed (rank 1, when rank 0 is lost, for the next start to adopt),
+    else the last committed checkpoint stays, as the line says; the restart with the full world resumes from that
+    step and finishes bit-exact."""
+    import time
+
+    how, victims, step, delay = draw(seed)
+    args = smoke_args(tmp_path, dataset, *WORLD[3], 'checkpoint.interval=4ba', 'dist_timeout=1h')
+    run, at = tmp_path / 'smoke', tmp_path / 'at'
+    launcher = start(args, tmp_path, {'op': 'step', 'step': step, 'rank': victims[0], 'marker': str(at)}, nproc=3)
+    survivors = [r for r in range(3) if r not in victims]
+    try:
+        wait_for(at.exists, launcher, f'rank {victims[0]} after step {step}')
+        ranks = [rank_process(launcher, r) for r in range(3)]
+        time.sleep(delay)  # a random instant: the victims are somewhere in the next step (or its checkpoint)
+        for v in victims:
+            ranks[v].send_signal(getattr(signal, how))
+        lines = [the_line(run / 'logs' / f'rank{r}.log', launcher) for r in survivors]
+        for r in survivors:
+            ranks[r].wait(timeout=HANG)  # each survivor ends by itself, hung victims or not
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # what is left once the survivors said their line: the hung
+            os.killpg(launcher.pid, signal.SIGKILL)
+    launcher.wait()
+    for line in lines:
+        named = named_lost(line)
+        assert named == set(victims) or (0 in victims and named == {0}), (victims, line)
+        assert line.endswith('; run the same command to resume'), line
+        assert ('stopped answering' in line) == (how == 'SIGSTOP'), line
+    assert 'Traceback' not in ''.join((run / 'logs' / f'rank{r}.log').read_text() for r in survivors)
+    saved = saved_after_loss(lines)
+    if how == 'SIGSTOP':
+        assert saved is None, 'gloo cannot abort a collective: a hung peer leaves the last committed checkpoint'
+    assert saved is None or saved >= step, 'at most one step behind the last step completed'
+    assert saved is not None or all('is intact' in line for line in lines), 'else the line names what stays'
+    resumes_from = saved if saved is not None else committed_step(run)
+    result = run_train(*args, nproc=3)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert starts(run)[1]['start_step'] == resumes_from
+    if any('for the next start to adopt' in line for line in lines) and saved is not None:
+        assert f'adopted the checkpoint of step {saved} ' in (run / 'logs' / 'rank0.log').read_text()
+    assert not list((run / 'checkpoints').glob('rescue*'))
+    assert_same_training(reference(3, *WORLD[3]), run)
 
 
 @pytest.mark.slow
