@@ -128,7 +128,3 @@ class WriteJob:
         with self._cond:
             self._aborted = True
             self._cond.notify_all()
-
-    def finish(self) -> None:
-        """Wait for every phase (one rank alone, so no barrier to pass)."""
-        self._thread.join()

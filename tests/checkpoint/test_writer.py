@@ -8,10 +8,16 @@ import torch
 from prefix.checkpoint.writer import WriteJob
 
 
+def ended(job: WriteJob) -> None:
+    """Its thread has run every phase it will (one rank, or aborted: no barrier to pass)."""
+    while job.running():
+        job.join(0.05)
+
+
 def test_one_rank_runs_every_phase_without_waiting_for_anyone() -> None:
     order: list[str] = []
     job = WriteJob(5, [lambda: order.append('write'), lambda: order.append('commit')], world_size=1)
-    job.finish()
+    ended(job)
     assert order == ['write', 'commit'] and job.status().done and job.error is None and job.ended is not None
 
 
@@ -36,7 +42,7 @@ def test_a_failed_phase_stops_the_job_and_keeps_the_error() -> None:
         raise OSError(28, 'No space left on device')
 
     job = WriteJob(5, [fail, lambda: ran.append('commit')], world_size=1)
-    job.finish()
+    ended(job)
     status = job.status()
     assert isinstance(job.error, OSError) and ran == []
     assert status.failed and not status.busy and not status.done, 'a failed job is never done'
@@ -48,7 +54,7 @@ def test_an_aborted_job_commits_nothing_and_does_not_wait_for_the_running_phase(
     job = WriteJob(5, [lambda: (gate.wait(), ran.append('write')), lambda: ran.append('commit')], world_size=2)
     job.abort()  # returns although the write is still running
     gate.set()
-    job.finish()
+    ended(job)
     assert ran == ['write'] and not job.status().done
 
 
