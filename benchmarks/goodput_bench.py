@@ -7,6 +7,8 @@ data and checkpoint interval. Every number comes from outside the trainers: the 
 
 - ``throughput``: seconds per step over steps 30-150 with no checkpoint due, the sides interleaved,
   ``--reps`` times; the median of the per-repetition ratios.
+- ``watcher``: what watching for lost ranks costs a step: prefix as it runs against prefix with its
+  watcher's threads asleep (their first beat an hour away), interleaved, ``--reps`` times.
 - ``startup``: from process start to the end of the first new step, part by part, for a fresh
   start and for a resume whose checkpoint was evicted from the page cache, next to the disk's read
   bandwidth (``--startup-model``: the 57 M model, whose checkpoint is 684 MB); the sides interleaved,
@@ -14,8 +16,11 @@ data and checkpoint interval. Every number comes from outside the trainers: the 
 - ``goodput``: a seeded preemption trace (graceful: SIGTERM to the ranks, as a pod's first process
   forwards it, SIGKILL to every process after ``--grace`` seconds; hard: SIGKILL at once; lost: SIGKILL of
   the last rank's process alone, a node lost without warning, the others left to notice and exit on their
-  own, SIGKILL after ``--grace`` seconds), each kill at a seeded instant after the first new step and followed
-  by an immediate restart of the same command, replayed against each side, next to the same run uninterrupted.
+  own; hung: SIGSTOP of the last rank's process alone, a frozen node, the others left to notice it or not;
+  after a lost or hung rank every process is SIGKILLed once the other ranks have exited, as a cluster
+  restarts the job when a pod fails, or after ``--grace`` seconds), each kill at a seeded instant after
+  the first new step and followed by an immediate restart of the same command, replayed against each side,
+  next to the same run uninterrupted.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -104,11 +110,12 @@ class Start:
 class Probe:
     """The probe's records of a run's processes, read as they are appended."""
 
-    def __init__(self, path: Path, extra: list[str] = ()) -> None:
+    def __init__(self, path: Path, extra: list[str] = (), sets: dict[str, Any] | None = None) -> None:
         self.path, self.offset = path, 0
         rules = [{'op': 'step', 'event': 'batch_end', 'record': str(path), 'rank': 0},
                  {'op': 'step', 'event': 'fit_start', 'record': str(path), 'rank': 0},
-                 *({'op': 'call', 'target': t, 'record': str(path), 'rank': 0} for t in extra)]
+                 *({'op': 'call', 'target': t, 'record': str(path), 'rank': 0} for t in extra),
+                 *({'op': 'set', 'target': t, 'value': v} for t, v in (sets or {}).items())]
         self.env = {**os.environ, 'OMP_NUM_THREADS': '1', 'PYTHONPATH': str(PROBE), 'PREFIX_TEST_FAULTS': json.dumps(rules)}
         self.env.pop('PREFIX_RUNS_ROOT', None)
 
@@ -217,6 +224,65 @@ def throughput(root: Path, reps: int, nproc: int) -> None:
     print(f'| all | {total * 1e3:.3f} | **{100 * total / step:.2f} %** |', flush=True)
 
 
+def watcher(root: Path, reps: int, nproc: int) -> None:
+    """The lost-rank watcher's cost: prefix's median step (steps 30-150) with its watcher beating once a second,
+    against the same run with the watcher's threads asleep (``BEAT_S`` an hour), interleaved."""
+    first, last = 30, 150
+    sides = {'watching': {}, 'asleep': {'prefix.distributed.peers:BEAT_S': 3600.0}}
+    per_step: dict[str, list[float]] = {side: [] for side in sides}
+    for rep in range(reps):
+        for side, sets in sides.items():
+            name = f'watch-{side}-{rep}'
+            s = run_once('prefix', nproc, [f'runs_root={root}', f'run_name={name}', f'max_duration={last + 2}ba',
+                                           *checkpoint_args('prefix', '')], Probe(root / f'{name}.jsonl', sets=sets),
+                         root / f'{name}.log')
+            per_step[side].append(statistics.median(step_times(s, first, last)))
+        print(f'  watcher: repetition {rep + 1}/{reps}: watching {per_step["watching"][-1] * 1e3:.2f} ms/step, asleep '
+              f'{per_step["asleep"][-1] * 1e3:.2f} ms/step', flush=True)
+    ratios = [w / a for w, a in zip(per_step['watching'], per_step['asleep'], strict=True)]
+    print(f'\nthe watcher, {nproc} ranks, median step of steps {first}-{last}, {reps} repetitions:')
+    print(f'its threads\' own CPU time: {cpu_of_watching(nproc) * 1e3:.3f} ms per second of each rank')
+    print('| s/step watching | s/step asleep | each repetition\'s ratio | their median |')
+    print('| --- | --- | --- | --- |')
+    print(f'| {statistics.median(per_step["watching"]):.4f} | {statistics.median(per_step["asleep"]):.4f} '
+          f'| {", ".join(f"{r:.3f}" for r in ratios)} | **{statistics.median(ratios):.3f}** |', flush=True)
+
+
+def watcher_cpu(nproc: int, seconds: float = 20.0) -> float:
+    """CPU seconds per second that one rank's watching takes (its threads' beats, reads and judging, and the store's
+    answers), measured by the kernel for ``nproc`` watchers on a real store in this process, over ``nproc``."""
+    from datetime import timedelta
+
+    import torch.distributed as tdist
+
+    from prefix.distributed.peers import PeerWatch
+
+    store = tdist.TCPStore('127.0.0.1', 0, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=10))
+    os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(store.port))
+    watches = [PeerWatch(r, nproc).start() for r in range(nproc)]
+    main = threading.main_thread().native_id
+
+    def on_cpu() -> int:  # nanoseconds every thread but this one (asleep) ran: the watchers' and the store's
+        return sum(int((task / 'schedstat').read_text().split()[0]) for task in Path('/proc/self/task').iterdir()
+                   if int(task.name) != main)
+
+    start, began = on_cpu(), time.monotonic()
+    time.sleep(seconds)
+    spent = (on_cpu() - start) / 1e9
+    wall = time.monotonic() - began
+    for w in watches:
+        w.done()
+    return spent / wall / nproc
+
+
+def cpu_of_watching(nproc: int) -> float:
+    """``watcher_cpu`` in a process of its own, which ends without waiting for the watchers' threads."""
+    code = (f'import os, sys; sys.path.insert(0, {str(REPO / "benchmarks")!r}); import goodput_bench as g; '
+            f'print(g.watcher_cpu({nproc}), flush=True); os._exit(0)')
+    return float(subprocess.run([sys.executable, '-c', code], cwd=REPO, capture_output=True, text=True,
+                                check=True).stdout)
+
+
 # --- start-up, part by part -----------------------------------------------------------------------
 
 def startup_parts(s: Start) -> list[float]:
@@ -266,7 +332,7 @@ def startup(root: Path, nproc: int, model: list[str], reps: int) -> None:
 
 @dataclass
 class Event:
-    kind: str  # graceful | hard | lost
+    kind: str  # graceful | hard | lost | hung
     after_s: float  # after the end of the start's first new step
 
 
@@ -281,16 +347,18 @@ def trace(seed: int, events: int, lo: float, hi: float, kinds: list[str]) -> lis
 def preempt(proc: subprocess.Popen, s: Start, kind: str, grace: float) -> None:
     s.signalled, s.kind = time.time(), kind
     ranks = psutil.Process(proc.pid).children()
-    if kind in ('graceful', 'lost'):
+    if kind in ('graceful', 'lost', 'hung'):
         if kind == 'graceful':
             for rank in ranks:  # as runai/pod_train.sh forwards the pod's SIGTERM
                 rank.send_signal(signal.SIGTERM)
-        else:  # the last rank's node is gone: the others notice it, or not
-            max(ranks, key=lambda p: int(p.environ().get('RANK', '0'))).send_signal(signal.SIGKILL)
-        try:
-            proc.wait(grace)
-        except subprocess.TimeoutExpired:
-            pass
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(grace)
+        else:  # the last rank's node is gone (lost) or frozen (hung): the others notice it, or not
+            last = max(ranks, key=lambda p: int(p.environ().get('RANK', '0')))
+            last.send_signal(signal.SIGKILL if kind == 'lost' else signal.SIGSTOP)
+            # On a cluster the lost node is another pod: the job restarts once the survivors have exited (the
+            # launcher here would also wait 30 s for its frozen child), or when the grace period ends.
+            psutil.wait_procs([r for r in ranks if r.pid != last.pid], timeout=grace)
     with contextlib.suppress(ProcessLookupError):  # what is left when the grace period ends: every process of the pod
         os.killpg(proc.pid, signal.SIGKILL)
 
@@ -405,7 +473,7 @@ def goodput(root: Path, nproc: int, steps: int, every: int, events: list[Event],
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument('--parts', default='throughput,startup,goodput')
+    parser.add_argument('--parts', default='throughput,watcher,startup,goodput')
     parser.add_argument('--nproc', type=int, default=2)
     parser.add_argument('--reps', type=int, default=5)
     parser.add_argument('--startup-model', choices=('57m', 'base'), default='57m')
@@ -414,7 +482,8 @@ def main() -> None:
     parser.add_argument('--every', type=int, default=50, help='goodput: the checkpoint interval in batches')
     parser.add_argument('--seed', type=int, default=0, help='goodput: the trace')
     parser.add_argument('--events', type=int, default=6)
-    parser.add_argument('--kinds', default='graceful,hard,lost', help='goodput: the kinds of events, in turn')
+    parser.add_argument('--kinds', default='graceful,hard,lost', help='goodput: the kinds of events, in turn '
+                        '(graceful, hard, lost, hung)')
     parser.add_argument('--after', default='4,14', help='goodput: each kill this many seconds (uniform) after the '
                                                         'first new step')
     parser.add_argument('--grace', type=float, default=30.0, help='seconds from SIGTERM to SIGKILL')
@@ -424,6 +493,8 @@ def main() -> None:
     print(f'runs under {root}; {os.cpu_count()} CPU cores, torch {torch.__version__}', flush=True)
     if 'throughput' in opts.parts:
         throughput(root, opts.reps, opts.nproc)
+    if 'watcher' in opts.parts:
+        watcher(root, opts.reps, opts.nproc)
     if 'startup' in opts.parts:
         startup(root, opts.nproc, MODEL_57M if opts.startup_model == '57m' else [], opts.startup_reps)
     if 'goodput' in opts.parts:

@@ -127,7 +127,7 @@ VALUES = {  # what each flag's value must look like, and why the CLI refuses one
     **dict.fromkeys(['--existing-pvc', '--pvc-exists'], (PVC, 'expected claimname=NAME,path=PATH')),
     '--preemptibility': (re.compile(r'^(preemptible|non-preemptible)$'), 'expected preemptible or non-preemptible'),
 }
-DELETE_TAKES = 3  # describe calls that still see a deleted workload (Deleting) before it is gone
+DELETE_TAKES = 1  # describe calls that still see a deleted workload (Deleting) before it is gone: one wait
 
 
 def parse(flags: dict, args: list[str]) -> tuple[list[str], dict[str, list[str]], list[str]]:
