@@ -514,8 +514,8 @@ class Checkpointer(Callback):
         if self.sharded or self._fit_start is None:
             return None
         if self._fit_start + self._optimizer_steps != step:
-            log.warning('step %d cannot be saved after the loss: the optimizer had already applied the update of '
-                        'step %d', step, step + 1)
+            log.warning('step %d cannot be saved alone after this failed collective: the optimizer had already '
+                        'applied the update of step %d', step, step + 1)
             return None
         return step
 

@@ -229,7 +229,7 @@ class PeerWatch:
     def heard(self) -> Optional[str]:
         """What the writer said it does after the loss, waited for ``silent_s`` at most (it looks for the lost ranks
         as this rank did, then says it before writing anything); None without an answer."""
-        waited = Deadline(self.silent_s, "waiting for rank 0's word")
+        waited = Deadline(self.silent_s, "waiting for the writer's word")
         while self._store is not None and self.store_gone is None and not waited.passed:
             try:
                 if self._store.check([f'{KEY}/rescue']):
