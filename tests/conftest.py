@@ -350,3 +350,10 @@ def saved_after_loss(lines: list[str]) -> int | None:
     steps = {int(m.group(1)) for line in lines for m in [re.search(r'rank \d+ saved step (\d+), the last', line)] if m}
     assert len(steps) <= 1, lines
     return steps.pop() if steps else None
+
+
+def unlogged_after_loss(lines: list[str]) -> set[int]:
+    """The logged step (a step's loss is logged at its index, one less) the run may lack after the loss: the one a
+    survivor other than rank 0 saved (rank 0 writes the log, and may not have completed that step)."""
+    saved = saved_after_loss(lines)
+    return {saved - 1} if saved is not None and any('for the next start to adopt' in x for x in lines) else set()

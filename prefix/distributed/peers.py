@@ -248,15 +248,31 @@ class PeerWatch:
             self._released = time.monotonic()
             log.warning('%s: NCCL collectives aborted, so that the survivors save what they can', what)
         if self._released is None or time.monotonic() - self._released > self.silent_s:
-            self._end(what)
+            self._end(what, self._saving_elsewhere())
 
-    def _end(self, what: str) -> None:
+    def _saving_elsewhere(self) -> str:
+        """What a restart resumes from when this rank ends without saving, read from the store (it answered this
+        round): a survivor whose collective failed marked the step it can save, and saves it unless a lower rank at
+        that step does (``writer``; this rank, waiting in a collective, never marks itself)."""
+        try:
+            marked = {r: step for r, step in self._marked().items() if step >= 0 and r != self.rank}
+        except Exception as e:  # the store went meanwhile: nothing more is known
+            log.debug('no marks read: %s', e)
+            marked = {}
+        if not marked:
+            return 'the last committed checkpoint is intact'
+        best = max(marked.values())
+        writer = min(r for r, step in marked.items() if step == best)
+        adopted = '' if writer == 0 else ' for the next start to adopt'
+        return f'rank {writer} saves step {best}{adopted} if it can, else the last committed checkpoint is intact'
+
+    def _end(self, what: str, elsewhere: str = 'the last committed checkpoint is intact') -> None:
         """A hung peer: say so once, and end this process (its training thread may wait in a collective for it)."""
         if self._ended.is_set() or self._failing:
             return
         self._ended.set()
-        os.write(2, f'prefix: error: {what}; this rank stops now without saving (the last committed checkpoint is '
-                    'intact); run the same command to resume\n'.encode())
+        os.write(2, f'prefix: error: {what}; this rank stops now without saving ({elsewhere}); run the same command '
+                    'to resume\n'.encode())
         os._exit(LOST_CODE)
 
 

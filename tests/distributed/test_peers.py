@@ -24,6 +24,7 @@ from conftest import (
     starts,
     the_line,
     train_cmd,
+    unlogged_after_loss,
     wait_for,
 )
 
@@ -63,6 +64,8 @@ def test_the_lost_are_the_ranks_whose_count_stopped_and_the_survivor_a_step_furt
         # rank 1's all-reduce of step 11 finished before rank 2 died, rank 0's did not
         assert watches[0].lost(10) == [2] and watches[1].lost(11) == [2]
         assert watches[0].writer([2]) == watches[1].writer([2]) == (1, 11), 'the highest step, by the lowest rank'
+        assert watches[2]._saving_elsewhere() == ('rank 1 saves step 11 for the next start to adopt if it can, else '
+                                                  'the last committed checkpoint is intact'), 'a rank that ends unmarked'
         watches[1].tell('rank 1 saves step 11, the last it completed, for the next start to adopt')
         assert watches[0].heard() == 'rank 1 saves step 11, the last it completed, for the next start to adopt'
     finally:
@@ -186,7 +189,7 @@ def test_ranks_lost_at_a_random_instant_cost_at_most_a_step_and_the_run_ends_bit
     if any('for the next start to adopt' in line for line in lines) and saved is not None:
         assert f'adopted the checkpoint of step {saved} ' in (run / 'logs' / 'rank0.log').read_text()
     assert not list((run / 'checkpoints').glob('rescue*'))
-    assert_same_training(reference(3, *WORLD[3]), run)
+    assert_same_training(reference(3, *WORLD[3]), run, unlogged_after_loss(lines))
 
 
 @pytest.mark.slow
