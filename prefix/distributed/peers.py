@@ -217,8 +217,7 @@ class PeerWatch:
         except Exception as e:  # the store went with rank 0 meanwhile: as when it was gone before
             self.store_gone = first_line(e)
             return self.writer(lost)
-        best = max(marked.values(), default=-1)
-        return (min(r for r, step in marked.items() if step == best), best) if best >= 0 else (None, None)
+        return first_at_highest(marked)
 
     def tell(self, text: str) -> None:
         """The writer, after a loss: what it does about it (saves a step, or keeps the last checkpoint), for the other
@@ -255,14 +254,12 @@ class PeerWatch:
         round): a survivor whose collective failed marked the step it can save, and saves it unless a lower rank at
         that step does (``writer``; this rank, waiting in a collective, never marks itself)."""
         try:
-            marked = {r: step for r, step in self._marked().items() if step >= 0 and r != self.rank}
+            writer, best = first_at_highest({r: step for r, step in self._marked().items() if r != self.rank})
         except Exception as e:  # the store went meanwhile: nothing more is known
             log.debug('no marks read: %s', e)
-            marked = {}
-        if not marked:
+            writer = best = None
+        if writer is None:
             return 'the last committed checkpoint is intact'
-        best = max(marked.values())
-        writer = min(r for r, step in marked.items() if step == best)
         adopted = '' if writer == 0 else ' for the next start to adopt'
         return f'rank {writer} saves step {best}{adopted} if it can, else the last committed checkpoint is intact'
 
@@ -274,6 +271,13 @@ class PeerWatch:
         os.write(2, f'prefix: error: {what}; this rank stops now without saving ({elsewhere}); run the same command '
                     'to resume\n'.encode())
         os._exit(LOST_CODE)
+
+
+def first_at_highest(marked: dict[int, int]) -> tuple[Optional[int], Optional[int]]:
+    """Who saves among marked survivors (rank: the step it can save, -1 for none): the lowest rank at the highest
+    step, and that step; (None, None) when none can."""
+    best = max(marked.values(), default=-1)
+    return (min(r for r, step in marked.items() if step == best), best) if best >= 0 else (None, None)
 
 
 def first_line(error: BaseException) -> str:
