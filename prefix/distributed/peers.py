@@ -152,9 +152,9 @@ class PeerWatch:
                 self._seen[r] = (value, now)
         silent = {r: now - since for r, (_, since) in self._seen.items() if counts[r] >= 0}
         if any(s > self.silent_s for s in silent.values()):
-            # Ranks frozen together (a node) stopped within a beat of each other, as this watcher saw them: named
-            # together, not the first alone.
-            hung = sorted(r for r, s in silent.items() if s > self.silent_s - 1.5 * self.beat_s)
+            # Ranks frozen together (a node) are named together, not the first alone: on a loaded node their last
+            # beats may lie seconds apart, so every rank silent for half the time is named with the one past it.
+            hung = sorted(r for r, s in silent.items() if s > self.silent_s / 2)
             names = ', '.join(f'rank {r} ({self.where(r)})' for r in hung)
             self._lost(f'{names} stopped answering: no sign of {"it" if len(hung) == 1 else "them"} for '
                        f'{minutes(self.silent_s)} (a frozen process or node, or a network partition)')
